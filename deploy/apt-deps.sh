@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the project needs, and only those that are missing,
+# so a second run touches nothing (no apt-get update when all are present).
+set -euo pipefail
+packages=(
+  gcc libc6-dev make            # static build of the enclave init
+  cpio busybox-static           # test rootfs and cross-checks of our cpio writer
+  linux-image-cloud-amd64       # dev blob kernel
+  qemu-system-x86               # boot checks
+  docker.io                     # the test oracle (dockerd); never needed to convert
+  docker-registry               # local registry for tests and the demo
+  apache2-utils                 # htpasswd for the basic-auth registry in tests
+  skopeo                        # independent OCI client used as a cross-check in tests
+  debootstrap                   # bench image
+  postgresql redis-server       # the system of record and the broker
+)
+missing=()
+for p in "${packages[@]}"; do
+  [[ "$p" == \#* ]] && continue
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [[ "$status" == "install ok installed" ]] || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "apt: installing ${missing[*]}"
+  SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

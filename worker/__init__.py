@@ -1,0 +1,1 @@
+"""Celery workers: task wrappers, the conversion pipeline and the enclave runtime sources."""

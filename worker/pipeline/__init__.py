@@ -1,0 +1,1 @@
+"""Conversion pipeline steps: pull, build, measure, push, boot-check."""
