@@ -46,3 +46,10 @@ bench: setup
 
 clean:
 	rm -rf $(STATE) $(VENV)
+
+.PHONY: up down
+up: setup
+	@deploy/up.sh
+
+down:
+	@deploy/down.sh

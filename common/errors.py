@@ -112,3 +112,121 @@ class InvalidManifest(RegistryError):
 
 class RegistryUnavailable(RetryableError):
     code = "registry_unavailable"
+
+
+# --- service (API, records, queue) ---------------------------------------------------------------
+class Cancelled(PermanentError):
+    """The conversion was cancelled by its owner; raised by the pipeline between steps."""
+
+    code = "cancelled"
+
+
+class NotFound(NitroconvError):
+    code = "not_found"
+
+
+class Conflict(NitroconvError):
+    code = "conflict"
+
+
+class InvalidTransition(Conflict):
+    """A status write that the transition table does not allow, or that lost a compare-and-set."""
+
+    code = "invalid_transition"
+
+
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
+
+
+class ValidationFailed(NitroconvError):
+    """A request that is well-formed JSON but semantically invalid; `details.fields` names the fields."""
+
+    code = "validation_failed"
+
+
+class Unauthenticated(NitroconvError):
+    code = "unauthenticated"
+
+
+class Forbidden(NitroconvError):
+    code = "forbidden"
+
+
+class ServiceUnavailable(RetryableError):
+    code = "service_unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    code = "database_unavailable"
+
+
+class QueueUnavailable(ServiceUnavailable):
+    code = "queue_unavailable"
+
+
+class SealingError(PermanentError):
+    """Sealed credentials that cannot be opened: wrong key, unknown key id, or tampered bytes."""
+
+    code = "sealing_error"
+
+
+class AttemptsExhausted(PermanentError):
+    code = "attempts_exhausted"
+
+
+class ConversionTimeout(PermanentError):
+    code = "timeout"
+
+
+# --- conversion --------------------------------------------------------------------------------
+class MemoryTooSmall(InvalidOptions):
+    code = "mem_size_too_small"
+
+
+# --- registry client (digests, host policy, deadlines) -----------------------------------------
+class InvalidDigest(RegistryError):
+    """A digest string outside the grammar (`sha256:<64 hex>`, `sha512:<128 hex>`)."""
+
+    code = "invalid_digest"
+
+
+class HostNotAllowed(RegistryError):
+    """A registry, token realm or redirect target refused by the host policy (SSRF guard)."""
+
+    code = "host_not_allowed"
+
+
+class RegistryTimeout(RetryableError):
+    """The registry did not answer within a request timeout or the client's overall deadline."""
+
+    code = "registry_timeout"
+
+
+# --- boot check --------------------------------------------------------------------------------
+class BootCheckUnavailable(PermanentError):
+    """QEMU is missing or cannot run on this worker: a deployment fault, not the image's."""
+
+    code = "boot_check_unavailable"
+
+
+class BootCheckFailed(PermanentError):
+    """The converted image did not reach its entrypoint under QEMU; `details.boot_check` says how far it got."""
+
+    code = "boot_check_failed"
+
+
+# --- EIF inputs ----------------------------------------------------------------------------------
+class InvalidBlobs(PermanentError):
+    """The kernel, cmdline, init or kernel config in the blobs dir is missing or malformed."""
+
+    code = "invalid_blobs"
+
+
+# --- layer application limits: one code, `details.limit` names which limit tripped ---------------
+class TotalBytesExceeded(LimitExceeded):
+    """Uncompressed bytes (tar stream, or declared file sizes) passed the image's byte limit."""
+
+
+class EntryCountExceeded(LimitExceeded):
+    """Tar members plus implicitly created directories passed the image's entry limit."""

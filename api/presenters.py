@@ -1,0 +1,131 @@
+"""Records to response dicts (the seed's Build, Task, App shapes); schemas then dump and document them."""
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from common.models import App, Build, Task
+from common.status import ApprovalStatus
+
+REDACTED = "***"
+
+
+def epoch(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def _epoch(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def _auth_echo(username: str | None, sealed: bytes | None) -> dict[str, object] | None:
+    if username is None and sealed is None:
+        return None
+    return {"username": username, "password": REDACTED}
+
+
+def build_view(build: Build, app: App) -> dict[str, object]:
+    options = dict(build.converter_options)
+    attributes: dict[str, object] = {}
+    if build.pcr0 is not None:
+        nitro: dict[str, object] = {"hash_algorithm": "Sha384", "pcr0": build.pcr0, "pcr1": build.pcr1,
+                                    "pcr2": build.pcr2}
+        if build.pcr8:
+            nitro["pcr8"] = build.pcr8
+        attributes["nitro_enclave"] = nitro
+    error = ({"code": build.error_code, "message": build.error_message or ""}
+             if build.error_code else None)
+    return {
+        "build_id": build.id,
+        "docker_info": {
+            "docker_image_name": build.output_image_name,
+            "docker_version": build.docker_version,
+            "docker_image_sha": build.output_digest,
+            "docker_image_size": math.ceil(build.output_size / (1 << 20)) if build.output_size is not None else None,
+            "exposed_ports": [{"port": int(p[0]), "protocol": str(p[1]).capitalize()}  # type: ignore[call-overload]
+                              for p in build.exposed_ports],
+        },
+        "created_at": _epoch(build.created_at),
+        "updated_at": _epoch(build.updated_at),
+        "app_id": build.app_id,
+        "app_name": app.name,
+        "status": {"status": build.approval_status, "status_updated_at": _epoch(build.approval_updated_at)},
+        "deployment_status": {"status": "UNDEPLOYED", "status_updated_at": _epoch(build.created_at)},
+        "enclave_info": None,
+        "attributes": attributes,
+        "app_description": app.description,
+        "mem_size": build.mem_size,
+        "threads": build.cpu_count,
+        "advanced_settings": {
+            "entrypoint": list(options.get("entrypoint") or []),  # type: ignore[call-overload]
+            "allowCmdlineArgs": bool(options.get("allow_cmdline_args")),
+            "manifestEnv": list(options.get("env_vars") or []),  # type: ignore[call-overload]
+            "mutableEnv": list(options.get("mutable_env_vars") or []),  # type: ignore[call-overload]
+            "java_runtime": options.get("java_mode"),
+        },
+        "build_name": None,
+        "pending_task_id": build.pending_task_id,
+        "configs": {},
+        "marketplace_build_id": None,
+        "launch_hint": None,
+        "enable_overlay_filesystem_persistence": build.enable_overlay_filesystem_persistence,
+        "group_id": None,
+        "conversion": {
+            "state": build.conversion_state,
+            "progress": float(build.progress),
+            "error": error,
+            "input_digest": build.input_digest,
+            "output_digest": build.output_digest,
+            "eif_size": build.eif_size,
+            "eif_sha256": build.eif_sha256,
+            "started_at": epoch(build.started_at),
+            "finished_at": epoch(build.finished_at),
+            "attempts": build.attempts,
+            "warnings": list(build.warnings),
+            "cancel_requested": build.cancel_requested,
+            "request": {
+                "input_image": {"name": build.input_image_name,
+                                "auth_config": _auth_echo(build.input_username, build.input_credentials)},
+                "output_image": {"name": build.output_image_name,
+                                 "auth_config": _auth_echo(build.output_username, build.output_credentials)},
+                "converter_options": options,
+            },
+        },
+    }
+
+
+def app_view(app: App) -> dict[str, object]:
+    return {
+        "app_id": app.id, "acct_id": app.account_id, "name": app.name, "description": app.description,
+        "input_image_name": app.input_image_name, "output_image_name": app.output_image_name,
+        "default_build_settings": dict(app.default_build_settings), "auto_approve": app.auto_approve,
+        "created_at": _epoch(app.created_at), "updated_at": _epoch(app.updated_at),
+    }
+
+
+def task_view(task: Task, build: Build, requester_email: str | None, approver_email: str | None) -> dict[str, object]:
+    approver: dict[str, object] | None = None
+    if task.approved_by_system:
+        approver = {"user_id": None, "user_name": "SYSTEM"}
+    elif task.approver_id is not None:
+        approver = {"user_id": task.approver_id, "user_name": approver_email or ""}
+    return {
+        "task_id": task.id, "acct_id": task.account_id, "entity_id": task.build_id, "build_id": task.build_id,
+        "app_id": build.app_id, "type": task.type,
+        "status": {"status": task.status, "status_updated_at": _epoch(task.updated_at)},
+        "requester": ({"user_id": task.requester_id, "user_name": requester_email or ""}
+                      if task.requester_id else None),
+        "approver": approver,
+        "denial_reason": task.denial_reason,
+        "description": f"Approve build {task.build_id} of {build.input_image_name} -> {build.output_image_name}",
+        "created_at": _epoch(task.created_at), "updated_at": _epoch(task.updated_at),
+    }
+
+
+def is_decided(build: Build) -> bool:
+    return build.approval_status != ApprovalStatus.PENDING.value
+
+
+def page_metadata(limit: int, offset: int, total: int, filtered: int) -> dict[str, int]:
+    return {"page": offset // limit + 1, "pages": max(1, math.ceil(filtered / limit)), "limit": limit,
+            "total_count": total, "filtered_count": filtered}

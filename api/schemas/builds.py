@@ -1,0 +1,220 @@
+"""Schemas of the conversion request (the seed's, wrapped or flat) and of the Build it returns."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
+
+from api.schemas.common import PageMetadataSchema, StatusSchema
+from common.errors import InvalidReference
+from common.reference import parse_reference
+
+JAVA_MODES = ("JAVA-ORACLE", "OPENJDK", "OPENJ9", "LIBERTY-JRE")
+_ENV_ENTRY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*=[^\x00]*", re.DOTALL)
+REDACTED = "***"
+
+
+def image_reference(value: str) -> None:
+    try:
+        parse_reference(value)
+    except InvalidReference as exc:
+        raise ValidationError(exc.message) from None
+
+
+def env_entry(value: str) -> None:
+    if not _ENV_ENTRY.fullmatch(value):
+        raise ValidationError("must be NAME=VALUE with NAME a valid environment variable name")
+
+
+def _strings(item_validate: validate.Validator | None = None, **kwargs: object) -> fields.List:
+    inner = fields.String(validate=[validate.Length(max=8192)] + ([item_validate] if item_validate else []))
+    return fields.List(inner, load_default=list, validate=validate.Length(max=512), **kwargs)  # type: ignore[arg-type]
+
+
+class AuthConfigSchema(Schema):
+    username = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1024))
+    password = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=16384),
+                             metadata={"description": 'never returned: responses show "***"'})
+
+
+class ImageInfoSchema(Schema):
+    name = fields.String(required=True, validate=image_reference)
+    auth_config = fields.Nested(AuthConfigSchema, load_default=None, allow_none=True)
+
+
+class ConverterOptionsSchema(Schema):
+    add_ccm_ca_certificates = fields.Boolean(load_default=False)
+    allow_cmdline_args = fields.Boolean(load_default=False)
+    debug = fields.Boolean(load_default=False)
+    entrypoint = _strings()
+    entrypoint_args = _strings()
+    env_vars = _strings(env_entry)
+    mutable_env_vars = _strings(env_entry)
+    java_mode = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(JAVA_MODES))
+
+
+class NitroEnclavesOptionsSchema(Schema):
+    cpu_count = fields.Integer(load_default=None, allow_none=True, strict=True,
+                               validate=validate.Range(min=1, max=1024))
+    mem_size = fields.Integer(load_default=None, allow_none=True, strict=True,
+                              validate=validate.Range(min=1, max=1 << 40),
+                              metadata={"description": "enclave memory in MiB"})
+    enable_overlay_filesystem_persistence = fields.Boolean(load_default=None, allow_none=True)
+
+
+class ConversionRequestSchema(NitroEnclavesOptionsSchema):
+    """POST /v1/builds/convert-app/nitro-enclaves, flat form; the seed's wrapped form is unwrapped first."""
+
+    app_id = fields.UUID(required=True)
+    input_image = fields.Nested(ImageInfoSchema, required=True)
+    output_image = fields.Nested(ImageInfoSchema, required=True)
+    converter_options = fields.Nested(ConverterOptionsSchema, load_default=None, allow_none=True)
+
+    @pre_load
+    def unwrap(self, data: object, **_: object) -> object:
+        if not isinstance(data, Mapping) or "request" not in data:
+            return data
+        request, options = data.get("request"), data.get("nitro_enclaves_options", {})
+        errors: dict[str, list[str]] = {}
+        if not isinstance(request, Mapping):
+            errors["request"] = ["must be an object"]
+        if not isinstance(options, Mapping):
+            errors["nitro_enclaves_options"] = ["must be an object"]
+        unknown = set(data) - {"request", "nitro_enclaves_options"}
+        for key in sorted(unknown):
+            errors[key] = ["Unknown field."]
+        if errors:
+            raise ValidationError(errors)
+        assert isinstance(request, Mapping) and isinstance(options, Mapping)
+        clash = set(request) & set(options)
+        if clash:
+            raise ValidationError({k: ["given in both request and nitro_enclaves_options"] for k in clash})
+        return {**request, **options}
+
+    @validates_schema
+    def names_differ(self, data: Mapping[str, object], **_: object) -> None:
+        src, dst = data.get("input_image"), data.get("output_image")
+        if not isinstance(src, Mapping) or not isinstance(dst, Mapping):
+            return
+        if str(parse_reference(str(src["name"]))) == str(parse_reference(str(dst["name"]))):
+            raise ValidationError("must differ from input_image.name", field_name="output_image")
+
+
+class ConversionSubmitQuerySchema(Schema):
+    wait = fields.Integer(load_default=None, validate=validate.Range(min=0),
+                          metadata={"description": "hold the response up to this many seconds for the end"})
+
+
+# --- responses ---------------------------------------------------------------------------------------
+class PortSchema(Schema):
+    port = fields.Integer(required=True)
+    protocol = fields.String(required=True, validate=validate.OneOf(("Tcp", "Udp")))
+
+
+class DockerInfoSchema(Schema):
+    docker_image_name = fields.String(required=True)
+    docker_version = fields.String(required=True, allow_none=True)
+    docker_image_sha = fields.String(required=True, allow_none=True)
+    docker_image_size = fields.Integer(required=True, allow_none=True, metadata={"description": "MiB"})
+    exposed_ports = fields.List(fields.Nested(PortSchema), required=True)
+
+
+class NitroEnclaveAttributesSchema(Schema):
+    hash_algorithm = fields.String(required=True, validate=validate.OneOf(("Sha384",)))
+    pcr0 = fields.String(required=True)
+    pcr1 = fields.String(required=True)
+    pcr2 = fields.String(required=True)
+    pcr8 = fields.String(load_default=None)
+
+
+class AttributesSchema(Schema):
+    nitro_enclave = fields.Nested(NitroEnclaveAttributesSchema, load_default=None)
+
+
+class AdvancedSettingsSchema(Schema):
+    entrypoint = fields.List(fields.String(), required=True)
+    allowCmdlineArgs = fields.Boolean(required=True)
+    manifestEnv = fields.List(fields.String(), required=True)
+    mutableEnv = fields.List(fields.String(), required=True)
+    java_runtime = fields.String(required=True, allow_none=True)
+
+
+class RedactedAuthSchema(Schema):
+    username = fields.String(required=True, allow_none=True)
+    password = fields.String(required=True, validate=validate.Equal(REDACTED))
+
+
+class EchoImageSchema(Schema):
+    name = fields.String(required=True)
+    auth_config = fields.Nested(RedactedAuthSchema, required=True, allow_none=True)
+
+
+class ConversionEchoSchema(Schema):
+    input_image = fields.Nested(EchoImageSchema, required=True)
+    output_image = fields.Nested(EchoImageSchema, required=True)
+    converter_options = fields.Nested(ConverterOptionsSchema, required=True)
+
+
+class ConversionErrorSchema(Schema):
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class ConversionSchema(Schema):
+    state = fields.String(required=True, validate=validate.OneOf(
+        ("QUEUED", "PULLING", "BUILDING", "MEASURING", "PUSHING", "SUCCEEDED", "FAILED", "CANCELLED")))
+    progress = fields.Float(required=True, validate=validate.Range(min=0.0, max=1.0))
+    error = fields.Nested(ConversionErrorSchema, required=True, allow_none=True)
+    input_digest = fields.String(required=True, allow_none=True)
+    output_digest = fields.String(required=True, allow_none=True)
+    eif_size = fields.Integer(required=True, allow_none=True)
+    eif_sha256 = fields.String(required=True, allow_none=True)
+    started_at = fields.Integer(required=True, allow_none=True)
+    finished_at = fields.Integer(required=True, allow_none=True)
+    attempts = fields.Integer(required=True)
+    warnings = fields.List(fields.String(), required=True)
+    cancel_requested = fields.Boolean(required=True)
+    request = fields.Nested(ConversionEchoSchema, required=True)
+
+
+class BuildSchema(Schema):
+    """The seed's Build, field for field, plus `conversion`."""
+
+    build_id = fields.UUID(required=True)
+    docker_info = fields.Nested(DockerInfoSchema, required=True)
+    created_at = fields.Integer(required=True)
+    updated_at = fields.Integer(required=True)
+    app_id = fields.UUID(required=True)
+    app_name = fields.String(required=True)
+    status = fields.Nested(StatusSchema, required=True)
+    deployment_status = fields.Nested(StatusSchema, required=True)
+    enclave_info = fields.Dict(required=True, allow_none=True)
+    attributes = fields.Nested(AttributesSchema, required=True)
+    app_description = fields.String(required=True)
+    mem_size = fields.Integer(required=True)
+    threads = fields.Integer(required=True)
+    advanced_settings = fields.Nested(AdvancedSettingsSchema, required=True)
+    build_name = fields.String(required=True, allow_none=True)
+    pending_task_id = fields.UUID(required=True, allow_none=True)
+    configs = fields.Dict(required=True)
+    marketplace_build_id = fields.UUID(required=True, allow_none=True)
+    launch_hint = fields.Dict(required=True, allow_none=True)
+    enable_overlay_filesystem_persistence = fields.Boolean(required=True)
+    group_id = fields.UUID(required=True, allow_none=True)
+    conversion = fields.Nested(ConversionSchema, required=True)
+
+
+class BuildListQuerySchema(Schema):
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    sort_by = fields.String(load_default="created_at:DESC",
+                            validate=validate.Regexp(r"^(created_at|updated_at|status|app_name):(ASC|DESC)$"))
+    status = fields.String(load_default=None, validate=validate.OneOf(("PENDING", "WHITELISTED", "REJECTED")))
+    app_id = fields.UUID(load_default=None)
+    docker_image_name = fields.String(load_default=None)
+
+
+class BuildListSchema(Schema):
+    metadata = fields.Nested(PageMetadataSchema, required=True)
+    items = fields.List(fields.Nested(BuildSchema), required=True)

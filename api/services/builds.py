@@ -1,0 +1,181 @@
+"""Build use cases: submit, read, list, cancel, and wait for a conversion to end."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.orm import Session
+
+from common.buildstore import NewBuild, end_unsuccessfully, insert_build, user_actor
+from common.errors import (
+    Conflict,
+    NotFound,
+    QueueUnavailable,
+    ValidationFailed,
+)
+from common.models import App, Build
+from common.queue import enqueue_conversion
+from common.sealing import Credentials, Sealer
+from common.settings import Settings
+from common.status import CONVERSION_TERMINAL, ConversionState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_COUNT = 2
+DEFAULT_MEM_SIZE_MIB = 2048
+_OPTION_DEFAULTS: dict[str, object] = {
+    "add_ccm_ca_certificates": False, "allow_cmdline_args": False, "debug": False, "entrypoint": [],
+    "entrypoint_args": [], "env_vars": [], "mutable_env_vars": [], "java_mode": None,
+}
+
+
+@dataclass(frozen=True)
+class Submitted:
+    build: Build
+    app: App
+    created: bool
+
+    @property
+    def build_id(self) -> uuid.UUID:
+        return self.build.id
+
+
+def _fingerprint(body: Mapping[str, object]) -> str:
+    """Hash of the request without passwords, to tell a retry from a different request under one key."""
+
+    def scrub(value: object) -> object:
+        if isinstance(value, Mapping):
+            return {k: ("<redacted>" if k == "password" else scrub(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        return str(value) if isinstance(value, uuid.UUID) else value
+
+    return hashlib.sha256(json.dumps(scrub(body), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _credentials(image: Mapping[str, object]) -> Credentials | None:
+    auth = image.get("auth_config")
+    if not isinstance(auth, Mapping) or (auth.get("username") is None and auth.get("password") is None):
+        return None
+    return Credentials(username=str(auth.get("username") or ""), password=str(auth.get("password") or ""))
+
+
+def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UUID, user_id: uuid.UUID,
+           body: Mapping[str, object], idempotency_key: str | None) -> Submitted:
+    """Record the conversion request (QUEUED, PENDING), commit, then enqueue it."""
+    app = session.execute(select(App).where(App.id == body["app_id"], App.account_id == account_id)
+                          ).scalar_one_or_none()
+    if app is None:
+        raise ValidationFailed("The request is invalid.",
+                               details={"fields": {"app_id": ["no such app in this account"]}})
+    defaults = app.default_build_settings.get("nitro_enclaves") or {}
+    assert isinstance(defaults, Mapping)
+    options = {**_OPTION_DEFAULTS, **(defaults.get("converter_options") or {}),  # type: ignore[dict-item]
+               **(body.get("converter_options") or {})}  # type: ignore[dict-item]
+
+    def pick(key: str, fallback: object) -> object:
+        value = body.get(key)
+        return value if value is not None else defaults.get(key, fallback)
+
+    build_id = uuid.uuid4()
+    src, dst = body["input_image"], body["output_image"]
+    assert isinstance(src, Mapping) and isinstance(dst, Mapping)
+    src_creds, dst_creds = _credentials(src), _credentials(dst)
+    new = NewBuild(
+        build_id=build_id, account_id=account_id, app_id=app.id, created_by=user_id,
+        input_image_name=str(src["name"]), output_image_name=str(dst["name"]),
+        input_username=src_creds.username if src_creds else None,
+        output_username=dst_creds.username if dst_creds else None,
+        input_credentials=sealer.seal_credentials(src_creds, str(build_id)) if src_creds else None,
+        output_credentials=sealer.seal_credentials(dst_creds, str(build_id)) if dst_creds else None,
+        converter_options=options, cpu_count=int(pick("cpu_count", DEFAULT_CPU_COUNT)),  # type: ignore[call-overload]
+        mem_size=int(pick("mem_size", DEFAULT_MEM_SIZE_MIB)),  # type: ignore[call-overload]
+        enable_overlay_filesystem_persistence=bool(pick("enable_overlay_filesystem_persistence", True)),
+        request_fingerprint=_fingerprint(body), idempotency_key=idempotency_key)
+    build, created = insert_build(session, new)
+    session.commit()
+    if created:
+        try:
+            enqueue_conversion(s.redis_url, s.visibility_timeout, str(build.id))
+        except QueueUnavailable:
+            # The row is committed and QUEUED: the sweeper publishes it when Redis is back.
+            log.warning("enqueue failed build_id=%s; the sweeper will retry", build.id)
+    return Submitted(build, app, created)
+
+
+def get(session: Session, account_id: uuid.UUID, build_id: uuid.UUID) -> tuple[Build, App]:
+    row = session.execute(
+        select(Build, App).join(App, App.id == Build.app_id)
+        .where(Build.id == build_id, Build.account_id == account_id)).one_or_none()
+    if row is None:
+        raise NotFound("no such build")
+    return row[0], row[1]
+
+
+_SORT = {"created_at": Build.created_at, "updated_at": Build.updated_at, "status": Build.approval_status,
+         "app_name": App.name}
+
+
+def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
+                ) -> tuple[list[tuple[Build, App]], int, int]:
+    """(page of builds, total in account, total matching the filters)."""
+    base = and_(Build.account_id == account_id)
+    filters = [base]
+    if q.get("status"):
+        filters.append(Build.approval_status == q["status"])
+    if q.get("app_id"):
+        filters.append(Build.app_id == q["app_id"])
+    if q.get("docker_image_name"):
+        filters.append(Build.output_image_name == q["docker_image_name"])
+    key, _, direction = str(q["sort_by"]).partition(":")
+    column = _SORT[key]
+    order = column.asc() if direction == "ASC" else column.desc()
+    total = session.execute(select(func.count()).select_from(Build).where(base)).scalar_one()
+    filtered = session.execute(
+        select(func.count()).select_from(Build).join(App, App.id == Build.app_id).where(*filters)).scalar_one()
+    rows = session.execute(
+        select(Build, App).join(App, App.id == Build.app_id).where(*filters)
+        .order_by(order, Build.id).limit(int(q["limit"])).offset(int(q["offset"]))  # type: ignore[call-overload]
+    ).all()
+    return [(r[0], r[1]) for r in rows], total, filtered
+
+
+def cancel(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    """Cancel the conversion. True when it is already CANCELLED, False when a worker will honour it."""
+    build, _ = get(session, account_id, build_id)
+    state = ConversionState(build.conversion_state)
+    if state in CONVERSION_TERMINAL:
+        raise Conflict(f"the conversion already ended ({state.value})", code="invalid_transition")
+    actor = user_actor(user_id)
+    if state is ConversionState.QUEUED and end_unsuccessfully(
+            session, build_id, state, ConversionState.CANCELLED, actor=actor, code="cancelled",
+            message="cancelled by the user"):
+        session.commit()
+        return True
+    # Running (or claimed meanwhile): the worker checks this flag between steps and at each heartbeat.
+    session.execute(update(Build).where(Build.id == build_id).values(cancel_requested=True, updated_at=func.now())
+                    .execution_options(synchronize_session=False))
+    session.commit()
+    return False
+
+
+def wait_for_end(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, seconds: float,
+                 poll: float = 0.25) -> bool:
+    """Poll until the conversion is terminal or `seconds` pass. True when it ended."""
+    deadline = time.monotonic() + seconds
+    while True:
+        state = session.execute(select(Build.conversion_state).where(
+            Build.id == build_id, Build.account_id == account_id)).scalar_one()
+        session.rollback()  # end the snapshot so the next poll sees new commits, and hold no connection
+        if ConversionState(state) in CONVERSION_TERMINAL:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        poll = min(poll * 1.5, 2.0)

@@ -1,0 +1,91 @@
+"""The two EIF ramdisks of EIF.md §5.1: the bootstrap ramdisk from the blobs and the app ramdisk from an image tree."""
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from common.cpio import CpioArchive, CpioEntry
+from common.filetree import Node, NodeKind, Tree
+from common.launch import LaunchSpec, cmd_file, env_file
+
+# Entries we create (not taken from the image) get linuxkit's fixed time, as nitro-cli's ramdisks do.
+GENERATED_MTIME = 1492533000
+# The mount points the init needs in the new root, created by nitro-cli's customer yaml (EIF.md §5.1).
+ROOTFS_DIRS = (b"dev", b"proc", b"run", b"sys", b"tmp", b"var")
+
+_TYPE_BITS = {
+    NodeKind.FILE: stat.S_IFREG,
+    NodeKind.DIR: stat.S_IFDIR,
+    NodeKind.SYMLINK: stat.S_IFLNK,
+    NodeKind.CHAR: stat.S_IFCHR,
+    NodeKind.BLOCK: stat.S_IFBLK,
+    NodeKind.FIFO: stat.S_IFIFO,
+}
+
+
+def _generated_dir(name: bytes) -> CpioEntry:
+    return CpioEntry(name=name, mode=stat.S_IFDIR | 0o755, mtime=GENERATED_MTIME)
+
+
+def _generated_file(name: bytes, data: bytes, perm: int) -> CpioEntry:
+    return CpioEntry(name=name, mode=stat.S_IFREG | perm, mtime=GENERATED_MTIME, size=len(data), data=data)
+
+
+def _blob_file(name: bytes, path: Path) -> CpioEntry:
+    return CpioEntry(
+        name=name,
+        mode=stat.S_IFREG | 0o755,
+        mtime=GENERATED_MTIME,
+        size=path.stat().st_size,
+        data=lambda: path.open("rb"),
+    )
+
+
+def bootstrap_archive(blobs_dir: Path) -> CpioArchive:
+    """Ramdisk 0: `dev/`, `init` and `nsm.ko` from the blobs dir (PCR1 depends only on these and the kernel)."""
+    return CpioArchive(
+        [
+            _generated_dir(b"dev"),
+            _blob_file(b"init", blobs_dir / "init"),
+            _blob_file(b"nsm.ko", blobs_dir / "nsm.ko"),
+        ]
+    )
+
+
+def _node_entry(name: bytes, node: Node) -> CpioEntry:
+    mode = _TYPE_BITS[node.kind] | (node.mode & 0o7777)
+    common = {"name": name, "mode": mode, "uid": node.uid, "gid": node.gid, "mtime": node.mtime}
+    if node.kind is NodeKind.FILE:
+        content = node.content
+        if content is None or content.size == 0:
+            return CpioEntry(**common, link_key=id(node))
+        # Identity of the Node is the inode: several paths to one Node are hard links (data stored once).
+        return CpioEntry(**common, size=content.size, data=content.open, link_key=id(node))
+    if node.kind is NodeKind.SYMLINK:
+        return CpioEntry(**common, size=len(node.target), data=node.target)
+    if node.kind in (NodeKind.CHAR, NodeKind.BLOCK):
+        major, minor = node.rdev
+        return CpioEntry(**common, rdevmajor=major, rdevminor=minor)
+    return CpioEntry(**common)
+
+
+def _app_entries(tree: Tree, spec: LaunchSpec) -> Iterator[CpioEntry]:
+    root = tree.root
+    yield CpioEntry(name=b"rootfs", mode=stat.S_IFDIR | (root.mode & 0o7777), uid=root.uid, gid=root.gid,
+                    mtime=root.mtime)
+    seen_top: set[bytes] = set()
+    for path, node in tree.iter_sorted():
+        if b"/" not in path:
+            seen_top.add(path)
+        yield _node_entry(b"rootfs/" + path, node)
+    for name in ROOTFS_DIRS:
+        if name not in seen_top:
+            yield _generated_dir(b"rootfs/" + name)
+    yield _generated_file(b"cmd", cmd_file(spec), 0o644)
+    yield _generated_file(b"env", env_file(spec), 0o644)
+
+
+def app_archive(tree: Tree, spec: LaunchSpec) -> CpioArchive:
+    """Ramdisk 1: the image tree under `rootfs/`, the init's mount points, and `cmd`/`env` at the archive root."""
+    return CpioArchive(_app_entries(tree, spec))

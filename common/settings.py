@@ -1,0 +1,159 @@
+"""Service settings: one frozen dataclass parsed strictly from NITROCONV_* environment variables."""
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import InvalidOptions
+
+PREFIX = "NITROCONV_"
+
+
+def parse_bool(value: str) -> bool:
+    """Strict boolean: a typo must fail at start-up, not silently mean False."""
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise InvalidOptions(f"not a boolean: {value!r}")
+
+
+def parse_int(value: str, *, minimum: int | None = None) -> int:
+    try:
+        parsed = int(value.strip())
+    except ValueError:
+        raise InvalidOptions(f"not an integer: {value!r}") from None
+    if minimum is not None and parsed < minimum:
+        raise InvalidOptions(f"{parsed} is below the minimum {minimum}")
+    return parsed
+
+
+def parse_addr(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 hosts in brackets) into its parts."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host:
+        raise InvalidOptions(f"not host:port: {value!r}")
+    return host.strip("[]"), parse_int(port, minimum=1)
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_addr: str = "127.0.0.1:8080"
+    registry_addr: str = "127.0.0.1:5000"
+    flower_addr: str = "127.0.0.1:5555"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/nitroconv"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    state_dir: Path = Path(".state")
+    workers: int = 1
+    blobs_dir: Path = Path(".state/blobs")
+    admin_email: str = "admin@nitroconv.local"
+    admin_password: str = field(default="", repr=False)
+    secret_key: bytes = field(default=b"", repr=False)
+    insecure_registries: frozenset[str] = frozenset({"127.0.0.1:5000"})
+    token_ttl_seconds: int = 3600
+    token_issuer: str = "nitroconv"
+    token_audience: str = "nitroconv-api"
+    # Conversion time limits; the broker visibility timeout must stay above the hard limit.
+    soft_time_limit: int = 1800
+    time_limit: int = 1900
+    visibility_timeout: int = 7200
+    lease_seconds: int = 90
+    requeue_after_seconds: int = 300
+    sweep_interval_seconds: int = 30
+    max_attempts: int = 3
+    max_wait_seconds: int = 600
+    flower_basic_auth: str = field(default="", repr=False)
+
+    @property
+    def api_host_port(self) -> tuple[str, int]:
+        return parse_addr(self.api_addr)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], prefix: str = PREFIX) -> Settings:
+        """Build settings from an environment mapping; unset keys keep their defaults."""
+
+        def get(name: str) -> str | None:
+            value = environ.get(prefix + name)
+            return value if value not in (None, "") else None
+
+        state_dir = Path(get("STATE_DIR") or ".state").resolve()
+        registry_addr = get("REGISTRY_ADDR") or cls.registry_addr
+        parse_addr(registry_addr)
+        insecure = get("INSECURE_REGISTRIES")
+        values: dict[str, object] = {
+            "api_addr": get("API_ADDR") or cls.api_addr,
+            "registry_addr": registry_addr,
+            "flower_addr": get("FLOWER_ADDR") or cls.flower_addr,
+            "database_url": get("DATABASE_URL") or cls.database_url,
+            "redis_url": get("REDIS_URL") or cls.redis_url,
+            "state_dir": state_dir,
+            "workers": parse_int(get("WORKERS") or "1", minimum=1),
+            "blobs_dir": Path(get("BLOBS_DIR") or state_dir / "blobs"),
+            "admin_email": get("ADMIN_EMAIL") or cls.admin_email,
+            "admin_password": get("ADMIN_PASSWORD") or "",
+            "insecure_registries": frozenset(parse_list(insecure) if insecure else (registry_addr,)),
+            "flower_basic_auth": get("FLOWER_BASIC_AUTH") or "",
+        }
+        for name in ("token_ttl_seconds", "soft_time_limit", "time_limit", "visibility_timeout",
+                     "lease_seconds", "requeue_after_seconds", "sweep_interval_seconds", "max_attempts",
+                     "max_wait_seconds"):
+            raw = get(name.upper())
+            if raw is not None:
+                values[name] = parse_int(raw, minimum=1)
+        secret = get("SECRET_KEY")
+        values["secret_key"] = secret.encode() if secret else b""
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Cross-field rules that would otherwise fail late and confusingly."""
+        for addr in (self.api_addr, self.flower_addr, self.registry_addr):
+            parse_addr(addr)
+        if not self.soft_time_limit < self.time_limit < self.visibility_timeout:
+            raise InvalidOptions("need soft_time_limit < time_limit < visibility_timeout "
+                                 "(a conversion outliving the visibility timeout is delivered twice)")
+
+    def with_secret(self) -> Settings:
+        """These settings with a secret key: the configured one, else one persisted in the state dir."""
+        if self.secret_key:
+            return self
+        from dataclasses import replace
+
+        return replace(self, secret_key=load_or_create_secret(self.state_dir / "secret_key"))
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the key file, creating it (0600, atomically) on first use so every process agrees."""
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_urlsafe(48).encode())
+    try:
+        # link() fails if another process won the race; then everyone reads the winner's key.
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_bytes().strip()
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Process-wide settings from os.environ, read once on first use (never at import)."""
+    return Settings.from_env(os.environ).with_secret()

@@ -1,0 +1,31 @@
+"""Gunicorn settings for the API (`gunicorn -c deploy/gunicorn.conf.py 'api.app:create_app()'`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_state = Path(os.environ.get("NITROCONV_STATE_DIR", ".state")).resolve()
+
+bind = os.environ.get("NITROCONV_API_ADDR", "127.0.0.1:8080")
+# Threads, not only processes: `?wait=` holds a request while it polls, and requests mostly wait on
+# Postgres and Redis, which release the GIL.
+worker_class = "gthread"
+workers = int(os.environ.get("NITROCONV_API_PROCESSES", str(max(2, (os.cpu_count() or 1)))))
+threads = int(os.environ.get("NITROCONV_API_THREADS", "8"))
+timeout = int(os.environ.get("NITROCONV_API_TIMEOUT", "660"))  # above the longest ?wait=
+graceful_timeout = 30
+keepalive = 5
+backlog = 2048
+pidfile = str(_state / "pids" / "api.pid")
+accesslog = str(_state / "logs" / "api-access.log")
+errorlog = str(_state / "logs" / "api.log")
+# Request lines only: query strings never carry secrets here, and bodies are never logged.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+raw_env = [f"PROMETHEUS_MULTIPROC_DIR={_state / 'prometheus'}"]
+(_state / "prometheus").mkdir(parents=True, exist_ok=True)
+
+
+def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(getattr(worker, "pid", 0))  # type: ignore[no-untyped-call]

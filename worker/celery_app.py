@@ -1,0 +1,64 @@
+"""The Celery application of the workers and beat, configured from Settings per DESIGN.md §7 / RELIABILITY.md §3."""
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from common import db
+from common.queue import broker_transport_options
+from common.settings import Settings, get_settings
+from common.tasknames import QUEUE, SWEEP
+
+MAINTENANCE_QUEUE = "maintenance"
+
+
+def celery_config(s: Settings) -> dict[str, object]:
+    """Every Celery setting we rely on, derived from Settings (tested without a broker)."""
+    transport = broker_transport_options(s.visibility_timeout)
+    return {
+        "broker_url": s.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": s.visibility_timeout},
+        "visibility_timeout": s.visibility_timeout,
+        # Delivery: a task runs at least once; the Postgres CAS claim makes the second run a no-op.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_max_tasks_per_child": 1,  # a fresh process per (possibly hostile) image
+        "worker_soft_shutdown_timeout": 30.0,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "task_soft_time_limit": s.soft_time_limit,
+        "task_time_limit": s.time_limit,
+        # Serialization: JSON only, so a forged pickle on the broker cannot execute code.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_extended": False,
+        # Routing: conversions and the sweeper on separate queues (workers consume both).
+        "task_default_queue": QUEUE,
+        "task_routes": {SWEEP: {"queue": MAINTENANCE_QUEUE}},
+        "beat_schedule": {
+            "sweep": {"task": SWEEP, "schedule": float(s.sweep_interval_seconds),
+                      "options": {"queue": MAINTENANCE_QUEUE, "expires": float(s.sweep_interval_seconds)}},
+        },
+        # Flower is event-driven; task arguments are build ids only, so events leak nothing.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+app = Celery("nitroconv", include=["worker.tasks"])
+# Lazy: the environment is read when Celery first needs configuration, not at import time.
+app.add_defaults(lambda: celery_config(get_settings()))
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    # A forked pool child must never reuse a connection pool the parent may have opened.
+    db.engine_for.cache_clear()
+    db.session_factory.cache_clear()

@@ -1,0 +1,157 @@
+"""The `nitroconv` command: local conversion, EIF inspection and boot checks (service client commands mount here too)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from common.errors import NitroconvError
+
+
+def _credentials(prefix: str) -> object | None:
+    from common.registry import Credentials
+
+    user = os.environ.get(f"NITROCONV_{prefix}_USER")
+    password = os.environ.get(f"NITROCONV_{prefix}_PASSWORD")
+    if user is None and password is None:
+        return None
+    return Credentials(user or "", password or "")
+
+
+def _default_blobs() -> Path:
+    env = os.environ.get("NITROCONV_BLOBS_DIR")
+    if env:
+        return Path(env)
+    state = Path(os.environ.get("NITROCONV_STATE_DIR", ".state"))
+    return state / "blobs"
+
+
+class _Progress:
+    """A progress bar on a terminal's stderr; silent when stderr is a file or pipe (logs stay clean)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._bar = None
+        if stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=1000, file=stream, bar_format="{desc:<10} {bar} {percentage:3.0f}% {elapsed}",
+                             leave=True)
+
+    def __call__(self, stage: object, progress: float) -> None:
+        if self._bar is None:
+            return
+        self._bar.set_description_str(str(getattr(stage, "value", stage)).lower())
+        self._bar.n = int(min(max(progress, 0.0), 1.0) * 1000)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def cmd_convert_local(args: argparse.Namespace) -> int:
+    from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
+
+    spec = ConvertSpec(
+        input_ref=args.input,
+        output_ref=args.output,
+        input_credentials=_credentials("INPUT"),  # type: ignore[arg-type]
+        output_credentials=_credentials("OUTPUT"),  # type: ignore[arg-type]
+        options=ConverterOptions(
+            entrypoint=tuple(args.entrypoint or ()),
+            entrypoint_args=tuple(args.entrypoint_args or ()),
+            env_vars=tuple(args.env or ()),
+        ),
+        cpu_count=args.cpu_count,
+        mem_size_mib=args.mem_size,
+        insecure_registries=frozenset(args.insecure_registry or ()),
+    )
+    state = Path(os.environ.get("NITROCONV_STATE_DIR", ".state"))
+    cache = state / "cache"
+    progress = _Progress(sys.stderr)
+    try:
+        with tempfile.TemporaryDirectory(prefix="nitroconv-", dir=args.scratch) as scratch:
+            result = convert(spec, scratch=Path(scratch), blobs_dir=args.blobs or _default_blobs(), cache_dir=cache,
+                             on_stage=progress, eif_out=args.eif_out)
+    except NitroconvError as exc:
+        progress.close()
+        print(f"nitroconv: {exc.code}: {exc.message} (input {args.input})", file=sys.stderr)
+        return 1
+    progress.close()
+    print(json.dumps(result.measurements.to_nitro_cli(), indent=2))
+    return 0
+
+
+def cmd_describe_eif(args: argparse.Namespace) -> int:
+    from common.eif import describe_eif
+
+    print(json.dumps(describe_eif(args.eif), indent=2))
+    return 0
+
+
+def cmd_boot_check(args: argparse.Namespace) -> int:
+    from worker.pipeline.bootcheck import boot_eif
+
+    result = boot_eif(args.eif, timeout=args.timeout)
+    print(json.dumps(result.to_json(), indent=2))
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nitroconv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert-local", help="convert an image here, without the service")
+    conv.add_argument("--input", required=True, help="image reference, or docker-daemon:NAME for a local engine")
+    conv.add_argument("--output", required=True, help="where to push the converted image")
+    conv.add_argument("--entrypoint", nargs="+", action="extend", metavar="ARG", help="replaces ENTRYPOINT")
+    conv.add_argument("--entrypoint-args", nargs="+", action="extend", metavar="ARG", help="replaces CMD")
+    conv.add_argument("--env", nargs="+", action="extend", metavar="K=V", help="added after the image's ENV")
+    conv.add_argument("--cpu-count", type=int, default=2)
+    conv.add_argument("--mem-size", type=int, default=1024, metavar="MIB")
+    conv.add_argument("--blobs", type=Path, help="kernel/cmdline/init/nsm.ko dir (default $NITROCONV_BLOBS_DIR)")
+    conv.add_argument("--eif-out", type=Path, help="also keep the EIF here")
+    conv.add_argument("--insecure-registry", nargs="+", action="extend", metavar="HOST",
+                      help="host:port reachable over plain HTTP or on a private address")
+    conv.add_argument("--scratch", type=Path, help="scratch parent dir (default the system temp dir)")
+    conv.set_defaults(func=cmd_convert_local)
+
+    desc = sub.add_parser("describe-eif", help="print what `nitro-cli describe-eif` prints")
+    desc.add_argument("eif", type=Path)
+    desc.set_defaults(func=cmd_describe_eif)
+
+    boot = sub.add_parser("boot-check", help="boot an EIF under QEMU and check that its entrypoint starts")
+    boot.add_argument("eif", type=Path)
+    boot.add_argument("--timeout", type=float, default=120.0)
+    boot.set_defaults(func=cmd_boot_check)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+    try:
+        from common.apiclient import register
+    except ImportError:  # the service client is optional in a minimal install
+        return []
+    return [register]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except NitroconvError as exc:
+        print(f"nitroconv: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The converted image of DESIGN.md §5 step 4: one deterministic layer with the EIF and its JSON, plus config and manifest."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from common.eif import Measurements
+
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+LABEL_PREFIX = "dev.nitroconv."
+# Level 1: the EIF is mostly an uncompressed cpio; higher levels cost seconds per 100 MB for a few percent.
+GZIP_LEVEL = 1
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Blob:
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    path: Path
+    blob: Blob
+    diff_id: str
+    eif_sha256: str
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and hashes what passes through, so digests need no second read of the layer."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self._sink, self.sha, self.size = sink, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        self.sha.update(b)
+        self.size += len(b)
+        self._sink.write(b)
+        return len(b)
+
+
+class _HashingReader(io.RawIOBase):
+    def __init__(self, source: BinaryIO) -> None:
+        self._source, self.sha = source, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        data = self._source.read(len(b))
+        self.sha.update(data)
+        b[: len(data)] = data
+        return len(data)
+
+
+def _tarinfo(name: str, size: int, mode: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.type = size, mode, kind
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    return info
+
+
+def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path) -> OutputLayer:
+    """Write `enclave/` with the EIF and the small files, gzip'd with no name or time, so equal inputs give equal digests."""
+    with out_path.open("wb") as raw:
+        compressed = _HashingWriter(raw)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=GZIP_LEVEL, mtime=0) as gz:
+            plain = _HashingWriter(gz)  # type: ignore[arg-type]
+            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
+                tar.addfile(_tarinfo("enclave", 0, 0o755, tarfile.DIRTYPE))
+                with eif.open("rb") as src:
+                    reader = _HashingReader(src)
+                    tar.addfile(_tarinfo("enclave/app.eif", eif.stat().st_size, 0o644), io.BufferedReader(reader, _CHUNK))
+                for name in sorted(files):
+                    data = files[name]
+                    mode = 0o755 if name == "run" else 0o644
+                    tar.addfile(_tarinfo(f"enclave/{name}", len(data), mode), io.BytesIO(data))
+    blob = Blob(f"sha256:{compressed.sha.hexdigest()}", compressed.size, LAYER_MEDIA_TYPE)
+    return OutputLayer(out_path, blob, f"sha256:{plain.sha.hexdigest()}", reader.sha.hexdigest())
+
+
+def labels(measurements: Measurements, input_digest: str) -> dict[str, str]:
+    found = {"pcr0": measurements.pcr0, "pcr1": measurements.pcr1, "pcr2": measurements.pcr2,
+             "pcr8": measurements.pcr8, "hash-algorithm": "sha384", "input-digest": input_digest}
+    return {LABEL_PREFIX + k: v for k, v in found.items() if v}
+
+
+def config_json(layer: OutputLayer, image_labels: Mapping[str, str], entrypoint: list[str] | None) -> bytes:
+    """The image config: fixed `created`, no history timestamps, so it is byte-stable."""
+    config: dict[str, object] = {"Labels": dict(sorted(image_labels.items()))}
+    if entrypoint:
+        config["Entrypoint"] = entrypoint
+    doc = {
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "1970-01-01T00:00:00Z",
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def blob_of(data: bytes, media_type: str) -> Blob:
+    return Blob(f"sha256:{hashlib.sha256(data).hexdigest()}", len(data), media_type)
+
+
+def manifest_json(config: Blob, layer: Blob, annotations: Mapping[str, str]) -> bytes:
+    def desc(b: Blob) -> dict[str, object]:
+        return {"mediaType": b.media_type, "digest": b.digest, "size": b.size}
+
+    doc: dict[str, object] = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": desc(config),
+        "layers": [desc(layer)],
+    }
+    if annotations:
+        doc["annotations"] = dict(sorted(annotations.items()))
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -1,0 +1,195 @@
+"""One conversion attempt: claim the build, run the engine step by step under a lease, record the end."""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
+
+from common import buildstore
+from common.db import session_scope
+from common.errors import Cancelled, NitroconvError
+from common.models import Build
+from common.sealing import Credentials, Sealer
+from common.settings import Settings
+from common.status import ConversionState, path_to
+
+log = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 2.0  # also the cancel latency while the engine is inside one long step
+
+
+class LeaseLost(Exception):
+    """Another worker took the build over (our lease expired); stop without writing anything."""
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    outcome: str  # succeeded | failed | cancelled | requeued | skipped | lease_lost
+    retry_in: float | None = None
+
+
+class Engine(Protocol):
+    """`worker.pipeline.convert.convert`, injectable for unit tests."""
+
+    def __call__(self, build: Build, creds_in: Credentials | None, creds_out: Credentials | None, *,
+                 scratch: Path, on_stage: Callable[[str, float], None],
+                 should_cancel: Callable[[], bool]) -> buildstore.Outcome: ...
+
+
+class _Attempt:
+    """The lease holder's view of one attempt: current state, progress, cancel flag, heartbeat thread."""
+
+    def __init__(self, s: Settings, claim: buildstore.Claim) -> None:
+        self.s, self.claim = s, claim
+        self.state = ConversionState.PULLING
+        self.progress = 0.0
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Attempt:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                with self._lock, session_scope(self.s.database_url) as session:
+                    ours, cancel = buildstore.heartbeat(session, self.claim.build_id, self.claim.fence,
+                                                        self.s.lease_seconds, self.progress)
+            except Exception:  # noqa: BLE001 - Postgres blips must not kill the conversion; the lease has slack
+                log.warning("heartbeat failed build_id=%s", self.claim.build_id, exc_info=True)
+                continue
+            if not ours:
+                self.lost.set()
+            if cancel:
+                self.cancel.set()
+
+    def on_stage(self, stage: str, progress: float) -> None:
+        """Record entering a stage (walking every skipped state in order) and the overall progress."""
+        self.progress = max(0.0, min(1.0, float(progress)))
+        target = ConversionState(stage)
+        if target == self.state:
+            return
+        with self._lock, session_scope(self.s.database_url) as session:
+            # Between steps is where a cancel is honoured for certain, whatever the heartbeat saw.
+            cancel = session.execute(select(Build.cancel_requested).where(
+                Build.id == self.claim.build_id, Build.lease_owner == self.claim.fence)).scalar_one_or_none()
+            if cancel is None:
+                self.lost.set()
+                raise LeaseLost()
+            if cancel:
+                self.cancel.set()
+                raise Cancelled("cancelled by the user")
+            for nxt in path_to(self.state, target):
+                if not buildstore.transition_conversion(
+                        session, self.claim.build_id, self.state, nxt, fence=self.claim.fence,
+                        actor=buildstore.worker_actor(self.claim.fence),
+                        values={"progress": self.progress}):
+                    self.lost.set()
+                    raise LeaseLost()
+                self.state = nxt
+
+    def should_cancel(self) -> bool:
+        return self.cancel.is_set() or self.lost.is_set()
+
+
+def _credentials(sealer: Sealer, sealed: bytes | None, build_id: uuid.UUID) -> Credentials | None:
+    return sealer.open_credentials(sealed, str(build_id)) if sealed else None
+
+
+def _end(s: Settings, attempt: _Attempt, dst: ConversionState, code: str, message: str) -> None:
+    with session_scope(s.database_url) as session:
+        buildstore.end_unsuccessfully(session, attempt.claim.build_id, attempt.state, dst,
+                                      actor=buildstore.worker_actor(attempt.claim.fence), code=code,
+                                      message=message, fence=attempt.claim.fence)
+
+
+def _not_claimable(s: Settings, build_id: uuid.UUID) -> AttemptResult:
+    """Why the claim failed; a QUEUED build that was cancelled or is out of attempts ends here."""
+    with session_scope(s.database_url) as session:
+        row = session.execute(select(Build.conversion_state, Build.cancel_requested, Build.attempts)
+                              .where(Build.id == build_id)).one_or_none()
+        if row is None or ConversionState(row[0]) is not ConversionState.QUEUED:
+            return AttemptResult("skipped")
+        if row[1]:
+            buildstore.end_unsuccessfully(session, build_id, ConversionState.QUEUED, ConversionState.CANCELLED,
+                                          actor=buildstore.SYSTEM, code="cancelled", message="cancelled by the user")
+            return AttemptResult("cancelled")
+    return AttemptResult("skipped")
+
+
+def run(build_id: uuid.UUID, s: Settings, engine: Engine) -> AttemptResult:
+    """One attempt at the conversion of `build_id`. Safe to call for any id, any number of times."""
+    with session_scope(s.database_url) as session:
+        exhausted = session.execute(select(Build.attempts).where(
+            Build.id == build_id, Build.conversion_state == ConversionState.QUEUED.value)).scalar_one_or_none()
+        if exhausted is not None and exhausted >= s.max_attempts:
+            buildstore.end_unsuccessfully(
+                session, build_id, ConversionState.QUEUED, ConversionState.FAILED, actor=buildstore.SYSTEM,
+                code="attempts_exhausted", message=f"gave up after {exhausted} attempts")
+            return AttemptResult("failed")
+        claim = buildstore.claim(session, build_id, lease_seconds=s.lease_seconds)
+    if claim is None:
+        return _not_claimable(s, build_id)
+    log.info("claimed build_id=%s attempt=%d", build_id, claim.attempt)
+    scratch = s.state_dir / "scratch" / f"{build_id}.{claim.fence.hex[:8]}"
+    with _Attempt(s, claim) as attempt:
+        try:
+            with session_scope(s.database_url) as session:
+                build = session.execute(select(Build).where(Build.id == build_id)).scalar_one()
+                session.expunge(build)
+            sealer = Sealer.from_secrets(s.secret_key)
+            # Unsealed only now, held in this frame, never logged or written back.
+            creds_in = _credentials(sealer, build.input_credentials, build_id)
+            creds_out = _credentials(sealer, build.output_credentials, build_id)
+            scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+            outcome = engine(build, creds_in, creds_out, scratch=scratch, on_stage=attempt.on_stage,
+                             should_cancel=attempt.should_cancel)
+            del creds_in, creds_out
+            attempt.on_stage(ConversionState.PUSHING.value, 1.0)
+            with session_scope(s.database_url) as session:
+                task_id = buildstore.succeed(session, build_id, claim.fence, outcome)
+                if task_id is None:
+                    raise LeaseLost()
+                buildstore.auto_approve_if_enabled(session, build_id, task_id)
+            return AttemptResult("succeeded")
+        except LeaseLost:
+            log.warning("lease lost build_id=%s; another attempt owns it", build_id)
+            return AttemptResult("lease_lost")
+        except Cancelled as exc:
+            if attempt.lost.is_set():
+                return AttemptResult("lease_lost")
+            _end(s, attempt, ConversionState.CANCELLED, exc.code, exc.message)
+            return AttemptResult("cancelled")
+        except SoftTimeLimitExceeded:
+            _end(s, attempt, ConversionState.FAILED, "timeout",
+                 f"the conversion exceeded {s.soft_time_limit} seconds")
+            return AttemptResult("failed")
+        except NitroconvError as exc:
+            if exc.retryable and claim.attempt < s.max_attempts:
+                with session_scope(s.database_url) as session:
+                    buildstore.requeue(session, build_id, attempt.state, fence=claim.fence,
+                                       actor=buildstore.worker_actor(claim.fence), reason=f"{exc.code}: {exc.message}")
+                return AttemptResult("requeued", retry_in=min(300.0, 5.0 * 2 ** claim.attempt))
+            _end(s, attempt, ConversionState.FAILED, exc.code, exc.message)
+            return AttemptResult("failed")
+        except Exception:
+            log.exception("conversion crashed build_id=%s", build_id)
+            _end(s, attempt, ConversionState.FAILED, "internal_error", "internal error; see the worker log")
+            return AttemptResult("failed")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
