@@ -11,7 +11,7 @@ from common.models import Account, Membership, User
 from common.passwords import dummy_hash, hash_password, verify_password
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     READER = "READER"
     WRITER = "WRITER"
     MANAGER = "MANAGER"

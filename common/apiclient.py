@@ -35,7 +35,7 @@ class Client:
         headers.update(extra or {})
         return headers
 
-    def call(self, method: str, path: str, *, body: object = None, params: Mapping[str, object] | None = None,
+    def call(self, method: str, path: str, *, body: object = None, params: Mapping[str, str] | None = None,
              headers: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None,
              timeout: float | None = None) -> dict[str, object]:
         try:
@@ -195,7 +195,7 @@ def cmd_task_decide(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Mount the service commands on the `nitroconv` command's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="service URL (default: saved by login, or $NITROCONV_URL)")

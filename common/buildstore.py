@@ -131,7 +131,7 @@ def insert_build(session: Session, new: NewBuild) -> tuple[Build, bool]:
     With an idempotency key the unique (account, key) constraint is the arbiter: a concurrent or
     retried submission inserts nothing and gets the first build's id back.
     """
-    row = {
+    row: dict[str, object] = {
         "id": new.build_id, "account_id": new.account_id, "app_id": new.app_id, "created_by": new.created_by,
         "idempotency_key": new.idempotency_key, "request_fingerprint": new.request_fingerprint,
         "input_image_name": new.input_image_name, "output_image_name": new.output_image_name,
@@ -263,9 +263,9 @@ def end_unsuccessfully(
 def requeue(session: Session, build_id: uuid.UUID, src: ConversionState, *, actor: str, reason: str,
             fence: uuid.UUID | None = None) -> bool:
     """A running conversion back to QUEUED: its lease expired (fence None) or its worker gives it back."""
-    where: tuple[ColumnElement[bool], ...] = ()
+    where: list[ColumnElement[bool]] = []
     if fence is None:
-        where = (Build.lease_expires_at < func.now(),)
+        where.append(Build.lease_expires_at < func.now())
     return transition_conversion(
         session, build_id, src, ConversionState.QUEUED, actor=actor, reason=reason, fence=fence,
         values={"lease_owner": None, "lease_expires_at": None, "enqueued_at": func.now(), "progress": 0.0},
@@ -286,10 +286,11 @@ def decide_task(session: Session, task: Task, decision: TaskStatus, *, approver_
     current = TaskStatus(task.status)
     if not allowed(TASK_TRANSITIONS, current, decision):
         raise InvalidTransition(f"task is already {current.value}")
+    converted: list[ColumnElement[bool]] = []
+    target = ApprovalStatus.REJECTED
     if decision is TaskStatus.SUCCESS:
-        target, converted = ApprovalStatus.WHITELISTED, (Build.conversion_state == ConversionState.SUCCEEDED.value,)
-    else:
-        target, converted = ApprovalStatus.REJECTED, ()
+        target = ApprovalStatus.WHITELISTED
+        converted.append(Build.conversion_state == ConversionState.SUCCEEDED.value)
     if not transition_task(session, task, current, decision, actor=actor, approver_id=approver_id, reason=reason):
         raise InvalidTransition("task was decided concurrently")
     if not transition_approval(session, task.build_id, ApprovalStatus.PENDING, target, actor=actor,

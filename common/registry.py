@@ -571,12 +571,17 @@ class RegistryClient:
     ) -> requests.Response:
         failures = 0
         auth_rounds = 0
+        fresh_token = False
         while True:
             self._deadline.check(f"{method} {_path(url)}")
             if scopes is not None:
                 auth = self._registry_auth(scopes)
             try:
                 resp = self._exchange(method, url, headers, body, auth)
+                if self._deadline.expired:
+                    # The watchdog cut the socket: what arrived may be a truncated head parsed leniently.
+                    resp.close()
+                    raise RegistryTimeout(f"{method} {_path(url)} was cut off at the deadline")
             except requests.exceptions.SSLError as exc:
                 if self._deadline.expired:
                     raise RegistryTimeout(f"{method} {_path(url)} was cut off at the deadline") from exc
@@ -593,11 +598,15 @@ class RegistryClient:
 
             if resp.status_code == 401 and scopes is not None and _origin(resp.url) == self._origin:
                 challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
-                if auth_rounds >= _MAX_AUTH_ROUNDS or not challenges:
+                # A token fetched for this very request that still lacks the scope is the token
+                # service's answer, not a glitch: asking again would only loop.
+                refused_fresh = fresh_token and any(c.params.get("error") == "insufficient_scope"
+                                                    for c in challenges)
+                if auth_rounds >= _MAX_AUTH_ROUNDS or not challenges or refused_fresh:
                     return resp  # the caller turns it into unauthorized/denied
                 _discard(resp)
                 auth_rounds += 1
-                self._authenticate(challenges, scopes)
+                fresh_token = self._authenticate(challenges, scopes)
                 continue
 
             if resp.status_code in RETRYABLE_STATUSES and retry:
@@ -662,21 +671,21 @@ class RegistryClient:
             return _Auth(self._origin, self._credentials.basic_header())
         return None
 
-    def _authenticate(self, challenges: Sequence[Challenge], scopes: tuple[str, ...]) -> None:
-        """Answer a 401: fetch a fresh bearer token for `scopes`, or switch to Basic."""
+    def _authenticate(self, challenges: Sequence[Challenge], scopes: tuple[str, ...]) -> bool:
+        """Answer a 401: fetch a fresh bearer token for `scopes` (True), or switch to Basic (False)."""
         bearer = next((c for c in challenges if c.scheme == "bearer"), None)
         if bearer is not None:
             self._tokens.drop(scopes)
             token, expires_in = self._fetch_token(bearer, scopes)
             self._tokens.put(scopes, token, expires_in)
-            return
+            return True
         if any(c.scheme == "basic" for c in challenges):
             if self._credentials is None:
                 raise Unauthorized(f"registry {self.host} requires credentials")
             if self._basic:
                 raise Unauthorized(f"registry {self.host} rejected the credentials for {self._credentials.username!r}")
             self._basic = True
-            return
+            return False
         raise Unauthorized(f"registry {self.host} asked for unsupported auth scheme {challenges[0].scheme!r}")
 
     def _fetch_token(self, challenge: Challenge, scopes: tuple[str, ...]) -> tuple[str, float]:
@@ -685,7 +694,9 @@ class RegistryClient:
             raise Unauthorized(f"registry {self.host} sent a Bearer challenge without a realm")
         # The realm is chosen by the server: it gets the same scrutiny as the registry itself.
         self.policy.check_url(realm)
-        wanted = list(dict.fromkeys([*scopes, *challenge.scopes]))
+        # Our scopes name what the request needs; the challenge's are added only for other resources.
+        ours = {s.rpartition(":")[0] for s in scopes}
+        wanted = [*scopes, *(s for s in challenge.scopes if s.rpartition(":")[0] not in ours)]
         query: list[tuple[str, str]] = []
         if "service" in challenge.params:
             query.append(("service", challenge.params["service"]))
@@ -729,7 +740,7 @@ class RegistryClient:
         suffix = f": {message}" if message else ""
         if status == 401:
             challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
-            if any(c.params.get("error") == "insufficient_scope" for c in challenges):
+            if any(c.params.get("error") == "insufficient_scope" for c in challenges) and self._credentials:
                 return Denied(f"{what}: access denied by {self.host} (insufficient scope){suffix}", details=details)
             return Unauthorized(f"{what}: not authorized by {self.host}{suffix}", details=details)
         if status == 403:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TypeVar
 
 
-class ConversionState(str, enum.Enum):
+class ConversionState(enum.StrEnum):
     QUEUED = "QUEUED"
     PULLING = "PULLING"
     BUILDING = "BUILDING"
@@ -17,7 +17,7 @@ class ConversionState(str, enum.Enum):
     CANCELLED = "CANCELLED"
 
 
-class ApprovalStatus(str, enum.Enum):
+class ApprovalStatus(enum.StrEnum):
     """The seed's `Build.status.status`."""
 
     PENDING = "PENDING"
@@ -25,7 +25,7 @@ class ApprovalStatus(str, enum.Enum):
     REJECTED = "REJECTED"
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     """A BUILD_WHITELIST task, CCM's names."""
 
     INPROGRESS = "INPROGRESS"

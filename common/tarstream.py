@@ -191,6 +191,8 @@ class TarStream:
             # Stream mode still appends every member to TarFile.members: a million-entry layer
             # would otherwise hold a million TarInfo objects.
             self._tar.members.clear()
+            if member.size < 0:  # a PAX `size` record is applied after our header checks
+                raise _corrupt("negative_size", size=member.size)
             _check_sparse(member)
             yield member
 

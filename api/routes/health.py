@@ -6,8 +6,7 @@ import os
 from flask import Response
 from flask.views import MethodView
 from flask_smorest import Blueprint
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
 from api.context import settings
 from api.schemas.sys import HealthSchema
@@ -36,7 +35,7 @@ class Metrics(MethodView):
         """Prometheus metrics of the API processes."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            multiprocess.MultiProcessCollector(registry)
         else:
             registry = REGISTRY
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
-from api.schemas.common import PageMetadataSchema
 from api.schemas.builds import ConverterOptionsSchema, NitroEnclavesOptionsSchema, image_reference
+from api.schemas.common import PageMetadataSchema
 
 
 class NitroDefaultsSchema(NitroEnclavesOptionsSchema):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
@@ -27,7 +27,7 @@ def env_entry(value: str) -> None:
         raise ValidationError("must be NAME=VALUE with NAME a valid environment variable name")
 
 
-def _strings(item_validate: validate.Validator | None = None, **kwargs: object) -> fields.List:
+def _strings(item_validate: Callable[[str], None] | None = None, **kwargs: object) -> fields.List:
     inner = fields.String(validate=[validate.Length(max=8192)] + ([item_validate] if item_validate else []))
     return fields.List(inner, load_default=list, validate=validate.Length(max=512), **kwargs)  # type: ignore[arg-type]
 

@@ -57,7 +57,7 @@ def update(session: Session, account_id: uuid.UUID, app_id: uuid.UUID, body: Map
             setattr(app, key, body[key] if key != "description" else (body[key] or ""))
     if "default_build_settings" in body:
         app.default_build_settings = _settings_json(body["default_build_settings"])
-    app.updated_at = func.now()  # type: ignore[assignment]
+    app.updated_at = func.now()
     try:
         session.commit()
     except IntegrityError:

@@ -76,7 +76,7 @@ def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UU
                                details={"fields": {"app_id": ["no such app in this account"]}})
     defaults = app.default_build_settings.get("nitro_enclaves") or {}
     assert isinstance(defaults, Mapping)
-    options = {**_OPTION_DEFAULTS, **(defaults.get("converter_options") or {}),  # type: ignore[dict-item]
+    options = {**_OPTION_DEFAULTS, **(defaults.get("converter_options") or {}),
                **(body.get("converter_options") or {})}  # type: ignore[dict-item]
 
     def pick(key: str, fallback: object) -> object:

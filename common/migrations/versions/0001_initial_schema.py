@@ -1,7 +1,7 @@
 """Initial schema: accounts, users, memberships, apps, builds, tasks, build_events.
 
 Revision ID: 0001
-Revises: 
+Revises: (none)
 """
 from __future__ import annotations
 

@@ -9,7 +9,14 @@ from sqlalchemy import func, select
 
 from api.schemas.apps import AppListSchema, AppSchema
 from api.schemas.builds import BuildListSchema, BuildSchema
-from api.schemas.sys import AccountListSchema, AccountSchema, HealthSchema, TokenSchema, UserSchema, VersionSchema
+from api.schemas.sys import (
+    AccountListSchema,
+    AccountSchema,
+    HealthSchema,
+    TokenSchema,
+    UserSchema,
+    VersionSchema,
+)
 from api.schemas.tasks import TaskListSchema, TaskSchema
 from common.db import session_scope
 from common.models import Build, BuildEvent, Task

@@ -6,8 +6,8 @@ import uuid
 import pytest
 from marshmallow import ValidationError
 
-from api.schemas.builds import BuildSchema, ConversionRequestSchema
 from api.presenters import REDACTED
+from api.schemas.builds import BuildSchema, ConversionRequestSchema
 
 APP = str(uuid.uuid4())
 

@@ -555,10 +555,12 @@ def test_apply_implicit_parent_directories_count_as_entries(sb: Sandbox) -> None
 class _CountingChildren(dict):
     """A directory's children that count full scans (what an opaque whiteout's purge does)."""
 
-    scans = 0
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.scans = 0
 
     def __iter__(self):
-        type(self).scans += 1
+        self.scans += 1
         return super().__iter__()
 
 
@@ -569,12 +571,12 @@ def test_apply_repeated_opaque_whiteouts_scan_each_directory_once(sb: Sandbox) -
         lower.file(f"a/lower{i}")
     sb.apply(lower)
     a = sb.node(b"a")
-    a.children = _CountingChildren(a.children)
+    a.children = children = _CountingChildren(a.children)
     upper = LayerTar()
     for i in range(2000):
         upper.file(f"a/upper{i}").opaque("a")
     sb.apply(upper)
-    assert _CountingChildren.scans == 1
+    assert children.scans == 1
     assert sorted(sb.node(b"a").children) == sorted(b"upper%d" % i for i in range(2000))
 
 
@@ -700,6 +702,17 @@ def test_apply_whiteout_through_symlinked_parent_removes_in_root_only(sb: Sandbo
     assert (sb.host / "etc" / "whitedout").read_bytes() == b"host-whitedout"
 
 
+def _add(layer: LayerTar, kind: str, name: str, *, data: bytes, mode: int) -> None:
+    if kind == "file":
+        layer.file(name, data)
+    elif kind == "dir":
+        layer.dir(name, mode=mode)
+    elif kind == "opaque":
+        layer.opaque(name)
+    else:
+        layer.whiteout(*name.rsplit("/", 1))
+
+
 def _lower_for_opaque() -> LayerTar:
     return (LayerTar().dir("a", mode=0o750, uid=7).file("a/old", b"old").dir("a/b", mode=0o700)
             .file("a/b/lowerfile", b"l").file("a/b/c/lower", b"l").file("sibling", b"s"))
@@ -716,8 +729,7 @@ def test_apply_opaque_whiteout_is_independent_of_its_position(sb: Sandbox, posit
     upper.insert(position, ("opaque", "a", None))
     layer = LayerTar()
     for kind, name, data in upper:
-        {"file": lambda: layer.file(name, data), "dir": lambda: layer.dir(name, mode=0o711),
-         "opaque": lambda: layer.opaque(name)}[kind]()
+        _add(layer, kind, name, data=data or b"", mode=0o711)
     sb.apply(_lower_for_opaque(), layer)
     assert sb.paths() == [b"a", b"a/b", b"a/b/c", b"a/b/c/foo", b"a/x", b"sibling"]
     assert sb.node(b"a").mode == 0o750  # the opaque dir itself keeps its attributes
@@ -735,8 +747,7 @@ def test_apply_opaque_whiteout_results_equal_for_every_order(tmp_path: Path) -> 
         order = entries[rotation:] + entries[:rotation]
         layer = LayerTar()
         for kind, name in order:
-            {"opaque": lambda: layer.opaque(name), "file": lambda: layer.file(name, b"f"),
-             "dir": lambda: layer.dir(name, mode=0o701), "whiteout": lambda: layer.whiteout(*name.rsplit("/", 1))}[kind]()
+            _add(layer, kind, name, data=b"f", mode=0o701)
         tree = apply_layers([_lower_for_opaque().stream(), layer.stream()], spool_dir=tmp_path / f"s{rotation}")
         shapes.add(tuple(_tree_shape(tree)))
     assert len(shapes) == 1
@@ -810,26 +821,33 @@ def _pax(records: bytes, then: bytes) -> bytes:
 
 
 MALFORMED = {
-    "truncated_gzip": _truncated_gzip,
-    "corrupt_gzip": _corrupt_gzip,
-    "not_a_tar": lambda: io.BytesIO(os.urandom(4096)),
-    "empty_stream": lambda: io.BytesIO(b""),
-    "negative_size": lambda: io.BytesIO(header_block(b"neg", size_field=tarfile.itn(-1, 12, tarfile.GNU_FORMAT)) + END),
-    "negative_pax_size": lambda: io.BytesIO(_pax(b"13 size=-512\n", header_block(b"f") + END)),
-    "zero_length_pax_record": lambda: io.BytesIO(_pax(b"0 path=x\n", header_block(b"f") + END)),
-    "bad_checksum_after_first": lambda: io.BytesIO(
+    "truncated_gzip": (_truncated_gzip, "corrupt_stream"),
+    "corrupt_gzip": (_corrupt_gzip, "corrupt_stream"),
+    "not_a_tar": (lambda: io.BytesIO(os.urandom(4096)), "bad_header"),
+    "empty_stream": (lambda: io.BytesIO(b""), "unreadable"),
+    "negative_size": (
+        lambda: io.BytesIO(header_block(b"neg", size_field=tarfile.itn(-1, 12, tarfile.GNU_FORMAT)) + END),
+        "negative_size"),
+    "negative_pax_size": (lambda: io.BytesIO(_pax(pax_record("size", "-512"), header_block(b"f") + END)),
+                          "negative_size"),
+    "zero_length_pax_record": (lambda: io.BytesIO(_pax(b"0 path=x\n", header_block(b"f") + END)), "bad_header"),
+    "bad_checksum_after_first": (lambda: io.BytesIO(
         _with_header_after_first(header_block(b"second")[:148] + b"0000000\0" + header_block(b"second")[156:])),
-    "truncated_header_after_first": lambda: io.BytesIO(LayerTar().file("first", b"1").bytes()[:1024] + b"x" * 100),
-    "truncated_member_data": lambda: io.BytesIO(LayerTar().file("big", b"z" * 100_000).bytes()[:50_000]),
-    "unsupported_type": lambda: io.BytesIO(header_block(b"vol", kind=b"V") + END),
-    "pax_chain": lambda: io.BytesIO(b"".join(
-        header_block(b"./PaxHeaders/x", kind=tarfile.XHDTYPE, size=512) + pad(b"12 uid=1234\n") for _ in range(200))
-        + header_block(b"f") + END),
-    "huge_pax_header": lambda: io.BytesIO(header_block(b"./PaxHeaders/x", kind=tarfile.XHDTYPE, size=1 << 40)),
-    "pax_mtime_inf": lambda: io.BytesIO(_pax(b"13 mtime=inf\n", header_block(b"f") + END)),
-    "pax_uid_huge": lambda: io.BytesIO(_pax(pax_record("uid", "9" * 30), header_block(b"f") + END)),
-    "bad_sparse_map": lambda: io.BytesIO(_gnu_old_sparse(b"s", 100, [(0, b"x" * 512)])),
-    "symlink_empty_target": lambda: io.BytesIO(header_block(b"s", kind=tarfile.SYMTYPE) + END),
+        "bad_header"),
+    "truncated_header_after_first": (
+        lambda: io.BytesIO(LayerTar().file("first", b"1").bytes()[:1024] + b"x" * 100), "bad_header"),
+    "truncated_member_data": (
+        lambda: io.BytesIO(LayerTar().file("big", b"z" * 100_000).bytes()[:50_000]), "unreadable"),
+    "unsupported_type": (lambda: io.BytesIO(header_block(b"vol", kind=b"V") + END), "unsupported_type"),
+    "pax_chain": (lambda: io.BytesIO(b"".join(
+        header_block(b"./PaxHeaders/x", kind=tarfile.XHDTYPE, size=512) + pad(pax_record("uid", "1234"))
+        for _ in range(200)) + header_block(b"f") + END), "metadata_chain"),
+    "huge_pax_header": (
+        lambda: io.BytesIO(header_block(b"./PaxHeaders/x", kind=tarfile.XHDTYPE, size=1 << 40)), "metadata_too_large"),
+    "pax_mtime_inf": (lambda: io.BytesIO(_pax(pax_record("mtime", "inf"), header_block(b"f") + END)), "bad_mtime"),
+    "pax_uid_huge": (lambda: io.BytesIO(_pax(pax_record("uid", "9" * 30), header_block(b"f") + END)), "bad_owner"),
+    "bad_sparse_map": (lambda: io.BytesIO(_gnu_old_sparse(b"s", 100, [(0, b"x" * 512)])), "sparse_map"),
+    "symlink_empty_target": (lambda: io.BytesIO(header_block(b"s", kind=tarfile.SYMTYPE) + END), "bad_link"),
 }
 
 
@@ -838,9 +856,11 @@ MALFORMED = {
 def test_apply_malformed_stream_fails_fast_with_invalid_layer(sb: Sandbox, case: str) -> None:
     """Item 52: truncated/corrupt gzip, not-a-tar, negative sizes, zero-length PAX records, silent-EOF
     headers, truncated data, recursion bait, huge metadata: `invalid_layer`, no hang, no crash."""
+    make, reason = MALFORMED[case]
     with pytest.raises(InvalidLayer) as info:
-        sb.apply(MALFORMED[case]())
+        sb.apply(make())
     assert info.value.code == "invalid_layer" and not info.value.retryable
+    assert info.value.details["reason"] == reason
     json.dumps(info.value.details)
     assert list(sb.scratch.iterdir()) == []
 

@@ -1,0 +1,138 @@
+"""Submit -> real Celery worker process -> real pipeline -> real registry -> poll, and what the record says."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from sqlalchemy import text
+
+from api.app import create_app
+from api.schemas.builds import BuildSchema
+from api.schemas.tasks import TaskSchema
+from common.db import session_scope
+from tests.fixtures.images import push_test_image
+
+from .conftest import start_worker
+from .helpers import ok
+
+pytestmark = pytest.mark.integration
+convert_module = pytest.importorskip("worker.pipeline.convert", reason="the pipeline entry point has not landed")
+CANARY = "canary-Pw-7f3e91"
+
+
+@pytest.fixture(scope="module")
+def flow(service_settings, registry, basic_registry):  # noqa: ANN001, ANN201
+    """Settings that trust the test registries, the API on them, and one real worker process."""
+    if not (service_settings.blobs_dir / "bzImage").exists():
+        pytest.skip(f"no dev blobs in {service_settings.blobs_dir} (make blobs)")
+    s = replace(service_settings, insecure_registries=frozenset({registry.host, basic_registry.host}))
+    Redis.from_url(s.redis_url).flushdb()  # messages of API-only tests would otherwise be consumed here
+    with session_scope(s.database_url) as session:  # ...and so would their QUEUED rows, via the sweeper
+        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
+                             "WHERE conversion_state='QUEUED'"))
+    worker = start_worker(s, f"flow{uuid.uuid4().hex[:6]}")
+    yield s, create_app(s).test_client(), worker
+    worker.stop()
+
+
+def _poll(client, headers, build_id: str, timeout: float = 240.0) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        build = ok(client.get(f"/v1/builds/{build_id}", headers=headers), BuildSchema)
+        if build["conversion"]["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
+            return build
+        time.sleep(0.5)
+    raise AssertionError(f"conversion {build_id} did not end: {build['conversion']}")
+
+
+def _request(app_id: str, src: str, dst: str, auth: dict | None = None) -> dict:
+    return {"request": {"app_id": app_id, "input_image": {"name": src, "auth_config": auth},
+                        "output_image": {"name": dst}, "converter_options": {"env_vars": ["GREETING=hi"]}},
+            "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
+
+
+def test_worker_converts_and_records_the_engines_pcrs(flow, make_tenant, registry, tmp_path: Path):
+    s, client, _ = flow
+    image = push_test_image(registry, f"svc/app-{uuid.uuid4().hex[:6]}", "1")
+    src = f"{registry.host}/{image.repo}:1"
+    tenant = make_tenant()
+    tenant.client = client
+    app_id = tenant.create_app()
+    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=_request(app_id, src, f"{registry.host}/svc/out:1"),
+                       headers=tenant.headers("WRITER"))
+    build = _poll(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
+    conv = build["conversion"]
+    assert conv["state"] == "SUCCEEDED", conv
+    assert conv["progress"] == 1.0 and conv["attempts"] == 1 and conv["error"] is None
+    assert conv["input_digest"] == image.digest and build["docker_info"]["docker_image_sha"] == conv["output_digest"]
+    assert build["status"]["status"] == "PENDING" and build["pending_task_id"]
+
+    # The engine run here on the same input and options gives the same measurements (reproducible).
+    spec = convert_module.ConvertSpec(
+        input_ref=src, output_ref=f"{registry.host}/svc/reference:1", input_credentials=None,
+        output_credentials=None, options=convert_module.ConverterOptions(env_vars=("GREETING=hi",)),
+        cpu_count=2, mem_size_mib=512, insecure_registries=frozenset({registry.host}))
+    (tmp_path / "scratch").mkdir()
+    direct = convert_module.convert(spec, scratch=tmp_path / "scratch", blobs_dir=s.blobs_dir,
+                                    cache_dir=tmp_path / "cache", on_stage=lambda *_: None)
+    nitro = build["attributes"]["nitro_enclave"]
+    assert (nitro["pcr0"], nitro["pcr1"], nitro["pcr2"]) == (
+        direct.measurements.pcr0, direct.measurements.pcr1, direct.measurements.pcr2)
+    assert conv["eif_sha256"] == direct.eif_sha256
+
+    task = ok(client.patch(f"/v1/tasks/{build['pending_task_id']}", json={"status": "APPROVED"},
+                           headers=tenant.headers()), TaskSchema)
+    assert task["status"]["status"] == "SUCCESS"
+    build = ok(client.get(f"/v1/builds/{build['build_id']}", headers=tenant.headers()), BuildSchema)
+    assert build["status"]["status"] == "WHITELISTED"
+
+
+def test_worker_auto_approve_and_denial(flow, make_tenant, registry):
+    s, client, _ = flow
+    image = push_test_image(registry, f"svc/auto-{uuid.uuid4().hex[:6]}", "1")
+    src = f"{registry.host}/{image.repo}:1"
+    tenant = make_tenant()
+    tenant.client = client
+    auto, manual = tenant.create_app(auto_approve=True), tenant.create_app()
+    ids = [ok(client.post("/v1/builds/convert-app/nitro-enclaves",
+                          json=_request(app, src, f"{registry.host}/svc/auto-out-{i}:1"),
+                          headers=tenant.headers("WRITER")), BuildSchema, 202)["build_id"]
+           for i, app in enumerate((auto, manual))]
+    auto_build, manual_build = (_poll(client, tenant.headers(), i) for i in ids)
+    assert auto_build["conversion"]["state"] == "SUCCEEDED" and auto_build["status"]["status"] == "WHITELISTED"
+    assert manual_build["status"]["status"] == "PENDING"
+    ok(client.patch(f"/v1/tasks/{manual_build['pending_task_id']}", json={"status": "DENIED", "denial_reason": "no"},
+                    headers=tenant.headers()), TaskSchema)
+    assert ok(client.get(f"/v1/builds/{ids[1]}", headers=tenant.headers()), BuildSchema)["status"]["status"] == \
+        "REJECTED"
+
+
+def test_worker_wrong_credentials_fail_unauthorized_and_leak_nowhere(flow, make_tenant, basic_registry, registry):
+    s, client, worker = flow
+    image = push_test_image(basic_registry, f"svc/private-{uuid.uuid4().hex[:6]}", "1")
+    tenant = make_tenant()
+    tenant.client = client
+    app_id = tenant.create_app()
+    req = _request(app_id, f"{basic_registry.host}/{image.repo}:1", f"{registry.host}/svc/private-out:1",
+                   auth={"username": basic_registry.username, "password": CANARY})
+    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=req, headers=tenant.headers("WRITER"))
+    assert CANARY not in resp.get_data(as_text=True)
+    build = _poll(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
+    assert build["conversion"]["state"] == "FAILED"
+    assert build["conversion"]["error"]["code"] == "unauthorized"
+    assert build["status"]["status"] == "REJECTED"
+    # The canary is in no sink: worker log, broker, database text columns and events.
+    assert CANARY not in worker.log.read_text(errors="replace")
+    r = Redis.from_url(s.redis_url)
+    for key in r.keys("*"):
+        kind = r.type(key)
+        values = (r.lrange(key, 0, -1) if kind == b"list" else r.hvals(key) if kind == b"hash" else [])
+        assert all(CANARY.encode() not in v for v in values)
+    with session_scope(s.database_url) as session:
+        dump = session.execute(text("SELECT b::text FROM builds b")).scalars().all()
+        events = session.execute(text("SELECT e::text FROM build_events e")).scalars().all()
+    assert not any(CANARY in row for row in [*dump, *events])

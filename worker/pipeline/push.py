@@ -1,0 +1,59 @@
+"""Push step: upload the output image's blobs (skipping those the registry has) and tag its manifest."""
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.digest import Digest
+from common.errors import InvalidReference
+from common.reference import Reference, parse_image_source
+from common.registry import Credentials, RegistryClient
+from worker.pipeline.outputimage import (
+    CONFIG_MEDIA_TYPE,
+    MANIFEST_MEDIA_TYPE,
+    OutputLayer,
+    blob_of,
+    manifest_json,
+)
+
+
+@dataclass(frozen=True)
+class Pushed:
+    reference: str  # name:tag@digest of what was pushed
+    digest: str
+    size: int  # layer + config + manifest bytes
+
+
+def output_reference(text: str) -> Reference:
+    """The output must name a registry repository (not the local engine) with a tag, not a digest."""
+    ref = parse_image_source(text)
+    if not isinstance(ref, Reference):
+        raise InvalidReference("the output image must be a registry reference, not docker-daemon:")
+    if ref.digest is not None:
+        raise InvalidReference("the output image is pushed under a tag; a digest cannot be chosen")
+    return ref
+
+
+def push(
+    ref: Reference,
+    layer: OutputLayer,
+    config: bytes,
+    annotations: Mapping[str, str],
+    *,
+    credentials: Credentials | None,
+    insecure_registries: frozenset[str],
+) -> Pushed:
+    """Upload layer, config and manifest. Re-running after a crash re-uploads nothing that landed."""
+    insecure = ref.api_host.lower() in {h.lower() for h in insecure_registries}
+    config_blob = blob_of(config, CONFIG_MEDIA_TYPE)
+    manifest = manifest_json(config_blob, layer.blob, annotations)
+    with RegistryClient.for_reference(ref, credentials=credentials, insecure=insecure) as client:
+        client.upload_blob(ref.repository, Digest.parse(layer.blob.digest), layer.blob.size,
+                           lambda: layer.path.open("rb"))
+        client.upload_blob(ref.repository, Digest.parse(config_blob.digest), config_blob.size,
+                           lambda: io.BytesIO(config))
+        digest = client.put_manifest(ref.repository, ref.tag or "latest", MANIFEST_MEDIA_TYPE, manifest)
+    name = f"{ref.name}:{ref.tag or 'latest'}@{digest}"
+    return Pushed(name, str(digest), layer.blob.size + config_blob.size + len(manifest))
+
