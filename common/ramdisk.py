@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from common.cpio import CpioArchive, CpioEntry
@@ -55,19 +56,19 @@ def bootstrap_archive(blobs_dir: Path) -> CpioArchive:
 
 def _node_entry(name: bytes, node: Node) -> CpioEntry:
     mode = _TYPE_BITS[node.kind] | (node.mode & 0o7777)
-    common = {"name": name, "mode": mode, "uid": node.uid, "gid": node.gid, "mtime": node.mtime}
+    base = CpioEntry(name=name, mode=mode, uid=node.uid, gid=node.gid, mtime=node.mtime)
     if node.kind is NodeKind.FILE:
         content = node.content
-        if content is None or content.size == 0:
-            return CpioEntry(**common, link_key=id(node))
+        size = content.size if content is not None else 0
         # Identity of the Node is the inode: several paths to one Node are hard links (data stored once).
-        return CpioEntry(**common, size=content.size, data=content.open, link_key=id(node))
+        opener = content.open if content is not None and size else None
+        return replace(base, size=size, data=opener, link_key=id(node))
     if node.kind is NodeKind.SYMLINK:
-        return CpioEntry(**common, size=len(node.target), data=node.target)
+        return replace(base, size=len(node.target), data=node.target)
     if node.kind in (NodeKind.CHAR, NodeKind.BLOCK):
         major, minor = node.rdev
-        return CpioEntry(**common, rdevmajor=major, rdevminor=minor)
-    return CpioEntry(**common)
+        return replace(base, rdevmajor=major, rdevminor=minor)
+    return base
 
 
 def _app_entries(tree: Tree, spec: LaunchSpec) -> Iterator[CpioEntry]:

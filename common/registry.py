@@ -493,6 +493,7 @@ class RegistryClient:
         chunk_size: int,
     ) -> str:
         offset = 0
+        resyncs = 0
         stream = opener()
         try:
             while offset < size:
@@ -504,6 +505,10 @@ class RegistryClient:
                            "Content-Range": f"{offset}-{offset + len(data) - 1}"}
                 with self._call("PATCH", location, scopes=scopes, body=data, headers=headers, retry=False) as resp:
                     if resp.status_code == 416:
+                        resyncs += 1
+                        if resyncs > 3:
+                            raise RegistryError(f"chunk upload of {digest} keeps getting 416",
+                                                details={"status": 416})
                         location, offset = self._upload_status(location, scopes)
                         continue
                     if resp.status_code != 202:
@@ -519,8 +524,11 @@ class RegistryClient:
         with self._call("GET", location, scopes=scopes) as resp:
             if resp.status_code != 204:
                 raise self._error(resp, "upload status")
+            # distribution says "0-0" for both 0 and 1 byte received; 0 is the safe reading (a
+            # wrong guess costs a 416 and another resync, bounded by the caller).
             end = resp.headers.get("Range", "0-0").rpartition("-")[2]
-            return urljoin(resp.url, resp.headers.get("Location", location)), int(end) + 1 if end.isdigit() else 0
+            held = int(end) + 1 if end.isdigit() and int(end) > 0 else 0
+            return urljoin(resp.url, resp.headers.get("Location", location)), held
 
     def put_manifest(self, repository: str, reference: str, media_type: str, body: bytes) -> Digest:
         """PUT a manifest or index under a tag (or its digest); returns the sha256 digest of `body`."""

@@ -25,7 +25,7 @@ BLOB_FILES = ("bzImage", "cmdline", "init", "nsm.ko")
 MEMORY_FACTOR = 4
 
 
-class Stage(str, enum.Enum):
+class Stage(enum.StrEnum):
     PULLING = "PULLING"
     BUILDING = "BUILDING"
     MEASURING = "MEASURING"

@@ -9,7 +9,7 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from common.eif import Measurements
 
@@ -19,7 +19,6 @@ MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 LABEL_PREFIX = "dev.nitroconv."
 # Level 1: the EIF is mostly an uncompressed cpio; higher levels cost seconds per 100 MB for a few percent.
 GZIP_LEVEL = 1
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -53,18 +52,16 @@ class _HashingWriter(io.RawIOBase):
         return len(b)
 
 
-class _HashingReader(io.RawIOBase):
+class _HashingReader:
+    """Hashes the EIF while tar copies it, giving `eif_sha256` without reading the file twice."""
+
     def __init__(self, source: BinaryIO) -> None:
         self._source, self.sha = source, hashlib.sha256()
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-        data = self._source.read(len(b))
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._source.read(n)
         self.sha.update(data)
-        b[: len(data)] = data
-        return len(data)
+        return data
 
 
 def _tarinfo(name: str, size: int, mode: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
@@ -80,11 +77,11 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path) -> Output
         compressed = _HashingWriter(raw)
         with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=GZIP_LEVEL, mtime=0) as gz:
             plain = _HashingWriter(gz)  # type: ignore[arg-type]
-            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
                 tar.addfile(_tarinfo("enclave", 0, 0o755, tarfile.DIRTYPE))
                 with eif.open("rb") as src:
                     reader = _HashingReader(src)
-                    tar.addfile(_tarinfo("enclave/app.eif", eif.stat().st_size, 0o644), io.BufferedReader(reader, _CHUNK))
+                    tar.addfile(_tarinfo("enclave/app.eif", eif.stat().st_size, 0o644), cast(BinaryIO, reader))
                 for name in sorted(files):
                     data = files[name]
                     mode = 0o755 if name == "run" else 0o644

@@ -7,7 +7,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO, BinaryIO, cast
 
 from common.blobstore import BlobStore, open_layer
 from common.digest import Digest
@@ -75,7 +75,7 @@ def _pull_registry(
             path = cache.get(descriptor) or client.fetch_blob(image.repository, descriptor,
                                                               cache.path(descriptor.digest))
             with open_layer(path, descriptor.media_type, diff_id, max_bytes=limits.max_total_bytes) as layer:
-                apply_layer(tree, layer, spool_dir=spool_dir, limits=limits, state=state)
+                apply_layer(tree, cast(BinaryIO, layer), spool_dir=spool_dir, limits=limits, state=state)
             done += descriptor.size
             progress(done / total)
     config = load_json_object(image.config_bytes, what="image config")
@@ -92,7 +92,7 @@ def _pull_registry(
 class _VerifyingReader:
     """Hashes what the applier reads, so a layer from the engine is checked against its DiffID."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: IO[bytes]) -> None:
         self._raw, self._sha, self.size = raw, hashlib.sha256(), 0
 
     def read(self, n: int = -1, /) -> bytes:
@@ -141,8 +141,8 @@ def _pull_daemon(
             for i, (path, diff_id) in enumerate(zip(layer_paths, config.diff_ids, strict=True)):
                 raw = tar.extractfile(_member(tar, path))
                 assert raw is not None
-                reader = _VerifyingReader(raw)  # type: ignore[arg-type]
-                apply_layer(tree, reader, spool_dir=spool_dir, limits=limits, state=state)  # type: ignore[arg-type]
+                reader = _VerifyingReader(raw)
+                apply_layer(tree, cast(BinaryIO, reader), spool_dir=spool_dir, limits=limits, state=state)
                 if reader.drain_digest() != str(diff_id):
                     raise DigestMismatch(f"layer {i} from the engine does not match diff_id {diff_id}")
                 progress((i + 1) / len(layer_paths))
