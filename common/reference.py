@@ -145,6 +145,13 @@ def check_repository(name: str) -> str:
     return name
 
 
+def check_registry_host(host: str) -> str:
+    """`host` if it is a `host[:port]` as the reference grammar allows (no scheme, path or userinfo)."""
+    if not isinstance(host, str) or not _DOMAIN.fullmatch(host):
+        raise InvalidReference(f"invalid registry host {str(host)[:200]!r}")
+    return host
+
+
 def check_tag(tag: str) -> str:
     """`tag` if it matches Docker's tag grammar, else `InvalidReference`."""
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):

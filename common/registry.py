@@ -1,12 +1,12 @@
 """Docker Registry v2 / OCI distribution client: resolve, verified pull, push, auth, retries and deadlines.
 
-Written on `requests` rather than on a registry library because none of the maintained Python ones
-covers the contract: `oras` (oras-py) targets artifacts, re-adds auth on redirected requests it
-follows itself, and has no size-bounded verified streaming or platform selection; the old
-`docker-registry-client` and `dxf` are unmaintained and trust `Docker-Content-Digest`; Google's
-`containerregistry` is archived and Python 2-era; `docker` (docker-py) needs a daemon. What we need
-beyond HTTP is small (auth challenges, digests, redirects under a host policy), and owning it keeps
-the security rules checkable in one place.
+Written on `requests` rather than on a registry library because none covers the contract:
+`oras` (oras-py) is built for OCI artifacts, with no index/platform selection for container
+images, no DiffID or size-bounded verification and no host policy for token realms and redirects;
+`docker-registry-client` and Google's `containerregistry` are unmaintained Python 2-era code;
+`docker` (docker-py) drives a daemon, which conversion must not need. What is needed beyond HTTP is
+small (auth challenges, digests, redirects under a host policy), and owning it keeps every security
+rule of RELIABILITY.md section D checkable in one place.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ from common.oci import (
     select_manifest,
     unplatformed_manifests,
 )
-from common.reference import Reference, check_repository, check_tag, parse_reference
+from common.reference import Reference, check_registry_host, check_repository, check_tag, parse_reference
 from common.registryauth import (
     Challenge,
     Credentials,
@@ -158,6 +158,7 @@ class RegistryClient:
     """A client for one registry host, used for one job: credentials, policy and deadline are fixed.
 
     Use as a context manager (or call `close()`) so the deadline watchdog and connections go away.
+    Blob downloads may run from several threads at once on one client.
     """
 
     def __init__(
@@ -181,7 +182,7 @@ class RegistryClient:
             deadline: seconds from now after which every call fails with `registry_timeout`.
             tls_verify: False, True, or a CA bundle path (as `requests`' `verify`).
         """
-        self.host = host.lower()
+        self.host = check_registry_host(host).lower()
         if policy is None:
             policy = HostPolicy.allowing([self.host]) if insecure else HostPolicy()
         elif insecure and not policy.is_insecure(*split_host_port(self.host)):
@@ -198,6 +199,7 @@ class RegistryClient:
         self._deadline = Deadline(deadline)
         self._tokens = TokenCache()
         self._basic = False  # set once the registry has asked for Basic: then it is sent up front
+        self._auth_lock = threading.Lock()
         self._guard = ConnectionGuard(policy)
         self._session = requests.Session()
         # No proxies, .netrc or REQUESTS_CA_BUNDLE from the environment: .netrc alone would attach
@@ -414,11 +416,14 @@ class RegistryClient:
                     self._sleep(self._deadline.cap(self._retry.backoff(failures)))
 
     # --- push -------------------------------------------------------------------------------------
-    def blob_exists(self, repository: str, digest: Digest, *, _push: bool = False) -> bool:
-        """HEAD the blob: True if the registry has it in this repository."""
+    def blob_exists(self, repository: str, digest: Digest, *, push: bool = False) -> bool:
+        """HEAD the blob: True if the registry has it in this repository.
+
+        `push=True` asks for a pull+push token, so the check before an upload and the upload share it.
+        """
         repo = check_repository(repository)
         url = f"{self.base_url}/v2/{repo}/blobs/{digest}"
-        with self._call("HEAD", url, scopes=self._scopes(repo, _push)) as resp:
+        with self._call("HEAD", url, scopes=self._scopes(repo, push)) as resp:
             if resp.status_code == 200:
                 return True
             if resp.status_code == 404:
@@ -443,7 +448,7 @@ class RegistryClient:
         chunked PATCH protocol (each returned Location is followed; 416 resyncs from the upload status).
         """
         repo = check_repository(repository)
-        if self.blob_exists(repo, digest, _push=True):
+        if self.blob_exists(repo, digest, push=True):
             return False
         failures = 0
         while True:
@@ -614,7 +619,12 @@ class RegistryClient:
                     return resp  # the caller turns it into unauthorized/denied
                 _discard(resp)
                 auth_rounds += 1
-                fresh_token = self._authenticate(challenges, scopes)
+                with self._auth_lock:
+                    # Threads that hit the same 401 together: the first fetches, the rest reuse its answer.
+                    if self._registry_auth(scopes) == auth:
+                        fresh_token = self._authenticate(challenges, scopes)
+                    else:
+                        fresh_token = False
                 continue
 
             if resp.status_code in RETRYABLE_STATUSES and retry:
@@ -757,7 +767,7 @@ class RegistryClient:
             return unknown(f"{what} not found on {self.host}{suffix}", details=details)
         if status == 413:
             return LimitExceeded(f"{what}: {self.host} refused it as too large{suffix}", details=details)
-        if status >= 500:
+        if status >= 500 or status == 429:
             return RegistryUnavailable(f"{what}: {self.host} answered {status}{suffix}", details=details)
         return RegistryError(f"{what}: {self.host} answered {status}{suffix}", details=details)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -112,25 +113,30 @@ def is_valid_bearer_token(token: object) -> bool:
 
 @dataclass
 class TokenCache:
-    """Bearer tokens by scope set, forgotten a little before they expire."""
+    """Bearer tokens by scope set, forgotten a little before they expire; safe across threads."""
 
     clock: Callable[[], float] = time.monotonic
     _tokens: dict[frozenset[str], tuple[str, float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def get(self, scopes: Iterable[str]) -> str | None:
-        entry = self._tokens.get(frozenset(scopes))
-        if entry is None:
-            return None
-        token, expires_at = entry
-        if self.clock() >= expires_at:
-            del self._tokens[frozenset(scopes)]
-            return None
-        return token
+        key = frozenset(scopes)
+        with self._lock:
+            entry = self._tokens.get(key)
+            if entry is None:
+                return None
+            token, expires_at = entry
+            if self.clock() >= expires_at:
+                del self._tokens[key]
+                return None
+            return token
 
     def put(self, scopes: Iterable[str], token: str, expires_in: float) -> None:
         # Refresh early so a token does not lapse between being read here and reaching the registry.
         margin = min(10.0, expires_in / 4)
-        self._tokens[frozenset(scopes)] = (token, self.clock() + expires_in - margin)
+        with self._lock:
+            self._tokens[frozenset(scopes)] = (token, self.clock() + expires_in - margin)
 
     def drop(self, scopes: Iterable[str]) -> None:
-        self._tokens.pop(frozenset(scopes), None)
+        with self._lock:
+            self._tokens.pop(frozenset(scopes), None)

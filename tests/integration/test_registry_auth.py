@@ -137,3 +137,18 @@ def test_registry_token_realm_on_an_unlisted_loopback_port_is_refused(registry, 
     with client, pytest.raises(HostNotAllowed):
         client.resolve(f"{front.host}/{repo_name}:v1")
     assert elsewhere.seen == []
+
+
+def test_registry_token_shared_by_concurrent_downloads(token_registry, repo_name, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [make_tar({f"f{i}": bytes([i]) * 5000}) for i in range(6)]
+    push_test_image(token_registry, repo_name, "v1", layers)
+    server = token_registry.token_server
+    with client_for(token_registry) as client:
+        resolved = client.resolve(f"{token_registry.host}/{repo_name}:v1")
+        before = server.issued()
+        with ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(lambda d: client.fetch_blob(repo_name, d, tmp_path / d.digest.hex), resolved.layers))
+    assert len(paths) == 6 and all(p.exists() for p in paths)
+    assert server.issued() == before  # the pull token from resolve() serves every thread

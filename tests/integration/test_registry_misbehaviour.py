@@ -300,3 +300,15 @@ def test_redirect_loop_is_bounded(registry, hostile_front, repo_name, tmp_path):
         resolved = client.resolve(ref(front, repo_name))
         with pytest.raises(Exception, match="redirects"):
             client.fetch_blob(repo_name, resolved.layers[0], tmp_path / "layer")
+
+
+def test_dns_name_resolving_to_loopback_is_refused_at_connect(registry, repo_name):
+    from common.registry import RegistryClient
+
+    port = registry.host.rsplit(":", 1)[1]
+    before = len(registry.log_lines(r'"GET /v2/'))
+    # "localhost" passes the URL check (it is a name, not an address); the resolved 127.0.0.1 does not.
+    with RegistryClient(f"localhost:{port}", sleep=Sleeps()) as client, pytest.raises(HostNotAllowed) as exc:
+        client.resolve(f"localhost:{port}/{repo_name}:v1")
+    assert exc.value.details["address"] in ("127.0.0.1", "::1")
+    assert len(registry.log_lines(r'"GET /v2/')) == before

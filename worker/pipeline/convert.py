@@ -21,6 +21,9 @@ from worker.pipeline.pull import PulledImage, pull
 from worker.pipeline.push import output_reference, push
 
 BLOB_FILES = ("bzImage", "cmdline", "init", "nsm.ko")
+# The kernel's initramfs unpacker drops names of PATH_MAX (4096 with the NUL) or more, and the app
+# ramdisk prefixes every image path with "rootfs/".
+DEFAULT_LIMITS = Limits(max_path_bytes=4096 - 1 - len("rootfs/"))
 # The enclave needs room for the EIF it boots from plus the unpacked ramdisks and the program (DESIGN.md §5).
 MEMORY_FACTOR = 4
 
@@ -151,7 +154,7 @@ def convert(
             insecure_registries=spec.insecure_registries,
             cache=BlobStore(cache_dir / "blobs"),
             spool_dir=scratch / "spool",
-            limits=limits or Limits(),
+            limits=limits or DEFAULT_LIMITS,
             progress=lambda f: on_stage(Stage.PULLING, _STAGE_END[Stage.PULLING] * f),
         )
 

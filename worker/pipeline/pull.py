@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import tarfile
 from collections.abc import Callable
@@ -119,7 +120,8 @@ def _pull_daemon(
         client = docker.from_env()
         archive = spool_dir / "docker-save.tar"
         spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with archive.open("wb") as out:
+        # 0600: the image's bytes are the tenant's, and nothing else on the worker needs to read them.
+        with open(os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             for chunk in client.images.get(name).save(named=False):
                 out.write(chunk)
     except docker.errors.ImageNotFound as exc:

@@ -739,7 +739,7 @@ def test_apply_opaque_whiteout_is_independent_of_its_position(sb: Sandbox, posit
     assert sb.state.layers[-1].opaque_whiteouts == 1
 
 
-def test_apply_opaque_whiteout_results_equal_for_every_order(tmp_path: Path) -> None:
+def test_apply_opaque_whiteout_results_equal_for_every_order(sb: Sandbox) -> None:
     """Item 47: the resulting trees, attributes included, are identical whatever the entry order."""
     entries = [("opaque", "a"), ("file", "a/b/c/foo"), ("dir", "a/b"), ("file", "a/x"), ("whiteout", "a/b/lowerfile")]
     shapes = set()
@@ -748,7 +748,7 @@ def test_apply_opaque_whiteout_results_equal_for_every_order(tmp_path: Path) -> 
         layer = LayerTar()
         for kind, name in order:
             _add(layer, kind, name, data=b"f", mode=0o701)
-        tree = apply_layers([_lower_for_opaque().stream(), layer.stream()], spool_dir=tmp_path / f"s{rotation}")
+        tree = apply_layers([_lower_for_opaque().stream(), layer.stream()], spool_dir=sb.scratch)
         shapes.add(tuple(_tree_shape(tree)))
     assert len(shapes) == 1
 
@@ -785,14 +785,14 @@ def test_apply_whiteouts_never_reach_the_tree_and_missing_targets_are_noops(sb: 
     assert sb.state.layers[-1].whiteouts == 4
 
 
-def test_apply_layers_serially_a_later_deletion_wins(tmp_path: Path) -> None:
+def test_apply_layers_serially_a_later_deletion_wins(sb: Sandbox) -> None:
     """Item 50: a file removed in layer N+1 (`RUN rm`) is absent; layers apply in order, one at a time."""
     state = ApplyState()
     tree = apply_layers(
         [LayerTar().file("app/tmpfile", b"t").file("app/keep", b"k").stream(),
          LayerTar().whiteout("app", "tmpfile").stream(),
          LayerTar().file("app/later", b"l").stream()],
-        spool_dir=tmp_path / "spool", state=state)
+        spool_dir=sb.scratch, state=state)
     assert [p for p, _ in tree.iter_sorted()] == [b"app", b"app/keep", b"app/later"]
     assert [s.index for s in state.layers] == [0, 1, 2]
     assert [s.whiteouts for s in state.layers] == [0, 1, 0]

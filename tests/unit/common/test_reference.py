@@ -92,6 +92,15 @@ def test_parse_image_source_refuses_daemon_digest_reference():
         parse_image_source(f"docker-daemon:app@sha256:{HEX}")
 
 
+def test_check_registry_host():
+    from common.reference import check_registry_host
+
+    assert check_registry_host("127.0.0.1:5000") == "127.0.0.1:5000"
+    for bad in ("evil.com/path", "user@evil.com", "https://x", "x:y", ""):
+        with pytest.raises(InvalidReference):
+            check_registry_host(bad)
+
+
 def test_check_repository_guards_url_paths():
     assert check_repository("team/app") == "team/app"
     for bad in ("../x", "a/../b", "a?b", "A", "a/b/", "a%2fb"):
