@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# The demo: a sample image into the local registry, converted by the CLI, boot-checked, measured.
+# The demo, through the service: the stack up, a sample image in the local registry, an app, a
+# conversion submitted and followed by the CLI client, its task approved, the WHITELISTED Build printed;
+# then the converted image's EIF fetched from the registry and boot-checked under QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-state=${NITROCONV_STATE_DIR:-$PWD/.state}
+export NITROCONV_STATE_DIR=${NITROCONV_STATE_DIR:-$PWD/.state}
+state=$NITROCONV_STATE_DIR
 addr=${NITROCONV_REGISTRY_ADDR:-127.0.0.1:5000}
+export NITROCONV_CLIENT_CONFIG=$state/demo/session.json
 bin=$PWD/.venv/bin
 mkdir -p "$state/demo"
+json() { "$bin/python" -c 'import json,sys; d=json.load(sys.stdin)
+for k in sys.argv[1].split("."): d=d[k]
+print(d)' "$1"; }
 
-deploy/registry.sh start
-echo "== pushing the sample image (busybox, no Docker) to $addr"
+deploy/up.sh
+if [[ -z "${NITROCONV_ADMIN_PASSWORD:-}" ]]; then
+  export NITROCONV_ADMIN_PASSWORD=$(cat "$state/admin_password")
+fi
+
+echo "== pushing the sample image (busybox, made without Docker) to $addr"
 "$bin/python" deploy/sample_image.py "$addr" demo/hello:latest
 
-echo "== converting with nitroconv convert-local"
-"$bin/nitroconv" convert-local --input "$addr/demo/hello:latest" --output "$addr/demo/hello-enclave:latest" \
-  --insecure-registry "$addr" --mem-size 512 --cpu-count 2 --eif-out "$state/demo/hello.eif" \
-  | tee "$state/demo/measurements.json"
+echo "== signing in and creating an app"
+"$bin/nitroconv" login --email "${NITROCONV_ADMIN_EMAIL:-admin@nitroconv.local}" --password-env NITROCONV_ADMIN_PASSWORD
+app_id=$("$bin/nitroconv" apps create "demo-$(date +%s)" | json app_id)
 
-echo "== boot-checking the EIF under QEMU"
-"$bin/nitroconv" boot-check "$state/demo/hello.eif"
+echo "== converting $addr/demo/hello:latest through the service"
+"$bin/nitroconv" convert --app-id "$app_id" --input "$addr/demo/hello:latest" \
+  --output "$addr/demo/hello-enclave:latest" --mem-size 512 --cpu-count 2 >"$state/demo/build.json"
+build_id=$(json build_id <"$state/demo/build.json")
+task_id=$(json pending_task_id <"$state/demo/build.json")
 
-echo "== nitroconv describe-eif"
-"$bin/nitroconv" describe-eif "$state/demo/hello.eif"
+echo "== approving task $task_id"
+"$bin/nitroconv" tasks approve "$task_id" >/dev/null
+
+echo "== fetching the converted image's EIF and boot-checking it under QEMU"
+"$bin/nitroconv" fetch-eif "$addr/demo/hello-enclave:latest" --out "$state/demo/hello.eif" --insecure-registry "$addr"
+"$bin/nitroconv" boot-check "$state/demo/hello.eif" >"$state/demo/boot-check.json"
+"$bin/python" -c 'import json,sys; r=json.load(open(sys.argv[1]))
+print("boot check:", "ok" if r["ok"] else "FAILED", "in %.1fs;" % r["seconds"], r["reason"])
+print("\n".join("  | " + l for l in r["program_output"]))' "$state/demo/boot-check.json"
+
+echo "== the Build"
+"$bin/nitroconv" builds get "$build_id"
+echo "(the stack keeps running: make down stops it)"

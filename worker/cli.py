@@ -102,6 +102,16 @@ def cmd_boot_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_fetch_eif(args: argparse.Namespace) -> int:
+    from worker.pipeline.outputimage import fetch_eif
+
+    insecure = frozenset(args.insecure_registry or ())
+    digest = fetch_eif(args.image, args.out, credentials=_credentials("INPUT"),  # type: ignore[arg-type]
+                       insecure_registries=insecure)
+    print(f"{args.out} (sha256:{digest})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitroconv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("eif", type=Path)
     boot.add_argument("--timeout", type=float, default=120.0)
     boot.set_defaults(func=cmd_boot_check)
+
+    fetch = sub.add_parser("fetch-eif", help="download /enclave/app.eif from a converted image")
+    fetch.add_argument("image", help="the converted (output) image reference")
+    fetch.add_argument("--out", type=Path, required=True)
+    fetch.add_argument("--insecure-registry", nargs="+", action="extend", metavar="HOST")
+    fetch.set_defaults(func=cmd_fetch_eif)
 
     for register in _extra_commands():
         register(sub)

@@ -6,12 +6,17 @@ import hashlib
 import io
 import json
 import tarfile
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from common.blobstore import open_layer
 from common.eif import Measurements
+from common.errors import InvalidManifest
+from common.reference import parse_reference
+from common.registry import Credentials, RegistryClient
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -128,3 +133,29 @@ def manifest_json(config: Blob, layer: Blob, annotations: Mapping[str, str]) -> 
     if annotations:
         doc["annotations"] = dict(sorted(annotations.items()))
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecure_registries: frozenset[str]) -> str:
+    """Download a converted image and write its `/enclave/app.eif` to `out`; returns the EIF's sha256 hex."""
+    ref = parse_reference(image)
+    insecure = ref.api_host.lower() in {h.lower() for h in insecure_registries}
+    with tempfile.TemporaryDirectory(prefix="nitroconv-fetch-") as tmp, \
+            RegistryClient.for_reference(ref, credentials=credentials, insecure=insecure) as client:
+        resolved = client.resolve(ref)
+        if len(resolved.layers) != 1:
+            raise InvalidManifest(f"{ref} is not a nitroconv output image (expected one layer)")
+        descriptor, diff_id = resolved.layers[0], resolved.diff_ids[0]
+        blob = client.fetch_blob(resolved.repository, descriptor, Path(tmp) / "layer")
+        with open_layer(blob, descriptor.media_type, diff_id) as layer, \
+                tarfile.open(fileobj=cast(BinaryIO, layer), mode="r|") as tar:
+            for member in tar:
+                if member.name == "enclave/app.eif" and member.isfile():
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    sha = hashlib.sha256()
+                    with out.open("wb") as sink:
+                        while chunk := source.read(1 << 20):
+                            sha.update(chunk)
+                            sink.write(chunk)
+                    return sha.hexdigest()
+    raise InvalidManifest(f"{ref} has no /enclave/app.eif")
