@@ -63,11 +63,22 @@ class DockerRun:
         return self.pull + self.create + self.export
 
 
+@dataclass(frozen=True)
+class ImageFigures:
+    reference: str
+    digest: str
+    layers: int
+    content_bytes: int
+    tar_bytes: int
+    compressed_bytes: int
+    entries: int
+
+
 @dataclass
 class Figures:
     machine: dict[str, object] = field(default_factory=dict)
-    image: dict[str, object] = field(default_factory=dict)
-    image_1g: dict[str, object] = field(default_factory=dict)
+    image: ImageFigures | None = None
+    image_1g: ImageFigures | None = None
     cold: list[ChildRun] = field(default_factory=list)
     warm: list[ChildRun] = field(default_factory=list)
     docker: list[DockerRun] = field(default_factory=list)
@@ -162,10 +173,9 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _image_figures(image: _image.BenchImage, digest: str) -> dict[str, object]:
-    return {"reference": f"{image.repository}:{image.tag}", "digest": digest, "layers": len(image.layers),
-            "content_bytes": image.content_bytes, "tar_bytes": sum(la.tar_bytes for la in image.layers),
-            "compressed_bytes": image.compressed_bytes, "entries": image.entries}
+def _image_figures(image: _image.BenchImage, digest: str) -> ImageFigures:
+    return ImageFigures(f"{image.repository}:{image.tag}", digest, len(image.layers), image.content_bytes,
+                        sum(la.tar_bytes for la in image.layers), image.compressed_bytes, image.entries)
 
 
 def measure(args: argparse.Namespace) -> Figures:
@@ -214,8 +224,15 @@ def measure(args: argparse.Namespace) -> Figures:
     return figures
 
 
+def _verdict(met: bool, runs: list[ChildRun]) -> str:
+    if any(r.status != 0 for r in runs):
+        return "n/a (the conversion failed)"
+    return "MET" if met else "MISSED"
+
+
 def report(figures: Figures) -> str:
     img, m = figures.image, figures.machine
+    assert img is not None
     cold = _median([r.seconds for r in figures.cold])
     warm = _median([r.seconds for r in figures.warm])
     docker = _median([r.seconds for r in figures.docker])
@@ -224,8 +241,8 @@ def report(figures: Figures) -> str:
     lines = [
         f"conversion vs Docker — {m['cpus']} CPUs, Python {m['python']}, {m['engine']}, registry {m['registry']}"
         f" (load {m['load_before']:.1f} → {m['load_after']:.1f}; medians of {n} run{'s' if n > 1 else ''})",
-        f"  image {img['reference']}: {img['content_bytes'] / 1e6:.0f} MB unpacked, {img['entries']} entries, "
-        f"{img['compressed_bytes'] / 1e6:.0f} MB compressed in {img['layers']} layers",
+        f"  image {img.reference}: {img.content_bytes / 1e6:.0f} MB unpacked, {img.entries} entries, "
+        f"{img.compressed_bytes / 1e6:.0f} MB compressed in {img.layers} layers",
         "",
         f"  {'':44} {'wall s':>8} {'peak RSS MiB':>13}",
         f"  {'nitroconv convert-local, cold cache':44} {cold:8.1f} "
@@ -237,14 +254,14 @@ def report(figures: Figures) -> str:
         f"{_median([d.pull for d in figures.docker]):.1f} / {_median([d.create for d in figures.docker]):.1f} / "
         f"{_median([d.export for d in figures.docker]):.1f}",
         f"  {'ratio cold conversion / docker':44} {ratio:8.2f}   target < {RATIO_TARGET}: "
-        f"{'MET' if ratio < RATIO_TARGET else 'MISSED'}",
+        f"{_verdict(ratio < RATIO_TARGET, figures.cold)}",
     ]
-    if figures.big is not None:
-        big = figures.image_1g
+    if figures.big is not None and figures.image_1g is not None:
+        label = f"1 GiB image ({figures.image_1g.content_bytes / 2**30:.2f} GiB), cold cache"
         lines += [
-            f"  {'1 GiB image (' + format(big['content_bytes'] / 2**30, '.2f') + ' GiB), cold cache':44} "
+            f"  {label:44} "
             f"{figures.big.seconds:8.1f} {figures.big.max_rss_mib:13.0f}   target < {RSS_TARGET_MIB} MiB: "
-            f"{'MET' if figures.big.max_rss_mib < RSS_TARGET_MIB and figures.big.status == 0 else 'MISSED'}",
+            f"{_verdict(figures.big.max_rss_mib < RSS_TARGET_MIB, [figures.big])}",
         ]
     else:
         lines.append("  1 GiB image: skipped (--skip-1g)")
@@ -259,7 +276,14 @@ def main() -> int:
     parser.add_argument("--skip-1g", action="store_true", help="skip the 1 GiB RSS figure")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
-    figures = measure(args)
+    import docker.errors
+
+    try:
+        figures = measure(args)
+    except docker.errors.DockerException as exc:
+        print(f"bench/convert: no Docker engine ({exc}); start one with deploy/services.sh --docker",
+              file=sys.stderr)
+        return 2
     print(report(figures), flush=True)
     if args.json is not None:
         raw = asdict(figures)

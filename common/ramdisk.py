@@ -15,14 +15,6 @@ GENERATED_MTIME = 1492533000
 # The mount points the init needs in the new root, created by nitro-cli's customer yaml (EIF.md §5.1).
 ROOTFS_DIRS = (b"dev", b"proc", b"run", b"sys", b"tmp", b"var")
 
-_TYPE_BITS = {
-    NodeKind.FILE: stat.S_IFREG,
-    NodeKind.DIR: stat.S_IFDIR,
-    NodeKind.SYMLINK: stat.S_IFLNK,
-    NodeKind.CHAR: stat.S_IFCHR,
-    NodeKind.BLOCK: stat.S_IFBLK,
-    NodeKind.FIFO: stat.S_IFIFO,
-}
 
 
 def _generated_dir(name: bytes) -> CpioEntry:
@@ -55,8 +47,7 @@ def bootstrap_archive(blobs_dir: Path) -> CpioArchive:
 
 
 def _node_entry(name: bytes, node: Node) -> CpioEntry:
-    mode = _TYPE_BITS[node.kind] | (node.mode & 0o7777)
-    base = CpioEntry(name=name, mode=mode, uid=node.uid, gid=node.gid, mtime=node.mtime)
+    base = CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime)
     if node.kind is NodeKind.FILE:
         content = node.content
         size = content.size if content is not None else 0

@@ -1,19 +1,19 @@
 """Pull step: resolve the input image (a registry, or a local Docker engine), verify every byte, apply its layers."""
 from __future__ import annotations
 
-import hashlib
-import os
 import json
+import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, BinaryIO, cast
+from typing import BinaryIO, cast
 
 from common.blobstore import BlobStore, open_layer
-from common.digest import Digest
+from common.digest import Digest, HashingReader
 from common.errors import DigestMismatch, InvalidManifest, RegistryError
 from common.filetree import Tree
+from common.hostpolicy import HostPolicy
 from common.layers import ApplyState, Limits, apply_layer
 from common.oci import load_json_object, parse_image_config
 from common.reference import DaemonImage, Reference, parse_image_source
@@ -64,9 +64,10 @@ def _pull_registry(
     limits: Limits,
     progress: Progress,
 ) -> PulledImage:
-    insecure = ref.api_host.lower() in {h.lower() for h in insecure_registries}
+    # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
+    policy = HostPolicy.allowing(insecure_registries)
     state = ApplyState()
-    with RegistryClient.for_reference(ref, credentials=credentials, insecure=insecure) as client:
+    with RegistryClient.for_reference(ref, credentials=credentials, policy=policy) as client:
         image = client.resolve(ref)
         total = max(image.compressed_size, 1)
         done = 0
@@ -88,24 +89,6 @@ def _pull_registry(
         size=image.compressed_size,
         layers=len(image.layers),
     )
-
-
-class _VerifyingReader:
-    """Hashes what the applier reads, so a layer from the engine is checked against its DiffID."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw, self._sha, self.size = raw, hashlib.sha256(), 0
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._raw.read(n)
-        self._sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain_digest(self) -> str:
-        while self.read(1 << 20):
-            pass
-        return f"sha256:{self._sha.hexdigest()}"
 
 
 def _pull_daemon(
@@ -143,9 +126,10 @@ def _pull_daemon(
             for i, (path, diff_id) in enumerate(zip(layer_paths, config.diff_ids, strict=True)):
                 raw = tar.extractfile(_member(tar, path))
                 assert raw is not None
-                reader = _VerifyingReader(raw)
+                reader = HashingReader(raw)
+                # The applier reads each layer to its end, so the digest covers every byte the engine sent.
                 apply_layer(tree, cast(BinaryIO, reader), spool_dir=spool_dir, limits=limits, state=state)
-                if reader.drain_digest() != str(diff_id):
+                if reader.digest() != diff_id:
                     raise DigestMismatch(f"layer {i} from the engine does not match diff_id {diff_id}")
                 progress((i + 1) / len(layer_paths))
         size = archive.stat().st_size
@@ -155,7 +139,7 @@ def _pull_daemon(
     return PulledImage(
         name=image.reference.repository if image.reference is not None else str(image.image_id),
         config=config_doc,
-        config_digest=str(Digest.parse("sha256:" + hashlib.sha256(config_bytes).hexdigest())),
+        config_digest=str(Digest.of(config_bytes)),
         input_digest=None,
         size=size,
         layers=len(config.diff_ids),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from common.digest import Digest
 from common.errors import InvalidReference
+from common.hostpolicy import HostPolicy
 from common.reference import Reference, parse_image_source
 from common.registry import Credentials, RegistryClient
 from worker.pipeline.outputimage import (
@@ -45,10 +46,11 @@ def push(
     insecure_registries: frozenset[str],
 ) -> Pushed:
     """Upload layer, config and manifest. Re-running after a crash re-uploads nothing that landed."""
-    insecure = ref.api_host.lower() in {h.lower() for h in insecure_registries}
+    # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
+    policy = HostPolicy.allowing(insecure_registries)
     config_blob = blob_of(config, CONFIG_MEDIA_TYPE)
     manifest = manifest_json(config_blob, layer.blob, annotations)
-    with RegistryClient.for_reference(ref, credentials=credentials, insecure=insecure) as client:
+    with RegistryClient.for_reference(ref, credentials=credentials, policy=policy) as client:
         client.upload_blob(ref.repository, Digest.parse(layer.blob.digest), layer.blob.size,
                            lambda: layer.path.open("rb"))
         client.upload_blob(ref.repository, Digest.parse(config_blob.digest), config_blob.size,

@@ -1,0 +1,201 @@
+"""`nitroconv convert-local` as a user runs it: a subprocess against real registries, its stdout, stderr and exit status."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import subprocess
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs
+from tests.fixtures.docker_engine import busybox_base_tar
+from tests.fixtures.images import LayerBlob, PushSession, image_config, make_layer, make_tar, push_test_image
+from tests.fixtures.registries import RunningRegistry
+
+pytestmark = pytest.mark.integration
+
+NITROCONV = REPO / ".venv" / "bin" / "nitroconv"
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MANIFEST_TYPES = ", ".join([
+    "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+])
+
+
+@dataclass(frozen=True)
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    scratch: Path
+    eif: Path
+
+
+@pytest.fixture(scope="module")
+def blobs_dir() -> Path:
+    return build_dev_blobs(blobs_target()).dir
+
+
+@pytest.fixture(scope="module")
+def base_layer() -> LayerBlob:
+    return make_layer(busybox_base_tar())
+
+
+def push_app(registry: RunningRegistry, base: LayerBlob, repo: str, **config: object) -> str:
+    """The busybox base plus a small app layer; `config` replaces the image config's `config` object."""
+    app = make_layer(make_tar({"srv/app/hello.txt": b"hello from " + repo.encode() + b"\n"}))
+    cfg = image_config([base.diff_id, app.diff_id], cmd=["/bin/cat", "/srv/app/hello.txt"])
+    if config:
+        cfg["config"] = dict(config)
+    image = push_test_image(registry, repo, "v1", [base, app], config=cfg)
+    return image.ref
+
+
+def convert_local(tmp_path: Path, blobs: Path, *args: str, env: Mapping[str, str] | None = None) -> Run:
+    """Run the CLI with a scratch parent and a state dir of its own; no NITROCONV_* leaks in from outside."""
+    run_dir = tmp_path / f"run-{uuid.uuid4().hex[:8]}"
+    scratch, state = run_dir / "scratch", run_dir / "state"
+    scratch.mkdir(parents=True)
+    eif = run_dir / "out.eif"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NITROCONV_")}
+    done = subprocess.run(
+        [str(NITROCONV), "convert-local", *args, "--blobs", str(blobs), "--scratch", str(scratch),
+         "--eif-out", str(eif)],
+        env={**clean, "NITROCONV_STATE_DIR": str(state), **(env or {})},
+        capture_output=True, text=True, timeout=600, cwd=run_dir,
+    )
+    return Run(done.returncode, done.stdout, done.stderr, scratch, eif)
+
+
+def assert_failed_with(run: Run, code: str, input_ref: str) -> None:
+    """Exit non-zero, nothing on stdout, exactly one `nitroconv: <code>: … (input <ref>)` line on stderr."""
+    assert run.returncode != 0
+    assert run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert re.fullmatch(rf"nitroconv: {re.escape(code)}: .+ \(input {re.escape(input_ref)}\)", lines[0]), lines[0]
+    assert not run.eif.exists()
+    assert list(run.scratch.iterdir()) == [], "the scratch dir must be emptied on failure too"
+
+
+def independent_measurements(eif: bytes) -> dict[str, str]:
+    """PCR0/1/2 from the EIF bytes by EIF.md §3, without the project's reader: sections are contiguous from byte 548."""
+    def pcr(content: bytes) -> str:
+        return hashlib.sha384(b"\0" * 48 + hashlib.sha384(content).digest()).hexdigest()
+
+    kernel_cmdline, ramdisks, pos = b"", [], 548
+    while pos < len(eif):
+        kind, _, size = struct.unpack(">HHQ", eif[pos:pos + 12])
+        data = eif[pos + 12:pos + 12 + size]
+        pos += 12 + size
+        if kind in (1, 2):
+            kernel_cmdline += data
+        elif kind == 3:
+            ramdisks.append(data)
+    return {"PCR0": pcr(kernel_cmdline + b"".join(ramdisks)), "PCR1": pcr(kernel_cmdline + ramdisks[0]),
+            "PCR2": pcr(b"".join(ramdisks[1:]))}
+
+
+def manifest_status(registry: RunningRegistry, repo: str, tag: str) -> int:
+    return PushSession(registry).request("GET", f"/v2/{repo}/manifests/{tag}", repo,
+                                         headers={"Accept": MANIFEST_TYPES}).status_code
+
+
+def test_cli_convert_local_prints_nitro_cli_measurements(registry, base_layer, blobs_dir, tmp_path) -> None:
+    ref = push_app(registry, base_layer, "cli/app")
+    out_repo, out_tag = "cli/app-enclave", uuid.uuid4().hex[:8]
+    run = convert_local(tmp_path, blobs_dir, "--input", ref, "--output", f"{registry.host}/{out_repo}:{out_tag}",
+                        "--insecure-registry", registry.host)
+    assert run.returncode == 0, run.stderr
+    pcrs = independent_measurements(run.eif.read_bytes())
+    # serde_json's to_string_pretty of nitro-cli's EnclaveBuildInfo, then println!.
+    assert run.stdout == (
+        '{\n  "Measurements": {\n'
+        '    "HashAlgorithm": "Sha384 { ... }",\n'
+        f'    "PCR0": "{pcrs["PCR0"]}",\n    "PCR1": "{pcrs["PCR1"]}",\n    "PCR2": "{pcrs["PCR2"]}"\n'
+        "  }\n}\n"
+    )
+    assert run.stderr == "", "no progress bar or chatter when stderr is not a terminal"
+    assert list(run.scratch.iterdir()) == []
+    assert manifest_status(registry, out_repo, out_tag) == 200
+
+
+def test_cli_convert_local_unknown_image_is_manifest_unknown(registry, blobs_dir, tmp_path) -> None:
+    ref = f"{registry.host}/cli/never-pushed:v1"
+    run = convert_local(tmp_path, blobs_dir, "--input", ref, "--output", f"{registry.host}/cli/out:x",
+                        "--insecure-registry", registry.host)
+    assert_failed_with(run, "manifest_unknown", ref)
+
+
+def test_cli_convert_local_basic_auth_wrong_then_right_credentials(
+    basic_registry, registry, base_layer, blobs_dir, tmp_path
+) -> None:
+    ref = push_app(basic_registry, base_layer, "cli/private")
+    args = ("--input", ref, "--output", f"{registry.host}/cli/private-enclave:v1",
+            "--insecure-registry", basic_registry.host, registry.host)
+    wrong_password = "not-" + basic_registry.password
+    wrong = convert_local(tmp_path, blobs_dir, *args, env={"NITROCONV_INPUT_USER": basic_registry.username,
+                                                           "NITROCONV_INPUT_PASSWORD": wrong_password})
+    assert_failed_with(wrong, "unauthorized", ref)
+    anonymous = convert_local(tmp_path, blobs_dir, *args)
+    assert_failed_with(anonymous, "unauthorized", ref)
+
+    right = convert_local(tmp_path, blobs_dir, *args, env={"NITROCONV_INPUT_USER": basic_registry.username,
+                                                           "NITROCONV_INPUT_PASSWORD": basic_registry.password})
+    assert right.returncode == 0, right.stderr
+    assert set(json.loads(right.stdout)["Measurements"]) == {"HashAlgorithm", "PCR0", "PCR1", "PCR2"}
+    assert list(right.scratch.iterdir()) == []
+    for run in (wrong, anonymous, right):
+        for secret in (wrong_password, basic_registry.password):
+            assert secret not in run.stdout and secret not in run.stderr
+
+
+def test_cli_convert_local_token_auth_wrong_then_right_credentials(
+    token_registry, base_layer, blobs_dir, tmp_path
+) -> None:
+    ref = push_app(token_registry, base_layer, "cli/token")
+    output = f"{token_registry.host}/cli/token-enclave:v1"
+    args = ("--input", ref, "--output", output, "--insecure-registry", *sorted(token_registry.allowed_hosts))
+    user, password = token_registry.username, token_registry.password
+    wrong = convert_local(tmp_path, blobs_dir, *args, env={"NITROCONV_INPUT_USER": user,
+                                                           "NITROCONV_INPUT_PASSWORD": "wrong-" + password})
+    assert_failed_with(wrong, "unauthorized", ref)
+
+    creds = {"NITROCONV_INPUT_USER": user, "NITROCONV_INPUT_PASSWORD": password,
+             "NITROCONV_OUTPUT_USER": user, "NITROCONV_OUTPUT_PASSWORD": password}
+    right = convert_local(tmp_path, blobs_dir, *args, env=creds)
+    assert right.returncode == 0, right.stderr
+    for run in (wrong, right):
+        assert password not in run.stdout and password not in run.stderr
+
+
+@pytest.mark.parametrize("bad", ["BADVALUE", "=nameless"])
+def test_cli_convert_local_malformed_env_is_invalid_options(registry, base_layer, blobs_dir, tmp_path, bad) -> None:
+    ref = push_app(registry, base_layer, "cli/env")
+    run = convert_local(tmp_path, blobs_dir, "--input", ref, "--output", f"{registry.host}/cli/env-enclave:v1",
+                        "--insecure-registry", registry.host, "--env", "GOOD=1", bad)
+    assert_failed_with(run, "invalid_options", ref)
+
+
+def test_cli_convert_local_mem_size_too_small_pushes_nothing(registry, base_layer, blobs_dir, tmp_path) -> None:
+    ref = push_app(registry, base_layer, "cli/mem")
+    out_repo, out_tag = "cli/mem-enclave", uuid.uuid4().hex[:8]
+    run = convert_local(tmp_path, blobs_dir, "--input", ref, "--output", f"{registry.host}/{out_repo}:{out_tag}",
+                        "--insecure-registry", registry.host, "--mem-size", "1")
+    assert_failed_with(run, "mem_size_too_small", ref)
+    assert manifest_status(registry, out_repo, out_tag) == 404
+
+
+def test_cli_convert_local_image_without_command_is_no_command(registry, base_layer, blobs_dir, tmp_path) -> None:
+    ref = push_app(registry, base_layer, "cli/nocmd", Env=[PATH_ENV])
+    run = convert_local(tmp_path, blobs_dir, "--input", ref, "--output", f"{registry.host}/cli/nocmd-enclave:v1",
+                        "--insecure-registry", registry.host)
+    assert_failed_with(run, "no_command", ref)
