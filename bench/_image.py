@@ -168,12 +168,16 @@ def _write_gzip_layer(dest: Path, produce: Callable[[_HashingSink], None], level
                       content_bytes: int, entries: int) -> Layer:
     """Stream a tar from `produce` through gzip (mtime 0, no name: reproducible) into `dest`, then record it."""
     tmp = dest.with_suffix(".part")
-    with tmp.open("wb") as f:
-        blob = _HashingSink(f)
-        with gzip.GzipFile(fileobj=blob, mode="wb", compresslevel=level, mtime=0) as gz:
-            tar = _HashingSink(gz)
-            produce(tar)
-    tmp.rename(dest)
+    try:
+        with tmp.open("wb") as f:
+            blob = _HashingSink(f)
+            with gzip.GzipFile(fileobj=blob, mode="wb", compresslevel=level, mtime=0) as gz:
+                tar = _HashingSink(gz)
+                produce(tar)
+        tmp.rename(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     layer = Layer(dest, f"sha256:{blob.sha.hexdigest()}", blob.count, f"sha256:{tar.sha.hexdigest()}", tar.count,
                   content_bytes, entries)
     meta = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(layer).items()}
@@ -227,8 +231,8 @@ def _rootfs_layer(rootfs: Path, dest: Path, paths: list[str], stats: list[os.sta
 
     def produce(sink: _HashingSink) -> None:
         proc = subprocess.Popen(
-            ["tar", "--create", "--format=gnu", "--numeric-owner", "--no-recursion", "--null",
-             "--verbatim-files-from", "-T", str(listing), "-C", str(rootfs), "-f", "-"],
+            ["tar", "--create", "--file=-", "--format=gnu", "--numeric-owner", f"--directory={rootfs}",
+             "--no-recursion", "--null", "--verbatim-files-from", f"--files-from={listing}"],
             stdout=subprocess.PIPE)
         assert proc.stdout is not None
         while chunk := proc.stdout.read(_CHUNK):

@@ -1,4 +1,4 @@
-"""`nitroconv convert-local` as a user runs it: a subprocess against real registries, its stdout, stderr and exit status."""
+"""`nitroconv convert-local` as users run it: a subprocess against real registries; stdout, stderr, exit status."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs
 from tests.fixtures.docker_engine import busybox_base_tar
@@ -26,7 +25,8 @@ NITROCONV = REPO / ".venv" / "bin" / "nitroconv"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MANIFEST_TYPES = ", ".join([
     "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
 ])
 
 
@@ -87,7 +87,7 @@ def assert_failed_with(run: Run, code: str, input_ref: str) -> None:
 
 
 def independent_measurements(eif: bytes) -> dict[str, str]:
-    """PCR0/1/2 from the EIF bytes by EIF.md §3, without the project's reader: sections are contiguous from byte 548."""
+    """PCR0/1/2 from the EIF bytes by EIF.md §3, without the project's reader (sections are contiguous from 548)."""
     def pcr(content: bytes) -> str:
         return hashlib.sha384(b"\0" * 48 + hashlib.sha384(content).digest()).hexdigest()
 
@@ -175,6 +175,16 @@ def test_cli_convert_local_token_auth_wrong_then_right_credentials(
     assert right.returncode == 0, right.stderr
     for run in (wrong, right):
         assert password not in run.stdout and password not in run.stderr
+
+    # The pushed image, read back through the same token flow, holds the EIF the conversion wrote.
+    fetched = tmp_path / "fetched.eif"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NITROCONV_")}
+    done = subprocess.run([str(NITROCONV), "fetch-eif", output, "--out", str(fetched), "--insecure-registry",
+                           *sorted(token_registry.allowed_hosts)],
+                          env={**clean, "NITROCONV_INPUT_USER": user, "NITROCONV_INPUT_PASSWORD": password},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert fetched.read_bytes() == right.eif.read_bytes()
 
 
 @pytest.mark.parametrize("bad", ["BADVALUE", "=nameless"])

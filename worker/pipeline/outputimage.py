@@ -15,6 +15,7 @@ from typing import BinaryIO, cast
 from common.blobstore import open_layer
 from common.eif import Measurements
 from common.errors import InvalidManifest
+from common.hostpolicy import HostPolicy
 from common.reference import parse_reference
 from common.registry import Credentials, RegistryClient
 
@@ -138,9 +139,10 @@ def manifest_json(config: Blob, layer: Blob, annotations: Mapping[str, str]) -> 
 def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecure_registries: frozenset[str]) -> str:
     """Download a converted image and write its `/enclave/app.eif` to `out`; returns the EIF's sha256 hex."""
     ref = parse_reference(image)
-    insecure = ref.api_host.lower() in {h.lower() for h in insecure_registries}
+    # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
+    policy = HostPolicy.allowing(insecure_registries)
     with tempfile.TemporaryDirectory(prefix="nitroconv-fetch-") as tmp, \
-            RegistryClient.for_reference(ref, credentials=credentials, insecure=insecure) as client:
+            RegistryClient.for_reference(ref, credentials=credentials, policy=policy) as client:
         resolved = client.resolve(ref)
         if len(resolved.layers) != 1:
             raise InvalidManifest(f"{ref} is not a nitroconv output image (expected one layer)")
