@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from common.errors import InvalidCpio
+from common.exactread import ExactReader
 
 MAGIC = b"070701"
 TRAILER_NAME = b"TRAILER!!!"
@@ -333,30 +334,12 @@ class CpioArchive:
 # --- reader -------------------------------------------------------------------------------------------------
 
 
-class _Input:
+class _Input(ExactReader):
     """Exact reads with position tracking, so errors can say where the archive broke."""
 
     def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self.offset = 0
-
-    def read_exact(self, n: int, what: str) -> bytes:
-        parts: list[bytes] = []
-        missing = n
-        while missing:
-            piece = self._stream.read(missing)
-            if not piece:
-                raise InvalidCpio(f"archive truncated in {what} at offset {self.offset + n - missing}",
-                                  details={"reason": "truncated", "offset": self.offset + n - missing})
-            parts.append(piece)
-            missing -= len(piece)
-        self.offset += n
-        return b"".join(parts) if len(parts) != 1 else parts[0]
-
-    def read_some(self, n: int) -> bytes:
-        piece = self._stream.read(n)
-        self.offset += len(piece)
-        return piece
+        super().__init__(stream, lambda what, at: InvalidCpio(
+            f"archive truncated in {what} at offset {at}", details={"reason": "truncated", "offset": at}))
 
     def expect_zeros(self, n: int, what: str) -> None:
         if n and self.read_exact(n, what).strip(b"\0"):

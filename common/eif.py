@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from common.errors import InvalidBlobs, InvalidEif, InvalidOptions
+from common.exactread import ExactReader
 
 EIF_MAGIC = b".eif"
 EIF_VERSION = 4
@@ -610,32 +611,10 @@ def _fail(message: str, reason: str, **details: object) -> InvalidEif:
     return InvalidEif(message, details={"reason": reason, **details})
 
 
-class _Input:
+class _Input(ExactReader):
     def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self.offset = 0
-
-    def read_exact(self, n: int, what: str) -> bytes:
-        parts: list[bytes] = []
-        missing = n
-        while missing:
-            piece = self._stream.read(min(missing, CHUNK_SIZE))
-            if not piece:
-                raise _fail(f"file truncated in {what}: ends at byte {self.offset + n - missing}", "truncated",
-                            offset=self.offset + n - missing)
-            parts.append(piece)
-            missing -= len(piece)
-        self.offset += n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def chunks(self, n: int, what: str) -> Iterator[bytes]:
-        while n:
-            piece = self.read_exact(min(n, CHUNK_SIZE), what)
-            n -= len(piece)
-            yield piece
-
-    def at_eof(self) -> bool:
-        return not self._stream.read(1)
+        super().__init__(stream, lambda what, at: _fail(f"file truncated in {what}: ends at byte {at}", "truncated",
+                                                        offset=at))
 
 
 @contextlib.contextmanager
