@@ -144,6 +144,8 @@ class Build(Base):
     exposed_ports: Mapped[list[list[object]]] = mapped_column(JSONB, nullable=False, default=list)
     warnings: Mapped[list[str]] = mapped_column(JSONB, nullable=False, default=list)
     docker_version: Mapped[str | None] = mapped_column(String(64))
+    # The QEMU boot check's result (`BootResult.to_json()`), when the deployment runs it.
+    boot_check: Mapped[dict[str, object] | None] = mapped_column(JSONB)
 
 
 class Task(Base):
