@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from pathlib import Path
 from types import TracebackType
@@ -11,6 +9,7 @@ from typing import IO, BinaryIO, cast
 
 import zstandard
 
+from common.atomicfile import atomic_file
 from common.digest import Digest, new_hasher, verify_bytes
 from common.errors import DigestMismatch, InvalidLayer, LimitExceeded, UnsupportedMediaType
 from common.oci import LAYER_COMPRESSION, Compression, Descriptor
@@ -49,18 +48,9 @@ class BlobStore:
         """Store small content (a config, a manifest) after checking it hashes to `digest`."""
         verify_bytes(data, digest)
         dest = self.path(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{digest.hex[:16]}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            # Two workers caching the same blob race harmlessly: both files are verified and identical.
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Two workers caching the same blob race harmlessly: both files are verified and identical.
+        with atomic_file(dest) as f:
+            f.write(data)
         return dest
 
     def verify(self, descriptor: Descriptor) -> bool:

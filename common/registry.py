@@ -13,8 +13,6 @@ from __future__ import annotations
 import http.client
 import io
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 import requests
 import urllib3.exceptions
 
+from common.atomicfile import atomic_file
 from common.digest import Digest, VerifyingWriter
 from common.errors import (
     BlobUnknown,
@@ -345,21 +344,11 @@ class RegistryClient:
         The temporary file lives next to `dest` so the final rename cannot cross filesystems; a
         failure leaves nothing at `dest`.
         """
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:40]}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w+b") as sink:
-                writer = VerifyingWriter(sink, descriptor.digest, descriptor.size)
-                self._download(repository, descriptor, writer, sink)
-                writer.verify()
-                sink.flush()
-                os.fsync(sink.fileno())
-            os.replace(tmp_name, dest)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        return dest
+        with atomic_file(Path(dest)) as sink:
+            writer = VerifyingWriter(sink, descriptor.digest, descriptor.size)
+            self._download(repository, descriptor, writer, sink)
+            writer.verify()
+        return Path(dest)
 
     def fetch_blob_bytes(self, repository: str, descriptor: Descriptor, *, max_bytes: int) -> bytes:
         """A small blob (a config) into memory, verified; larger than `max_bytes` is `limit_exceeded`."""
