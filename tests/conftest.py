@@ -6,3 +6,4 @@ pytest_plugins = [
     "tests.fixtures.hostile",
     "tests.fixtures.docker_engine",
 ]
+

@@ -16,6 +16,7 @@ from common.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
 from tests.fixtures.hostile import Reply
 from tests.fixtures.images import image_config, make_layer, make_tar
 from tests.fixtures.registries import client_for
+from tests.fixtures.require import skip_or_fail
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +60,9 @@ def test_registry_push_uploads_once_then_pulls_back(registry, hostile_front, rep
     assert len(registry.log_lines(rf'"POST /v2/{repo_name}/blobs/uploads/ HTTP/1.1" 202')) == 3
 
 
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="skopeo is not installed")
 def test_registry_push_is_readable_by_skopeo(registry, repo_name, tmp_path):
+    if shutil.which("skopeo") is None:
+        skip_or_fail("skopeo is not installed")
     layers, config, manifest = build_image(b"skopeo")
     with client_for(registry) as client:
         _, digest = push(client, repo_name, "v1", [*layers, config], manifest)

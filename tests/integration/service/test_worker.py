@@ -14,21 +14,21 @@ from api.app import create_app
 from api.schemas.builds import BuildSchema
 from api.schemas.tasks import TaskSchema
 from common.db import session_scope
+from tests.e2e.conftest import build_dev_blobs
 from tests.fixtures.images import push_test_image
+from worker.pipeline import convert as convert_module
 
 from .conftest import start_worker
 from .helpers import ok
 
 pytestmark = pytest.mark.integration
-convert_module = pytest.importorskip("worker.pipeline.convert", reason="the pipeline entry point has not landed")
 CANARY = "canary-Pw-7f3e91"
 
 
 @pytest.fixture(scope="module")
 def flow(service_settings, registry, basic_registry):  # noqa: ANN001, ANN201
     """Settings that trust the test registries, the API on them, and one real worker process."""
-    if not (service_settings.blobs_dir / "bzImage").exists():
-        pytest.skip(f"no dev blobs in {service_settings.blobs_dir} (make blobs)")
+    build_dev_blobs(service_settings.blobs_dir)
     s = replace(service_settings, insecure_registries=frozenset({registry.host, basic_registry.host}))
     Redis.from_url(s.redis_url).flushdb()  # messages of API-only tests would otherwise be consumed here
     with session_scope(s.database_url) as session:  # ...and so would their QUEUED rows, via the sweeper

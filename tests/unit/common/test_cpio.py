@@ -22,6 +22,7 @@ from common.cpio import (
     list_cpio,
 )
 from common.errors import InvalidCpio
+from tests.fixtures.require import skip_or_fail
 
 MTIME = 1492533000
 
@@ -311,8 +312,9 @@ def test_cpio_header_type_bits() -> None:
     assert header.file_type == stat.S_IFLNK
 
 
-@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio is not installed")
 def test_cpio_archive_is_listed_and_extracted_by_gnu_cpio(tmp_path: Path) -> None:
+    if shutil.which("cpio") is None:
+        skip_or_fail("GNU cpio is not installed")
     key = object()
     entries = [
         _dir(b"etc"),
