@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup apt venv blobs test demo bench lint clean
 
-setup: apt venv blobs
+setup: apt venv blobs runtime
 
 apt:
 	@deploy/apt-deps.sh
@@ -26,6 +26,12 @@ $(VENV)/.installed: setup.cfg
 
 blobs: apt
 	@$(MAKE) -s -C deploy/blobs BLOBS=$(NITROCONV_BLOBS_DIR)
+
+# The shim and the launcher the converter puts into images (deploy/runtime/Makefile).
+export NITROCONV_RUNTIME_DIR ?= $(STATE)/runtime
+.PHONY: runtime
+runtime: apt
+	@$(MAKE) -s -C deploy/runtime RUNTIME=$(NITROCONV_RUNTIME_DIR)
 
 test: setup
 	@deploy/services.sh --docker

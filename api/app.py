@@ -1,21 +1,43 @@
 """The Flask app factory: settings, error envelope, request ids, blueprints, OpenAPI and Swagger UI."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import time
 import uuid
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, request, send_from_directory
 from prometheus_client import Counter, Histogram
 
 from api.context import close_db
-from api.errors import EnvelopeApi, register_error_handlers
+from api.errors import EnvelopeApi, envelope, register_error_handlers
 from api.routes import accounts, apps, builds, health, sys, tasks
+from common import logs
 from common.settings import Settings, get_settings
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 REQUESTS = Counter("nitroconv_api_requests_total", "API requests", ["method", "endpoint", "status"])
 LATENCY = Histogram("nitroconv_api_request_seconds", "API request latency", ["method", "endpoint"])
+_access = logging.getLogger("nitroconv.access")
+SWAGGER_UI_STATIC = "/v1/docs/static"
+
+
+def _nul_in(value: object, path: str) -> str | None:
+    """The path of the first string (key or value) holding a NUL character, else None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _nul_in(key, path) or _nul_in(item, f"{path}.{key}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_in(item, f"{path}[{index}]")
+            if found:
+                return found
+    return None
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -23,7 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("nitroconv")
     app.extensions["nitroconv.settings"] = (settings or get_settings()).with_secret()
     app.config.update(
-        MAX_CONTENT_LENGTH=1 << 20,  # a conversion request is a few KiB; refuse bodies before parsing
+        MAX_CONTENT_LENGTH=app.extensions["nitroconv.settings"].max_request_bytes,  # refused before parsing
         JSON_SORT_KEYS=False,
         API_TITLE="nitroconv",
         API_VERSION="v1",
@@ -31,7 +53,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/v1",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Served from the swagger-ui-bundle package below, not a CDN: the docs work on hosts without internet.
+        OPENAPI_SWAGGER_UI_URL=SWAGGER_UI_STATIC + "/",
     )
     api = EnvelopeApi(app, spec_kwargs={
         "components": {"securitySchemes": {
@@ -45,19 +68,49 @@ def create_app(settings: Settings | None = None) -> Flask:
         api.register_blueprint(blp)
     register_error_handlers(app)
 
+    @app.get(SWAGGER_UI_STATIC + "/<path:filename>")
+    def _swagger_ui_asset(filename: str) -> Response:
+        from swagger_ui_bundle import swagger_ui_path
+
+        return send_from_directory(swagger_ui_path, filename, max_age=86400)
+
     @app.before_request
     def _start() -> None:
         supplied = request.headers.get("X-Request-Id", "")
         g.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
         g.started = time.perf_counter()
+        g.log_context = logs.bind(request_id=g.request_id)
+
+    @app.before_request
+    def _refuse_nul() -> Response | None:
+        # Postgres text cannot hold NUL: refuse it in any query or JSON string up front (a 422, not a 500).
+        where = _nul_in(request.args.to_dict(flat=False), "query")
+        if where is None and request.is_json and request.content_length:
+            where = _nul_in(request.get_json(silent=True), "json")
+        if where is None:
+            return None
+        return envelope("validation_failed", "The request is invalid.", 422,
+                        {"fields": {where: ["NUL characters are not allowed"]}})
 
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
-        LATENCY.labels(request.method, endpoint).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        LATENCY.labels(request.method, endpoint).observe(elapsed)
+        # The route template, never the raw path or query: the line carries ids and codes, no user data.
+        _access.info("%s %s %d", request.method, endpoint, response.status_code,
+                     extra={"method": request.method, "route": endpoint, "status": response.status_code,
+                            "duration_ms": round(elapsed * 1000, 1)})
         return response
+
+    @app.teardown_request
+    def _unbind(_: BaseException | None) -> None:
+        token = g.pop("log_context", None)
+        if token is not None:
+            with contextlib.suppress(ValueError):  # bound in another context (a copied one): nothing to undo
+                logs.unbind(token)
 
     app.teardown_appcontext(close_db)
     return app

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from flask import g, request
 
 from api.context import db, settings
+from api.limits import check_rate
 from api.tokens import TokenIssuer
 from common.accounts import RANK, Role, role_in
 from common.errors import Forbidden, Unauthenticated
@@ -54,6 +55,8 @@ def principal() -> Principal:
     if isinstance(cached, Principal):
         return cached
     claims = issuer().verify(bearer_token())
+    s = settings()
+    check_rate(s.redis_url, f"{claims.user_id}:{claims.account_id}", s.rate_limit_per_minute)
     role = role_in(db(), claims.user_id, claims.account_id) if claims.account_id else None
     found = Principal(user_id=claims.user_id, account_id=claims.account_id if role else None, role=role)
     g.principal = found

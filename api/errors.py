@@ -15,10 +15,12 @@ from common.db import is_connection_error
 from common.errors import (
     Conflict,
     Forbidden,
+    HostNotAllowed,
     InvalidReference,
     NitroconvError,
     NotFound,
     ServiceUnavailable,
+    TooManyRequests,
     Unauthenticated,
     ValidationFailed,
 )
@@ -33,6 +35,8 @@ _STATUS: dict[type[NitroconvError], int] = {
     NotFound: 404,
     Conflict: 409,
     ServiceUnavailable: 503,
+    HostNotAllowed: 422,  # at submit time: the request names a registry the service will never contact
+    TooManyRequests: 429,
 }
 
 
@@ -81,6 +85,8 @@ def register_error_handlers(app: Flask) -> None:
         headers = {"Retry-After": "5"} if status == 503 else None
         if status == 401:
             headers = {"WWW-Authenticate": 'Bearer realm="nitroconv"'}
+        if status == 429:
+            headers = {"Retry-After": str(exc.details.get("retry_after", 60))}
         return envelope(exc.code, exc.message, status, exc.details, headers)
 
     @app.errorhandler(ValidationError)

@@ -24,6 +24,14 @@ def _auth_echo(username: str | None, sealed: bytes | None) -> dict[str, object] 
     return {"username": username, "password": REDACTED}
 
 
+_BOOT_CHECK_KEYS = ("ok", "seconds", "exec_seconds", "console_tail", "program_output", "exit_status", "reason")
+
+
+def _boot_check(stored: dict[str, object] | None) -> dict[str, object] | None:
+    # Only the documented keys: the stored JSON may gain fields the API has not promised.
+    return {k: stored.get(k) for k in _BOOT_CHECK_KEYS} if stored is not None else None
+
+
 def build_view(build: Build, app: App) -> dict[str, object]:
     options = dict(build.converter_options)
     attributes: dict[str, object] = {}
@@ -83,6 +91,7 @@ def build_view(build: Build, app: App) -> dict[str, object]:
             "attempts": build.attempts,
             "warnings": list(build.warnings),
             "cancel_requested": build.cancel_requested,
+            "boot_check": _boot_check(build.boot_check),
             "request": {
                 "input_image": {"name": build.input_image_name,
                                 "auth_config": _auth_echo(build.input_username, build.input_credentials)},

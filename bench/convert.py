@@ -106,7 +106,9 @@ def run_convert(registry: str, image: _image.BenchImage, state_dir: Path, profil
     With `profile`, the child runs under cProfile and writes its stats there (slower; not a timing).
     """
     blobs = os.environ.get("NITROCONV_BLOBS_DIR") or str(_state_root() / "blobs")
-    env = {**os.environ, "NITROCONV_STATE_DIR": str(state_dir), "NITROCONV_BLOBS_DIR": blobs}
+    runtime = os.environ.get("NITROCONV_RUNTIME_DIR") or str(_state_root() / "runtime")
+    env = {**os.environ, "NITROCONV_STATE_DIR": str(state_dir), "NITROCONV_BLOBS_DIR": blobs,
+           "NITROCONV_RUNTIME_DIR": runtime}
     scratch = state_dir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     argv = [str(Path(sys.executable).parent / "nitroconv"), "convert-local",

@@ -119,7 +119,7 @@ class NewBuild:
     output_credentials: bytes | None
     converter_options: Mapping[str, object]
     cpu_count: int
-    mem_size: int
+    mem_size: int | None  # None: the worker sizes it from the EIF and records what it used
     enable_overlay_filesystem_persistence: bool
     request_fingerprint: str
     idempotency_key: str | None = None
@@ -215,6 +215,8 @@ class Outcome:
     exposed_ports: tuple[tuple[int, str], ...]
     warnings: tuple[str, ...]
     docker_version: str | None
+    mem_size: int | None = None  # the enclave memory used (MiB); None keeps the requested value
+    boot_check: Mapping[str, object] | None = None
 
 
 def succeed(session: Session, build_id: uuid.UUID, fence: uuid.UUID, outcome: Outcome) -> uuid.UUID | None:
@@ -229,7 +231,10 @@ def succeed(session: Session, build_id: uuid.UUID, fence: uuid.UUID, outcome: Ou
         "exposed_ports": [list(p) for p in outcome.exposed_ports], "warnings": list(outcome.warnings),
         "docker_version": outcome.docker_version, "progress": 1.0, "finished_at": func.now(),
         "lease_owner": None, "lease_expires_at": None,
+        "boot_check": dict(outcome.boot_check) if outcome.boot_check is not None else None,
     }
+    if outcome.mem_size is not None:
+        values["mem_size"] = outcome.mem_size
     if not transition_conversion(session, build_id, ConversionState.PUSHING, ConversionState.SUCCEEDED,
                                  actor=worker_actor(fence), fence=fence, values=values):
         return None
@@ -246,13 +251,16 @@ def succeed(session: Session, build_id: uuid.UUID, fence: uuid.UUID, outcome: Ou
 
 def end_unsuccessfully(
     session: Session, build_id: uuid.UUID, src: ConversionState, dst: ConversionState, *, actor: str,
-    code: str, message: str, fence: uuid.UUID | None = None,
+    code: str, message: str, fence: uuid.UUID | None = None, values: Mapping[str, object] | None = None,
 ) -> bool:
-    """FAILED or CANCELLED with the error, and the build REJECTED with the reason, in one transaction."""
+    """FAILED or CANCELLED with the error, and the build REJECTED with the reason, in one transaction.
+
+    `values` are further columns recorded with the end (a failed boot check's result).
+    """
     reason = f"{code}: {message}"
     ok = transition_conversion(
         session, build_id, src, dst, actor=actor, reason=reason, fence=fence,
-        values={"error_code": code, "error_message": message, "finished_at": func.now(),
+        values={**dict(values or {}), "error_code": code, "error_message": message, "finished_at": func.now(),
                 "lease_owner": None, "lease_expires_at": None})
     if ok:
         transition_approval(session, build_id, ApprovalStatus.PENDING, ApprovalStatus.REJECTED,

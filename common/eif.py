@@ -12,10 +12,15 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from common.errors import InvalidBlobs, InvalidEif, InvalidOptions
 from common.exactread import ExactReader
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from common.signing import EifSigner
 
 EIF_MAGIC = b".eif"
 EIF_VERSION = 4
@@ -187,9 +192,10 @@ class Section:
         return cls(os.stat(path).st_size, _file_chunks(path, chunk_size))
 
 
-def eif_size(*, kernel: int, cmdline: int, metadata: int, ramdisks: Sequence[int]) -> int:
-    """Length of the EIF `write_eif` produces for sections of these data sizes (unsigned)."""
-    sizes = [kernel, cmdline, metadata, *ramdisks]
+def eif_size(*, kernel: int, cmdline: int, metadata: int, ramdisks: Sequence[int],
+             signature: int | None = None) -> int:
+    """Length of the EIF `write_eif` produces for sections of these data sizes (`signature` when signed)."""
+    sizes = [kernel, cmdline, metadata, *ramdisks, *([] if signature is None else [signature])]
     return HEADER_SIZE + sum(SECTION_HEADER_SIZE + s for s in sizes)
 
 
@@ -203,6 +209,47 @@ def _write_all(out: BinaryIO, data: bytes) -> None:
 
 def _writer_error(message: str, reason: str) -> InvalidEif:
     return InvalidEif(message, details={"reason": reason, "stage": "write"})
+
+
+def _gf2_times(matrix: Sequence[int], vector: int) -> int:
+    result, row = 0, 0
+    while vector:
+        if vector & 1:
+            result ^= matrix[row]
+        vector >>= 1
+        row += 1
+    return result
+
+
+def _gf2_square(matrix: Sequence[int]) -> list[int]:
+    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """`zlib.crc32(a + b)` from `crc32(a)`, `crc32(b)` and `len(b)` (zlib's crc32_combine, O(log len2)).
+
+    The signature section's size is known only once PCR0 is, after the ramdisks; so the header, first
+    in the file and first in the CRC's input, is packed last and its CRC joined to the sections' CRC.
+    """
+    if len2 <= 0:
+        return crc1
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    while True:
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
 
 
 def _pack_header(*, flags: int, default_mem: int, default_cpus: int, sizes: Sequence[int], crc: int) -> bytes:
@@ -225,11 +272,13 @@ def write_eif(
     flags: int = 0,
     default_mem: int = DEFAULT_MEM,
     default_cpus: int = DEFAULT_CPUS,
+    signer: EifSigner | None = None,
 ) -> Measurements:
     """Write an EIF v4 exactly as nitro-cli's EifBuilder lays it out, and return its PCRs.
 
-    Sections go in nitro-cli's order (Kernel, Cmdline, Metadata, Ramdisk…), contiguous from byte 548 of
-    the EIF, which starts at `out`'s current position. Every section is read once: its bytes are written,
+    Sections go in nitro-cli's order (Kernel, Cmdline, Metadata, Ramdisk…, [Signature]), contiguous from
+    byte 548 of the EIF, which starts at `out`'s current position. With a `signer`, a signature section
+    over PCR0 (EIF.md §4.2) comes last and the result has PCR8. Every section is read once: its bytes are written,
     hashed into the PCRs and added to the CRC in the same pass; the CRC is then written into the header,
     so `out` must be seekable. A section whose chunks do not add up to its declared size raises
     `InvalidEif` (the output is then incomplete and must be discarded).
@@ -245,15 +294,15 @@ def write_eif(
     planned = [(SectionType.KERNEL, kernel), (SectionType.CMDLINE, Section.of_bytes(cmdline)),
                (SectionType.METADATA, Section.of_bytes(metadata)),
                *((SectionType.RAMDISK, ramdisk) for ramdisk in ramdisks)]
-    return _write_sections(out, planned, flags=flags, default_mem=default_mem, default_cpus=default_cpus)
+    return _write_sections(out, planned, flags=flags, default_mem=default_mem, default_cpus=default_cpus,
+                           signer=signer)
 
 
 def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]], *, flags: int,
-                    default_mem: int, default_cpus: int) -> Measurements:
-    # Generic over the section list so that a signature section (type 4, last, PCR8) can join it: its
-    # size is fixed by the curve, and its `chunks` are only called once the ramdisks, hence PCR0, are done.
-    if len(planned) > MAX_SECTIONS:
-        raise _writer_error(f"{len(planned)} sections; an EIF holds at most {MAX_SECTIONS}", "too_many_sections")
+                    default_mem: int, default_cpus: int, signer: EifSigner | None = None) -> Measurements:
+    count = len(planned) + (signer is not None)
+    if count > MAX_SECTIONS:
+        raise _writer_error(f"{count} sections; an EIF holds at most {MAX_SECTIONS}", "too_many_sections")
     if flags & ~FLAG_ARCH_ARM64 or flags < 0:
         raise _writer_error(f"header flags {flags:#x}: only bit 0 (arm64) is defined", "bad_flags")
     for label, value in (("default_mem", default_mem), ("default_cpus", default_cpus)):
@@ -267,12 +316,13 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
                             "unseekable_output")
 
     start = out.tell()
-    header = _pack_header(flags=flags, default_mem=default_mem, default_cpus=default_cpus,
-                          sizes=[s.size for _, s in planned], crc=0)
-    crc = zlib.crc32(header[:CRC_OFFSET])
-    _write_all(out, header)
+    _write_all(out, b"\0" * HEADER_SIZE)  # the real header once every size, and so the CRC, is known
+    crc, length = 0, 0  # CRC and length of everything after the header
     measurer = _Measurer()
-    for index, (kind, section) in enumerate(planned):
+    sizes: list[int] = []
+
+    def emit(index: int, kind: SectionType, section: Section) -> None:
+        nonlocal crc, length
         section_header = _SECTION_HEADER.pack(kind, 0, section.size)
         crc = zlib.crc32(section_header, crc)
         _write_all(out, section_header)
@@ -289,9 +339,24 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
         if written != section.size:
             raise _writer_error(f"section {index} ({kind.label}) yields {written} bytes, declared {section.size}",
                                 "size_mismatch")
+        sizes.append(section.size)
+        length += SECTION_HEADER_SIZE + section.size
+
+    for index, (kind, section) in enumerate(planned):
+        emit(index, kind, section)
+    if signer is not None:
+        # PCR0 does not cover the signature section, so it is final here; the signature signs it.
+        signature = signer.signature_section(bytes.fromhex(measurer.finish().pcr0))
+        if len(signature) > SIGNATURE_MAX_SIZE:
+            raise _writer_error(f"signature section of {len(signature)} bytes exceeds {SIGNATURE_MAX_SIZE} "
+                                "(is the certificate file very large?)", "section_too_large")
+        emit(len(planned), SectionType.SIGNATURE, Section.of_bytes(signature))
+        measurer.pcr8 = pcr_of(signer.certificate_der)
     end = out.tell()
-    out.seek(start + CRC_OFFSET)
-    _write_all(out, struct.pack(">I", crc))
+    header = _pack_header(flags=flags, default_mem=default_mem, default_cpus=default_cpus, sizes=sizes, crc=0)
+    crc = crc32_combine(zlib.crc32(header[:CRC_OFFSET]), crc, length)
+    out.seek(start)
+    _write_all(out, header[:CRC_OFFSET] + struct.pack(">I", crc))
     out.seek(end)
     return measurer.finish()
 
@@ -469,87 +534,77 @@ def _parse_metadata(raw: bytes, *, stage: str) -> dict[str, object]:
     return meta
 
 
-# --- signature section (EIF.md §4.2): read side only ----------------------------------------------------------
+# --- signature section (EIF.md §4.2): read side ----------------------------------------------------------------
 
 
-def _cbor_item(data: bytes, pos: int, depth: int) -> tuple[object, int]:
-    """One item of the CBOR subset serde_cbor writes here: uints, strings, arrays, maps; definite lengths."""
-    if depth > 8:
-        raise ValueError("nested too deeply")
-    if pos >= len(data):
-        raise ValueError("truncated")
-    major, info = data[pos] >> 5, data[pos] & 0x1F
-    pos += 1
-    if info < 24:
-        arg = info
-    elif info <= 27:
-        width = 1 << (info - 24)
-        if pos + width > len(data):
-            raise ValueError("truncated")
-        arg = int.from_bytes(data[pos:pos + width], "big")
-        pos += width
-    else:
-        raise ValueError(f"unsupported additional information {info}")
-    if major == 0:
-        return arg, pos
-    if major in (2, 3):
-        if pos + arg > len(data):
-            raise ValueError("truncated")
-        raw = data[pos:pos + arg]
-        return (raw if major == 2 else raw.decode("utf-8")), pos + arg
-    if major == 4:
-        items: list[object] = []
-        for _ in range(arg):  # each item takes >= 1 byte, so a lying length runs out of data quickly
-            item, pos = _cbor_item(data, pos, depth + 1)
-            items.append(item)
-        return items, pos
-    if major == 5:
-        entries: dict[str, object] = {}
-        for _ in range(arg):
-            key, pos = _cbor_item(data, pos, depth + 1)
-            if not isinstance(key, str) or key in entries:
-                raise ValueError("map keys must be distinct text strings")
-            entries[key], pos = _cbor_item(data, pos, depth + 1)
-        return entries, pos
-    raise ValueError(f"unsupported major type {major}")
+@dataclass(frozen=True)
+class SignatureInfo:
+    """What the signature section says: the certificate (PEM as embedded), PCR8, and whether the COSE
+    signature verifies with the certificate's key over exactly `serde_cbor(PcrInfo(0, PCR0))` of this file."""
+
+    certificate_pem: bytes = field(repr=False)
+    pcr8: str
+    check: bool
 
 
-def _byte_list(value: object) -> bytes:
-    if not isinstance(value, list) or not all(isinstance(b, int) and 0 <= b <= 255 for b in value):
-        raise ValueError("expected an array of byte values")
-    return bytes(value)
-
-
-def _signing_certificate(raw: bytes) -> bytes:
-    """The PEM certificate of signature entry 0; nitro-cli's PCR8 is over its DER form."""
-    try:
-        decoded, end = _cbor_item(raw, 0, 0)
-        if end != len(raw):
-            raise ValueError("trailing bytes after the CBOR array")
-        if not isinstance(decoded, list) or not decoded:
-            raise ValueError("expected a non-empty array of signatures")
-        for entry in decoded:
-            if not isinstance(entry, dict) or set(entry) != {"signing_certificate", "signature"}:
-                raise ValueError("expected maps with signing_certificate and signature")
-            _byte_list(entry["signature"])
-        first = decoded[0]
-        assert isinstance(first, dict)
-        return _byte_list(first["signing_certificate"])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidEif(f"signature section is not the CBOR nitro-cli writes: {exc}",
-                         details={"reason": "invalid_signature"}) from exc
-
-
-def _certificate_pcr(pem: bytes) -> str:
+def _load_certificate(pem: bytes) -> x509.Certificate:
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
 
     try:
-        cert = x509.load_pem_x509_certificate(pem)
+        return x509.load_pem_x509_certificate(pem)
     except ValueError as exc:
         raise InvalidEif(f"signature section certificate is not a PEM X.509 certificate: {exc}",
                          details={"reason": "invalid_signature"}) from exc
-    return pcr_of(cert.public_bytes(Encoding.DER))
+
+
+def _signature_info(raw: bytes, pcr0: str) -> SignatureInfo:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from common import cose
+
+    try:
+        entry = cose.parse_signature_section(raw)
+    except cose.CborError as exc:
+        raise InvalidEif(f"signature section is not the CBOR nitro-cli writes: {exc}",
+                         details={"reason": "invalid_signature"}) from exc
+    cert = _load_certificate(entry.signing_certificate)
+    pcr8 = pcr_of(cert.public_bytes(Encoding.DER))
+    # A well-formed section whose signature is wrong is reported, as nitro-cli's SignatureCheck does,
+    # rather than refused: the file's other facts (PCRs, CRC) are still worth describing.
+    check = False
+    public_key = cert.public_key()
+    try:
+        message = cose.parse_sign1(entry.signature)
+    except cose.CborError:
+        message = None
+    if message is not None and isinstance(public_key, ec.EllipticCurvePublicKey):
+        check = message.payload == cose.pcr_info(bytes.fromhex(pcr0)) and cose.verify_sign1(message, public_key)
+    return SignatureInfo(entry.signing_certificate, pcr8, check)
+
+
+def _openssl_time(moment: object) -> str:
+    """ASN1_TIME as OpenSSL prints it (`Jan  1 00:00:00 2024 GMT`), the form describe-eif shows."""
+    import datetime as dt
+
+    assert isinstance(moment, dt.datetime)
+    return f"{moment:%b} {moment.day:2d} {moment:%H:%M:%S %Y} GMT"
+
+
+def certificate_description(pem: bytes) -> dict[str, object]:
+    """describe-eif's `SigningCertificate`: issuer entries by OpenSSL long name, algorithm, validity, signature."""
+    cert = _load_certificate(pem)
+    issuer: dict[str, str] = {}
+    for attribute in cert.issuer:
+        value = attribute.value
+        issuer[attribute.oid._name] = value if isinstance(value, str) else value.hex()
+    return {
+        "IssuerName": issuer,
+        "Algorithm": cert.signature_algorithm_oid._name,
+        "NotBefore": _openssl_time(cert.not_valid_before_utc),
+        "NotAfter": _openssl_time(cert.not_valid_after_utc),
+        "Signature": ":".join(f"{b:02X}" for b in cert.signature),
+    }
 
 
 # --- reader ----------------------------------------------------------------------------------------------------
@@ -584,7 +639,11 @@ class EifInfo:
     stored_crc: int
     computed_crc: int
     size: int
-    signing_certificate: bytes | None = field(default=None, repr=False)
+    signature: SignatureInfo | None = None
+
+    @property
+    def signing_certificate(self) -> bytes | None:
+        return self.signature.certificate_pem if self.signature is not None else None
 
     @property
     def crc_ok(self) -> bool:
@@ -596,7 +655,7 @@ class EifInfo:
 
     @property
     def is_signed(self) -> bool:
-        return self.signing_certificate is not None
+        return self.signature is not None
 
     @property
     def kernel(self) -> EifSection:
@@ -764,15 +823,15 @@ def _read(source: EifSource, *, strict_crc: bool) -> EifInfo:
     if strict_crc and stored_crc != crc:
         raise _fail(f"CRC mismatch: header says {stored_crc:#010x}, content gives {crc:#010x}", "crc_mismatch")
     metadata = _parse_metadata(kept[SectionType.METADATA], stage="read")
-    certificate = None
+    signature = None
     if SectionType.SIGNATURE in kept:
-        certificate = _signing_certificate(kept[SectionType.SIGNATURE])
-        measurer.pcr8 = _certificate_pcr(certificate)
+        signature = _signature_info(kept[SectionType.SIGNATURE], measurer.finish().pcr0)
+        measurer.pcr8 = signature.pcr8
     return EifInfo(
         version=h.version, flags=h.flags, default_mem=h.default_mem, default_cpus=h.default_cpus,
         sections=tuple(sections), measurements=measurer.finish(), metadata=metadata,
         cmdline=kept[SectionType.CMDLINE], stored_crc=stored_crc, computed_crc=crc, size=expected_end,
-        signing_certificate=certificate,
+        signature=signature,
     )
 
 
@@ -813,9 +872,9 @@ def iter_section_data(source: EifSource, section: EifSection, *, base: int = 0,
 def describe_eif(source: EifSource) -> dict[str, object]:
     """What `nitro-cli describe-eif` prints, for the fields we reproduce (EIF.md §6.2).
 
-    Like nitro-cli, a CRC mismatch is reported (`"CheckCRC": false`) rather than refused; every other
-    defect still raises `InvalidEif`. For signed files `SigningCertificate` and `SignatureCheck` (OpenSSL
-    Debug strings, COSE verification) are not produced.
+    Like nitro-cli, a CRC mismatch is reported (`"CheckCRC": false`) rather than refused, and so is a
+    signature that does not verify (`"SignatureCheck": false`); every other defect raises `InvalidEif`.
+    `SigningCertificate` follows OpenSSL's print forms for names, algorithm and times.
     """
     info = _read(source, strict_crc=False)
     meta = info.metadata
@@ -826,12 +885,15 @@ def describe_eif(source: EifSource) -> dict[str, object]:
     custom = meta["CustomMetadata"]
     if isinstance(custom, dict):
         described.update(custom)  # serde(flatten): the custom keys sit beside the build fields
-    return {
+    result: dict[str, object] = {
         "EifVersion": info.version,
         "Measurements": info.measurements.registers(),
         "IsSigned": info.is_signed,
-        "CheckCRC": info.crc_ok,
-        "ImageName": meta["ImageName"],
-        "ImageVersion": meta["ImageVersion"],
-        "Metadata": described,
     }
+    if info.signature is not None:
+        result["SigningCertificate"] = certificate_description(info.signature.certificate_pem)
+    result["CheckCRC"] = info.crc_ok
+    if info.signature is not None:
+        result["SignatureCheck"] = info.signature.check
+    result.update({"ImageName": meta["ImageName"], "ImageVersion": meta["ImageVersion"], "Metadata": described})
+    return result

@@ -230,3 +230,91 @@ class TotalBytesExceeded(LimitExceeded):
 
 class EntryCountExceeded(LimitExceeded):
     """Tar members plus implicitly created directories passed the image's entry limit."""
+
+
+# --- EIF signing (checked before the build starts) ------------------------------------------------
+class SigningError(PermanentError):
+    """The deployment's signing key or certificate cannot sign EIFs."""
+
+    code = "signing_error"
+
+
+class InvalidSigningMaterial(SigningError):
+    """A signing key or certificate file that is missing, unreadable, not PEM, encrypted, or only half configured."""
+
+    code = "invalid_signing_material"
+
+
+class SigningCertificateExpired(SigningError):
+    code = "signing_certificate_expired"
+
+
+class SigningCertificateNotYetValid(SigningError):
+    code = "signing_certificate_not_yet_valid"
+
+
+class SigningKeyMismatch(SigningError):
+    """The private key's public half is not the certificate's public key."""
+
+    code = "signing_key_mismatch"
+
+
+class SigningKeyUnsupported(SigningError):
+    """Not an EC key (e.g. RSA or Ed25519): nitro-cli signs and verifies ECDSA only."""
+
+    code = "signing_key_unsupported"
+
+
+class SigningCurveUnsupported(SigningError):
+    """An EC key on a curve other than P-256, P-384 or P-521 (no COSE ES256/384/512 algorithm)."""
+
+    code = "signing_curve_unsupported"
+
+
+# --- converter options -----------------------------------------------------------------------------
+class CaBundleNotConfigured(InvalidOptions):
+    """add_ccm_ca_certificates was asked for but the service has no NITROCONV_CA_BUNDLE."""
+
+    code = "ca_bundle_not_configured"
+
+
+class InvalidCaBundle(PermanentError):
+    """NITROCONV_CA_BUNDLE is unreadable or holds no PEM certificate."""
+
+    code = "invalid_ca_bundle"
+
+
+# --- API abuse limits (RELIABILITY.md §E): both answer 429 with Retry-After -------------------------
+class TooManyRequests(RetryableError):
+    code = "too_many_requests"
+
+
+class RateLimited(TooManyRequests):
+    """The caller sent more requests in the current window than the per-caller limit allows."""
+
+    code = "rate_limited"
+
+
+class QuotaExceeded(TooManyRequests):
+    """The account already has as many unfinished conversions as its quota allows."""
+
+    code = "quota_exceeded"
+
+
+# --- the CLI client (`nitroconv` service commands); each maps to a documented exit status ----------
+class ServiceUnreachable(RetryableError):
+    """The client could not reach the service at all (refused, DNS, TLS, timeout): exit status 3."""
+
+    code = "unreachable"
+
+
+class WaitTimedOut(NitroconvError):
+    """`--wait` gave up before the conversion ended (it may still end later): exit status 4."""
+
+    code = "wait_timed_out"
+
+
+class EifCheckFailed(PermanentError):
+    """`nitroconv verify`: the EIF parses but its CRC, signature or an expected PCR does not match."""
+
+    code = "eif_check_failed"

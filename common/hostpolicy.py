@@ -25,6 +25,17 @@ DEFAULT_DENIED_PORTS: frozenset[int] = frozenset({
     9200, 10250, 10255, 11211, 15672, 27017,
 })
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Instance-local endpoints (cloud metadata, link-local): never a registry, whatever any allow-list says.
+ALWAYS_DENIED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16",      # IPv4 link-local: AWS/GCP/Azure/OpenStack metadata at 169.254.169.254, ECS at .170.2
+    "fe80::/10",           # IPv6 link-local
+    "fd00:ec2::254/128",   # AWS IMDS over IPv6
+    "100.100.100.200/32",  # Alibaba Cloud metadata
+    "168.63.129.16/32",    # Azure WireServer
+))
+METADATA_HOSTNAMES = frozenset({
+    "metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal",
+})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -84,6 +95,8 @@ class HostPolicy:
         if not insecure and port in self.denied_ports:
             raise HostNotAllowed(f"port {port} is not allowed", details={"host": f"{host}:{port}"})
         literal = _literal_ip(_bare_host(host))
+        if literal is not None:
+            refuse_instance_local(host, literal)
         if literal is not None and not insecure:
             self._check_address(host, port, literal)
 
@@ -91,6 +104,8 @@ class HostPolicy:
         """getaddrinfo once and validate every address; the caller connects only to these (no rebinding)."""
         bare = _bare_host(host)
         infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            refuse_instance_local(host, ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]))
         if not self.is_insecure(bare, port):
             for *_, sockaddr in infos:
                 self._check_address(host, port, ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]))
@@ -116,6 +131,48 @@ def is_public_address(address: IPAddress) -> bool:
         if embedded is not None and not is_public_address(embedded):
             return False
     return address.is_global and not address.is_multicast
+
+
+def is_instance_local(address: IPAddress) -> bool:
+    """Link-local or a cloud metadata address, also behind an IPv4-mapped/NAT64/6to4/Teredo wrapper."""
+    candidates: list[IPAddress] = [address]
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is None and address.teredo is not None:
+            embedded = address.teredo[1]
+        if embedded is not None:
+            candidates.append(embedded)
+    return any(a in net for a in candidates for net in ALWAYS_DENIED_NETWORKS if a.version == net.version)
+
+
+def refuse_instance_local(host: str, address: IPAddress) -> None:
+    if is_instance_local(address):
+        raise HostNotAllowed(f"{host} is a link-local or cloud metadata address, never a registry",
+                             details={"host": host, "address": str(address)})
+
+
+def check_registry_host(host_port: str, *, allow_list: Iterable[str], production: bool) -> None:
+    """Submit-time check of the registry an image reference names (before anything is queued).
+
+    Link-local and metadata hosts are refused always. In production a literal private or loopback
+    address (or `localhost`) is refused unless the host is in `allow_list`; other names are resolved
+    and checked again by the worker at connect time, which is what defeats DNS tricks.
+    """
+    host, port = split_host_port(host_port)
+    bare = _bare_host(host)
+    if bare in METADATA_HOSTNAMES:
+        raise HostNotAllowed(f"{bare} is a cloud metadata host, never a registry", details={"host": host_port})
+    literal = _literal_ip(bare)
+    if literal is not None:
+        refuse_instance_local(host_port, literal)
+    if not production or HostPolicy.allowing(allow_list).is_insecure(host, port):
+        return
+    local_name = bare == "localhost" or bare.endswith(".localhost")
+    if local_name or (literal is not None and not is_public_address(literal)):
+        raise HostNotAllowed(f"{host_port} is a private or loopback address; only allow-listed registries may be",
+                             details={"host": host_port})
 
 
 def _literal_ip(host: str) -> IPAddress | None:

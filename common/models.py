@@ -108,7 +108,8 @@ class Build(Base):
     output_credentials: Mapped[bytes | None] = mapped_column(LargeBinary)
     converter_options: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False)
     cpu_count: Mapped[int] = mapped_column(Integer, nullable=False)
-    mem_size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # NULL while the worker has yet to size an omitted mem_size from the EIF (migration 0003).
+    mem_size: Mapped[int | None] = mapped_column(BigInteger)
     enable_overlay_filesystem_persistence: Mapped[bool] = mapped_column(Boolean, nullable=False)
 
     # approval machine

@@ -9,6 +9,7 @@ from pathlib import Path
 from common.cpio import CpioArchive, CpioEntry
 from common.filetree import Node, NodeKind, Tree
 from common.launch import LaunchSpec, cmd_file, env_file
+from common.shim import SHIM_DIR, SHIM_NAME
 
 # Entries we create (not taken from the image) get linuxkit's fixed time, as nitro-cli's ramdisks do.
 GENERATED_MTIME = 1492533000
@@ -62,22 +63,36 @@ def _node_entry(name: bytes, node: Node) -> CpioEntry:
     return base
 
 
-def _app_entries(tree: Tree, spec: LaunchSpec) -> Iterator[CpioEntry]:
+def _converters_own(path: bytes) -> bool:
+    return path == SHIM_DIR.encode() or path.startswith(SHIM_DIR.encode() + b"/")
+
+
+def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None) -> Iterator[CpioEntry]:
     root = tree.root
     yield CpioEntry(name=b"rootfs", mode=stat.S_IFDIR | (root.mode & 0o7777), uid=root.uid, gid=root.gid,
                     mtime=root.mtime)
     seen_top: set[bytes] = set()
     for path, node in tree.iter_sorted():
+        # The image's own /.nitroconv (say, a symlink planted where the shim goes) must not shadow ours.
+        if shim is not None and _converters_own(path):
+            continue
         if b"/" not in path:
             seen_top.add(path)
         yield _node_entry(b"rootfs/" + path, node)
     for name in ROOTFS_DIRS:
         if name not in seen_top:
             yield _generated_dir(b"rootfs/" + name)
+    if shim is not None:
+        yield _generated_dir(b"rootfs/" + SHIM_DIR.encode())
+        yield _blob_file(f"rootfs/{SHIM_DIR}/{SHIM_NAME}".encode(), shim)
     yield _generated_file(b"cmd", cmd_file(spec), 0o644)
     yield _generated_file(b"env", env_file(spec), 0o644)
 
 
-def app_archive(tree: Tree, spec: LaunchSpec) -> CpioArchive:
-    """Ramdisk 1: the image tree under `rootfs/`, the init's mount points, and `cmd`/`env` at the archive root."""
-    return CpioArchive(_app_entries(tree, spec))
+def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None) -> CpioArchive:
+    """Ramdisk 1: the image tree under `rootfs/`, the init's mount points, and `cmd`/`env` at the archive root.
+
+    With `shim`, the exec shim goes in as `rootfs/.nitroconv/shim` (0755, root) in place of anything
+    the image has at `/.nitroconv`; `spec` then is expected to start it (common.shim.through_shim).
+    """
+    return CpioArchive(_app_entries(tree, spec, shim))

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import InvalidOptions
+from common.reference import parse_reference
 
 PREFIX = "NITROCONV_"
+ENVIRONMENTS = ("development", "test", "production")
 
 
 def parse_bool(value: str) -> bool:
@@ -72,6 +74,34 @@ class Settings:
     max_attempts: int = 3
     max_wait_seconds: int = 600
     flower_basic_auth: str = field(default="", repr=False)
+    # Boot every converted EIF under QEMU before pushing it (issue 5); off by default, since a
+    # software-emulated boot costs several seconds of worker CPU per conversion.
+    boot_check: bool = False
+    boot_check_timeout: int = 120
+    # The exec shim and launcher built by `make runtime` (deploy/runtime/Makefile).
+    runtime_dir: Path = Path(".state/runtime")
+    # EIF signing (EIF.md §4.2): PEM paths, both or neither; checked again before every build, since a
+    # certificate valid at start-up can expire while the service runs.
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    # PEM bundle appended to an image's trust store when a build asks for add_ccm_ca_certificates.
+    ca_bundle: Path | None = None
+
+    # The image converted images are layered on (a registry reference), e.g. the operator's image with
+    # nitro-cli for /enclave/run to start; empty: the output has only the enclave layer.
+    output_base_image: str = ""
+
+    # Abuse limits (RELIABILITY.md §E). `production` refuses private and loopback registries unless
+    # they are in insecure_registries; link-local and cloud metadata addresses are refused always.
+    env: str = "development"
+    max_request_bytes: int = 1 << 20  # a conversion request is a few KiB
+    max_queued_per_account: int = 50  # conversions not yet ended, per account
+    rate_limit_per_minute: int = 600  # API requests per caller (user, account) and minute; 0 turns it off
+
+    # Observability (issue 7): `json` or `text` log lines (default json in production, text elsewhere), and
+    # the port each worker serves Prometheus metrics on (0: none; one port per worker instance on a host).
+    log_format: str = "text"
+    worker_metrics_port: int = 0
 
     @property
     def api_host_port(self) -> tuple[str, int]:
@@ -98,6 +128,7 @@ class Settings:
             "state_dir": state_dir,
             "workers": parse_int(get("WORKERS") or "1", minimum=1),
             "blobs_dir": Path(get("BLOBS_DIR") or state_dir / "blobs"),
+            "runtime_dir": Path(get("RUNTIME_DIR") or state_dir / "runtime"),
             "admin_email": get("ADMIN_EMAIL") or cls.admin_email,
             "admin_password": get("ADMIN_PASSWORD") or "",
             "insecure_registries": frozenset(parse_list(insecure) if insecure else (registry_addr,)),
@@ -105,10 +136,39 @@ class Settings:
         }
         for name in ("token_ttl_seconds", "soft_time_limit", "time_limit", "visibility_timeout",
                      "lease_seconds", "requeue_after_seconds", "sweep_interval_seconds", "max_attempts",
-                     "max_wait_seconds"):
+                     "max_wait_seconds", "boot_check_timeout"):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = parse_int(raw, minimum=1)
+        boot_check = get("BOOT_CHECK")
+        if boot_check is not None:
+            values["boot_check"] = parse_bool(boot_check)
+        for name in ("signing_key", "signing_cert", "ca_bundle"):
+            raw = get(name.upper())
+            if raw is not None:
+                values[name] = Path(raw)
+        base = (get("OUTPUT_BASE_IMAGE") or "").strip()
+        if base:
+            parse_reference(base)  # a typo fails at start-up, not in every conversion
+            values["output_base_image"] = base
+        env = (get("ENV") or cls.env).strip().lower()
+        if env not in ENVIRONMENTS:
+            raise InvalidOptions(f"NITROCONV_ENV must be one of {', '.join(ENVIRONMENTS)}, got {env!r}")
+        values["env"] = env
+        for name in ("max_request_bytes", "max_queued_per_account"):
+            raw = get(name.upper())
+            if raw is not None:
+                values[name] = parse_int(raw, minimum=1)
+        rate = get("RATE_LIMIT_PER_MINUTE")
+        if rate is not None:
+            values["rate_limit_per_minute"] = parse_int(rate, minimum=0)
+        log_format = (get("LOG_FORMAT") or ("json" if env == "production" else "text")).strip().lower()
+        if log_format not in ("json", "text"):
+            raise InvalidOptions(f"NITROCONV_LOG_FORMAT must be json or text, got {log_format!r}")
+        values["log_format"] = log_format
+        metrics_port = get("WORKER_METRICS_PORT")
+        if metrics_port is not None:
+            values["worker_metrics_port"] = parse_int(metrics_port, minimum=0)
         secret = get("SECRET_KEY")
         values["secret_key"] = secret.encode() if secret else b""
         settings = cls(**values)  # type: ignore[arg-type]
@@ -122,6 +182,11 @@ class Settings:
         if not self.soft_time_limit < self.time_limit < self.visibility_timeout:
             raise InvalidOptions("need soft_time_limit < time_limit < visibility_timeout "
                                  "(a conversion outliving the visibility timeout is delivered twice)")
+        if self.boot_check and self.boot_check_timeout >= self.soft_time_limit:
+            raise InvalidOptions("need boot_check_timeout < soft_time_limit (the boot check runs inside the "
+                                 "conversion's time limit)")
+        if (self.signing_key is None) != (self.signing_cert is None):
+            raise InvalidOptions("NITROCONV_SIGNING_KEY and NITROCONV_SIGNING_CERT must be set together")
 
     def with_secret(self) -> Settings:
         """These settings with a secret key: the configured one, else one persisted in the state dir."""

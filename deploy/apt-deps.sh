@@ -13,6 +13,7 @@ packages=(
   skopeo                        # independent OCI client used as a cross-check in tests
   debootstrap                   # bench image
   postgresql redis-server       # the system of record and the broker
+  chromium                      # headless-browser tests of Flower and /v1/docs
 )
 missing=()
 for p in "${packages[@]}"; do

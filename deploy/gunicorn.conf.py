@@ -29,3 +29,13 @@ def child_exit(server: object, worker: object) -> None:
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(getattr(worker, "pid", 0))  # type: ignore[no-untyped-call]
+
+
+def post_fork(server: object, worker: object) -> None:
+    # The app's own lines (JSON with request_id in production) go to their file: --daemon has no stderr.
+    from common.logs import configure
+    from common.settings import get_settings
+
+    to_stderr = getattr(getattr(server, "cfg", None), "errorlog", None) == "-"  # a container: stdout/stderr
+    stream = None if to_stderr else (_state / "logs" / "api-app.log").open("a", buffering=1)
+    configure(get_settings().log_format, stream=stream)

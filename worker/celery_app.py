@@ -1,10 +1,12 @@
 """The Celery application of the workers and beat, configured from Settings per DESIGN.md §7 / RELIABILITY.md §3."""
 from __future__ import annotations
 
-from celery import Celery
-from celery.signals import worker_process_init
+import logging
 
-from common import db
+from celery import Celery
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
+
+from common import db, logs
 from common.queue import broker_transport_options
 from common.settings import Settings, get_settings
 from common.tasknames import QUEUE, SWEEP
@@ -52,7 +54,7 @@ def celery_config(s: Settings) -> dict[str, object]:
     }
 
 
-app = Celery("nitroconv", include=["worker.tasks"])
+app = Celery("nitroconv", include=["worker.tasks", "worker.lifecycle"])
 # Lazy: the environment is read when Celery first needs configuration, not at import time.
 app.add_defaults(lambda: celery_config(get_settings()))
 
@@ -62,3 +64,33 @@ def _fresh_connections(**_: object) -> None:
     # A forked pool child must never reuse a connection pool the parent may have opened.
     db.engine_for.cache_clear()
     db.session_factory.cache_clear()
+    if get_settings().worker_metrics_port:
+        from worker import metrics
+
+        metrics.instrument_registry()
+
+
+@setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_: object) -> None:
+    # Connected, so Celery leaves logging to us: one handler, JSON or text, with the build_id context.
+    logs.configure(get_settings().log_format, level=loglevel or logging.INFO)
+
+
+@worker_init.connect
+def _metrics_exporter(sender: object = None, **_: object) -> None:
+    s = get_settings()
+    if not s.worker_metrics_port:
+        return
+    from worker import metrics
+
+    metrics.prepare(s, str(getattr(sender, "hostname", None) or "worker"))  # before the pool forks
+    port = metrics.start_exporter(s)
+    logging.getLogger(__name__).info("metrics on port %d", port)
+
+
+@worker_process_shutdown.connect
+def _metrics_child_exit(pid: int | None = None, **_: object) -> None:
+    if pid is not None:
+        from worker import metrics
+
+        metrics.child_exited(pid)

@@ -66,10 +66,15 @@ def cmd_convert_local(args: argparse.Namespace) -> int:
             entrypoint=tuple(args.entrypoint or ()),
             entrypoint_args=tuple(args.entrypoint_args or ()),
             env_vars=tuple(args.env or ()),
+            debug=args.debug,
+            add_ccm_ca_certificates=args.ca_bundle is not None,
         ),
         cpu_count=args.cpu_count,
         mem_size_mib=args.mem_size,
         insecure_registries=frozenset(args.insecure_registry or ()),
+        signing_key=args.signing_key,
+        signing_cert=args.signing_cert,
+        ca_bundle=args.ca_bundle,
     )
     state = Path(os.environ.get("NITROCONV_STATE_DIR", ".state"))
     cache = state / "cache"
@@ -77,14 +82,34 @@ def cmd_convert_local(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="nitroconv-", dir=args.scratch) as scratch:
             result = convert(spec, scratch=Path(scratch), blobs_dir=args.blobs or _default_blobs(), cache_dir=cache,
-                             on_stage=progress, eif_out=args.eif_out)
+                             on_stage=progress, eif_out=args.eif_out, runtime_dir=args.runtime,
+                             boot_check=args.boot_check_timeout if args.boot_check else False,
+                             output_base=os.environ.get("NITROCONV_OUTPUT_BASE_IMAGE", "")
+                             if args.output_base is None else args.output_base)
     except NitroconvError as exc:
         progress.close()
         print(f"nitroconv: {exc.code}: {exc.message} (input {args.input})", file=sys.stderr)
+        boot = exc.details.get("boot_check")
+        if isinstance(boot, dict):
+            _print_boot_check(boot, sys.stderr)
         return 1
     progress.close()
+    # stdout stays nitro-cli's measurements JSON; the boot check asked for is reported on stderr.
+    if result.boot_check is not None:
+        _print_boot_check(result.boot_check, sys.stderr)
+    for warning in result.warnings:
+        print(f"nitroconv: warning: {warning}", file=sys.stderr)
     print(json.dumps(result.measurements.to_nitro_cli(), indent=2))
     return 0
+
+
+def _print_boot_check(boot: dict[str, object], stream: TextIO) -> None:
+    verdict = "ok" if boot.get("ok") else "FAILED"
+    # Not prefixed `nitroconv:`: that line is the one error line a failed run prints.
+    print(f"boot check {verdict} in {boot.get('seconds')}s: {boot.get('reason')}", file=stream)
+    lines = boot.get("program_output") if boot.get("ok") else boot.get("console_tail")
+    for line in lines if isinstance(lines, list) else []:
+        print(f"  | {line}", file=stream)
 
 
 def cmd_describe_eif(args: argparse.Namespace) -> int:
@@ -92,6 +117,37 @@ def cmd_describe_eif(args: argparse.Namespace) -> int:
 
     print(json.dumps(describe_eif(args.eif), indent=2))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`describe-eif`'s output, then strict: a bad CRC or signature, or an unexpected PCR, fails (exit 1)."""
+    from common.eif import describe_eif
+    from common.errors import EifCheckFailed
+
+    described = describe_eif(args.eif)  # structural defects raise InvalidEif here
+    print(json.dumps(described, indent=2))
+    problems = []
+    if described.get("CheckCRC") is not True:
+        problems.append("CRC mismatch (the file is corrupted or was altered)")
+    if described.get("IsSigned") and described.get("SignatureCheck") is not True:
+        problems.append("the signature does not verify against PCR0 and the signing certificate")
+    measurements = described.get("Measurements")
+    registers = measurements if isinstance(measurements, dict) else {}
+    for index, expected in sorted(dict(args.expect_pcr or ()).items()):
+        actual = registers.get(f"PCR{index}")
+        if actual != expected:
+            problems.append(f"PCR{index} is {actual or 'absent'}, expected {expected}")
+    if problems:
+        raise EifCheckFailed(f"{args.eif}: " + "; ".join(problems), details={"problems": problems})
+    return 0
+
+
+def _expected_pcr(value: str) -> tuple[int, str]:
+    index, sep, digest = value.partition("=")
+    if not sep or index not in {"0", "1", "2", "3", "4", "8"} or len(digest) != 96 or \
+            any(c not in "0123456789abcdef" for c in digest.lower()):
+        raise argparse.ArgumentTypeError("expected N=HEX with N in 0,1,2,3,4,8 and 96 hex digits (SHA-384)")
+    return int(index), digest.lower()
 
 
 def cmd_boot_check(args: argparse.Namespace) -> int:
@@ -123,17 +179,40 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--entrypoint-args", nargs="+", action="extend", metavar="ARG", help="replaces CMD")
     conv.add_argument("--env", nargs="+", action="extend", metavar="K=V", help="added after the image's ENV")
     conv.add_argument("--cpu-count", type=int, default=2)
-    conv.add_argument("--mem-size", type=int, default=1024, metavar="MIB")
+    conv.add_argument("--mem-size", type=int, metavar="MIB",
+                      help="enclave memory, at least 4x the EIF (default: that minimum rounded up to 256 MiB)")
     conv.add_argument("--blobs", type=Path, help="kernel/cmdline/init/nsm.ko dir (default $NITROCONV_BLOBS_DIR)")
+    conv.add_argument("--runtime", type=Path,
+                      help="dir of the exec shim built by `make runtime` (default $NITROCONV_RUNTIME_DIR)")
     conv.add_argument("--eif-out", type=Path, help="also keep the EIF here")
     conv.add_argument("--insecure-registry", nargs="+", action="extend", metavar="HOST",
                       help="host:port reachable over plain HTTP or on a private address")
     conv.add_argument("--scratch", type=Path, help="scratch parent dir (default the system temp dir)")
+    conv.add_argument("--signing-key", type=Path, metavar="PEM",
+                      help="EC (P-256/384/521) private key: sign the EIF, which adds PCR8 (with --signing-cert)")
+    conv.add_argument("--signing-cert", type=Path, metavar="PEM", help="the signing key's X.509 certificate")
+    conv.add_argument("--ca-bundle", type=Path, metavar="PEM",
+                      help="append these CA certificates to the image's trust store (add_ccm_ca_certificates)")
+    conv.add_argument("--debug", action="store_true",
+                      help="a debug-mode enclave (console attached; attests all-zero PCRs)")
+    conv.add_argument("--boot-check", action="store_true",
+                      help="boot the EIF under QEMU before pushing; push nothing unless its entrypoint starts")
+    conv.add_argument("--boot-check-timeout", type=float, default=120.0, metavar="SECONDS")
+    conv.add_argument("--output-base", metavar="IMAGE",
+                      help="registry image to layer the output on, e.g. one with nitro-cli for /enclave/run "
+                           "(default $NITROCONV_OUTPUT_BASE_IMAGE; empty: none)")
     conv.set_defaults(func=cmd_convert_local)
 
     desc = sub.add_parser("describe-eif", help="print what `nitro-cli describe-eif` prints")
     desc.add_argument("eif", type=Path)
     desc.set_defaults(func=cmd_describe_eif)
+
+    verify = sub.add_parser("verify", help="print the EIF's PCRs like describe-eif; exit 1 on any CRC, "
+                                           "structure or signature error, or an --expect-pcr mismatch")
+    verify.add_argument("eif", type=Path)
+    verify.add_argument("--expect-pcr", type=_expected_pcr, action="append", metavar="N=HEX",
+                        help="also require PCR N to equal HEX (repeatable)")
+    verify.set_defaults(func=cmd_verify)
 
     boot = sub.add_parser("boot-check", help="boot an EIF under QEMU and check that its entrypoint starts")
     boot.add_argument("eif", type=Path)
@@ -165,8 +244,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except NitroconvError as exc:
         print(f"nitroconv: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        return _exit_status(exc)
     return code
+
+
+def _exit_status(exc: NitroconvError) -> int:
+    """The exit statuses documented in `common.apiclient` (1 unless the client knows better)."""
+    try:
+        from common.apiclient import exit_status
+    except ImportError:
+        return 1
+    return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,18 @@ class PipelineEngine:
             cpu_count=build.cpu_count,
             mem_size_mib=build.mem_size,
             insecure_registries=self.settings.insecure_registries,
+            signing_key=self.settings.signing_key,
+            signing_cert=self.settings.signing_cert,
+            ca_bundle=self.settings.ca_bundle,
         )
         cache = self.settings.state_dir / "cache"
         cache.mkdir(parents=True, exist_ok=True)
+        boot_check = float(self.settings.boot_check_timeout) if self.settings.boot_check else False
         result = convert(spec, scratch=scratch, blobs_dir=self.settings.blobs_dir, cache_dir=cache,
                          on_stage=lambda stage, progress: on_stage(getattr(stage, "name", str(stage)), progress),
-                         should_cancel=should_cancel)
+                         should_cancel=should_cancel, boot_check=boot_check,
+                         runtime_dir=self.settings.runtime_dir,
+                         output_base=self.settings.output_base_image)
         m = result.measurements
         return Outcome(
             input_digest=str(result.input_digest), output_digest=str(result.output_digest),
@@ -73,4 +79,5 @@ class PipelineEngine:
             pcr0=_hex(m.pcr0) or "", pcr1=_hex(m.pcr1) or "", pcr2=_hex(m.pcr2) or "", pcr8=_hex(m.pcr8),
             exposed_ports=tuple((int(p), str(proto)) for p, proto in result.exposed_ports),
             warnings=tuple(str(w) for w in result.warnings), docker_version=result.docker_version,
+            mem_size=int(result.mem_size_mib), boot_check=result.boot_check,
         )

@@ -5,7 +5,7 @@ import logging
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +20,7 @@ from common.models import Build
 from common.sealing import Credentials, Sealer
 from common.settings import Settings
 from common.status import ConversionState, path_to
+from worker.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0  # also the cancel latency while the engine is inside one long step
@@ -111,11 +112,18 @@ def _credentials(sealer: Sealer, sealed: bytes | None, build_id: uuid.UUID) -> C
     return sealer.open_credentials(sealed, str(build_id)) if sealed else None
 
 
-def _end(s: Settings, attempt: _Attempt, dst: ConversionState, code: str, message: str) -> None:
+def _end(s: Settings, attempt: _Attempt, dst: ConversionState, code: str, message: str,
+         values: Mapping[str, object] | None = None) -> None:
     with session_scope(s.database_url) as session:
         buildstore.end_unsuccessfully(session, attempt.claim.build_id, attempt.state, dst,
                                       actor=buildstore.worker_actor(attempt.claim.fence), code=code,
-                                      message=message, fence=attempt.claim.fence)
+                                      message=message, fence=attempt.claim.fence, values=values)
+
+
+def _failure_values(exc: NitroconvError) -> dict[str, object]:
+    """Columns a failure records besides its error: a failed boot check keeps its console for the user."""
+    boot = exc.details.get("boot_check")
+    return {"boot_check": dict(boot)} if isinstance(boot, Mapping) else {}
 
 
 def _not_claimable(s: Settings, build_id: uuid.UUID) -> AttemptResult:
@@ -146,7 +154,7 @@ def run(build_id: uuid.UUID, s: Settings, engine: Engine) -> AttemptResult:
     if claim is None:
         return _not_claimable(s, build_id)
     log.info("claimed build_id=%s attempt=%d", build_id, claim.attempt)
-    scratch = s.state_dir / "scratch" / f"{build_id}.{claim.fence.hex[:8]}"
+    scratch = scratch_dir(s.state_dir, build_id, claim.fence)
     with _Attempt(s, claim) as attempt:
         try:
             with session_scope(s.database_url) as session:
@@ -185,7 +193,7 @@ def run(build_id: uuid.UUID, s: Settings, engine: Engine) -> AttemptResult:
                     buildstore.requeue(session, build_id, attempt.state, fence=claim.fence,
                                        actor=buildstore.worker_actor(claim.fence), reason=f"{exc.code}: {exc.message}")
                 return AttemptResult("requeued", retry_in=min(300.0, 5.0 * 2 ** claim.attempt))
-            _end(s, attempt, ConversionState.FAILED, exc.code, exc.message)
+            _end(s, attempt, ConversionState.FAILED, exc.code, exc.message, _failure_values(exc))
             return AttemptResult("failed")
         except Exception:
             log.exception("conversion crashed build_id=%s", build_id)

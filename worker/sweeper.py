@@ -15,6 +15,7 @@ from common.models import Build
 from common.queue import enqueue_conversion
 from common.settings import Settings
 from common.status import RUNNING, ConversionState
+from worker.scratch import reap_dead
 
 log = logging.getLogger(__name__)
 BATCH = 200
@@ -26,6 +27,7 @@ class SweepReport:
     requeued: list[uuid.UUID] = field(default_factory=list)
     cancelled: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
+    reaped: int = 0
 
 
 def sweep(s: Settings) -> SweepReport:
@@ -86,4 +88,7 @@ def sweep(s: Settings) -> SweepReport:
         except QueueUnavailable:
             log.warning("sweeper could not publish build_id=%s; next pass retries", build_id)
             break
+    # This host's scratch dirs of attempts whose lease is gone (killed workers leave them behind).
+    with session_scope(s.database_url) as session:
+        report.reaped = len(reap_dead(s.state_dir, session))
     return report

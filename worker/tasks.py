@@ -5,12 +5,19 @@ import logging
 import uuid
 
 from celery import Task
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
+from common import logs
+from common.db import is_connection_error, session_scope
+from common.errors import DatabaseUnavailable
+from common.models import Build
 from common.queue import enqueue_conversion
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 from common.tasknames import CONVERT, SWEEP
 from worker.celery_app import app
 from worker.engine import PipelineEngine
+from worker.metrics import MeteredEngine, record_outcome
 from worker.runner import run
 from worker.sweeper import sweep
 
@@ -26,19 +33,44 @@ def convert(self: Task, build_id: str) -> str:
         log.warning("dropping malformed build id %r", build_id)
         return "skipped"
     s = get_settings()
-    result = run(bid, s, PipelineEngine(s))
+    with logs.bound(build_id=bid):
+        return _convert(self, bid, s)
+
+
+def _convert(self: Task, bid: uuid.UUID, s: Settings) -> str:
+    build_id = str(bid)
+    try:
+        result = run(bid, s, MeteredEngine(PipelineEngine(s)))
+    except (DBAPIError, DatabaseUnavailable) as exc:
+        if isinstance(exc, DBAPIError) and not is_connection_error(exc):
+            raise
+        # Postgres is away: nothing was claimed (or the lease expires and the sweeper requeues it).
+        # Back off and try again instead of failing the delivery; the sweeper covers a lost retry.
+        countdown = min(60.0, 2.0 ** min(self.request.retries, 6))
+        log.warning("database unavailable build_id=%s; retrying in %.0fs", build_id, countdown)
+        raise self.retry(countdown=countdown, max_retries=None) from None
     log.info("conversion build_id=%s outcome=%s", build_id, result.outcome)
+    record_outcome(result.outcome, _error_code(s, bid) if result.outcome == "failed" else None)
     if result.retry_in is not None:
         # The row is already QUEUED again; if this publish is lost the sweeper re-sends it.
         enqueue_conversion(s.redis_url, s.visibility_timeout, build_id, countdown=result.retry_in)
     return result.outcome
 
 
+def _error_code(s: Settings, build_id: uuid.UUID) -> str | None:
+    """The code the failed attempt recorded (the metric's label); None when the database cannot say."""
+    try:
+        with session_scope(s.database_url) as session:
+            return session.execute(select(Build.error_code).where(Build.id == build_id)).scalar_one_or_none()
+    except DBAPIError:
+        return None
+
+
 @app.task(name=SWEEP, ignore_result=True)
 def sweep_stuck() -> dict[str, int]:
     """Re-send lost enqueues and requeue conversions whose lease expired."""
     report = sweep(get_settings())
-    counts = {k: len(v) for k, v in vars(report).items()}
+    counts = {k: v if isinstance(v, int) else len(v) for k, v in vars(report).items()}
     if any(counts.values()):
         log.info("sweep %s", counts)
     return counts

@@ -30,7 +30,9 @@ class Health(MethodView):
 
 @blp.route("/metrics")
 class Metrics(MethodView):
-    @blp.doc(security=[])
+    @blp.doc(security=[], responses={"200": {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def get(self) -> Response:
         """Prometheus metrics of the API processes."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -38,4 +40,5 @@ class Metrics(MethodView):
             multiprocess.MultiProcessCollector(registry)
         else:
             registry = REGISTRY
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+        # content_type, not mimetype: the constant already names its charset (mimetype would add a second).
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from marshmallow import Schema, fields, validate
 
 from api.schemas.builds import ConverterOptionsSchema, NitroEnclavesOptionsSchema, image_reference
-from api.schemas.common import PageMetadataSchema
+from api.schemas.common import MAX_OFFSET, PageMetadataSchema
 
 
 class NitroDefaultsSchema(NitroEnclavesOptionsSchema):
@@ -48,7 +48,7 @@ class AppSchema(Schema):
 
 class AppListQuerySchema(Schema):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET))
     name = fields.String(load_default=None)
 
 

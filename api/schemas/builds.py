@@ -6,11 +6,11 @@ from collections.abc import Callable, Mapping
 
 from marshmallow import Schema, ValidationError, fields, pre_load, validate, validates_schema
 
-from api.schemas.common import PageMetadataSchema, StatusSchema
+from api.schemas.common import MAX_OFFSET, PageMetadataSchema, StatusSchema
 from common.errors import InvalidReference
+from common.options import JAVA_MODES
 from common.reference import parse_reference
 
-JAVA_MODES = ("JAVA-ORACLE", "OPENJDK", "OPENJ9", "LIBERTY-JRE")
 _ENV_ENTRY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*=[^\x00]*", re.DOTALL)
 REDACTED = "***"
 
@@ -59,7 +59,8 @@ class NitroEnclavesOptionsSchema(Schema):
                                validate=validate.Range(min=1, max=1024))
     mem_size = fields.Integer(load_default=None, allow_none=True, strict=True,
                               validate=validate.Range(min=1, max=1 << 40),
-                              metadata={"description": "enclave memory in MiB"})
+                              metadata={"description": "enclave memory in MiB; at least 4x the EIF size. Omitted: "
+                                                       "the app's default, else that minimum rounded up to 256 MiB"})
     enable_overlay_filesystem_persistence = fields.Boolean(load_default=None, allow_none=True)
 
 
@@ -161,6 +162,21 @@ class ConversionErrorSchema(Schema):
     message = fields.String(required=True)
 
 
+class BootCheckSchema(Schema):
+    """The QEMU boot check of the EIF (when the deployment runs it), kept for failed conversions too."""
+
+    ok = fields.Boolean(required=True, metadata={"description": "the init showed the entrypoint was exec'd"})
+    seconds = fields.Float(required=True)
+    exec_seconds = fields.Float(load_default=None, allow_none=True,
+                                metadata={"description": "from QEMU's start to the entrypoint's exec"})
+    console_tail = fields.List(fields.String(), required=True)
+    program_output = fields.List(fields.String(), required=True,
+                                 metadata={"description": "the program's first lines on the console"})
+    exit_status = fields.Integer(required=True, allow_none=True,
+                                 metadata={"description": "negative for a signal; null while it still ran"})
+    reason = fields.String(required=True)
+
+
 class ConversionSchema(Schema):
     state = fields.String(required=True, validate=validate.OneOf(
         ("QUEUED", "PULLING", "BUILDING", "MEASURING", "PUSHING", "SUCCEEDED", "FAILED", "CANCELLED")))
@@ -175,6 +191,7 @@ class ConversionSchema(Schema):
     attempts = fields.Integer(required=True)
     warnings = fields.List(fields.String(), required=True)
     cancel_requested = fields.Boolean(required=True)
+    boot_check = fields.Nested(BootCheckSchema, required=True, allow_none=True)
     request = fields.Nested(ConversionEchoSchema, required=True)
 
 
@@ -192,7 +209,8 @@ class BuildSchema(Schema):
     enclave_info = fields.Dict(required=True, allow_none=True)
     attributes = fields.Nested(AttributesSchema, required=True)
     app_description = fields.String(required=True)
-    mem_size = fields.Integer(required=True)
+    mem_size = fields.Integer(required=True, allow_none=True,
+                              metadata={"description": "MiB; null until the conversion sizes an omitted mem_size"})
     threads = fields.Integer(required=True)
     advanced_settings = fields.Nested(AdvancedSettingsSchema, required=True)
     build_name = fields.String(required=True, allow_none=True)
@@ -207,7 +225,7 @@ class BuildSchema(Schema):
 
 class BuildListQuerySchema(Schema):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET))
     sort_by = fields.String(load_default="created_at:DESC",
                             validate=validate.Regexp(r"^(created_at|updated_at|status|app_name):(ASC|DESC)$"))
     status = fields.String(load_default=None, validate=validate.OneOf(("PENDING", "WHITELISTED", "REJECTED")))

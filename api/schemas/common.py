@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
+# Offsets reach Postgres as a BIGINT-bounded OFFSET; past this an offset is only an overflow (a 500).
+MAX_OFFSET = 2**31 - 1
+
 
 class ErrorBodySchema(Schema):
     code = fields.String(required=True, metadata={"description": "stable lower_snake error code"})
@@ -27,7 +30,7 @@ class PageMetadataSchema(Schema):
 
 class PageQuerySchema(Schema):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET))
     sort_by = fields.String(load_default=None, metadata={"description": "`key:ASC` or `key:DESC`"})
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
 
-from api.schemas.common import PageMetadataSchema, StatusSchema
+from api.schemas.common import MAX_OFFSET, PageMetadataSchema, StatusSchema
 
 
 class PersonSchema(Schema):
@@ -34,7 +34,7 @@ class TaskDecisionSchema(Schema):
 
 class TaskListQuerySchema(Schema):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
-    offset = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET))
     status = fields.String(load_default=None, validate=validate.OneOf(("INPROGRESS", "SUCCESS", "DENIED")))
     build_id = fields.UUID(load_default=None)
 

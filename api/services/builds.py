@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from api.limits import check_quota
 from common.buildstore import NewBuild, end_unsuccessfully, insert_build, user_actor
 from common.errors import (
     Conflict,
@@ -19,8 +20,10 @@ from common.errors import (
     QueueUnavailable,
     ValidationFailed,
 )
+from common.hostpolicy import check_registry_host
 from common.models import App, Build
 from common.queue import enqueue_conversion
+from common.reference import parse_reference
 from common.sealing import Credentials, Sealer
 from common.settings import Settings
 from common.status import CONVERSION_TERMINAL, ConversionState
@@ -28,7 +31,6 @@ from common.status import CONVERSION_TERMINAL, ConversionState
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_COUNT = 2
-DEFAULT_MEM_SIZE_MIB = 2048
 _OPTION_DEFAULTS: dict[str, object] = {
     "add_ccm_ca_certificates": False, "allow_cmdline_args": False, "debug": False, "entrypoint": [],
     "entrypoint_args": [], "env_vars": [], "mutable_env_vars": [], "java_mode": None,
@@ -83,9 +85,18 @@ def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UU
         value = body.get(key)
         return value if value is not None else defaults.get(key, fallback)
 
+    # Neither the request nor the app names a size: the worker uses the smallest valid one for the EIF.
+    mem_size = pick("mem_size", None)
     build_id = uuid.uuid4()
     src, dst = body["input_image"], body["output_image"]
     assert isinstance(src, Mapping) and isinstance(dst, Mapping)
+    for image in (src, dst):
+        check_registry_host(parse_reference(str(image["name"])).api_host, allow_list=s.insecure_registries,
+                            production=s.env == "production")
+    retry = idempotency_key is not None and session.execute(select(Build.id).where(
+        Build.account_id == account_id, Build.idempotency_key == idempotency_key)).first() is not None
+    if not retry:  # a retried submission returns its build even when the account is at its quota
+        check_quota(session, account_id, s.max_queued_per_account)
     src_creds, dst_creds = _credentials(src), _credentials(dst)
     new = NewBuild(
         build_id=build_id, account_id=account_id, app_id=app.id, created_by=user_id,
@@ -95,7 +106,7 @@ def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UU
         input_credentials=sealer.seal_credentials(src_creds, str(build_id)) if src_creds else None,
         output_credentials=sealer.seal_credentials(dst_creds, str(build_id)) if dst_creds else None,
         converter_options=options, cpu_count=int(pick("cpu_count", DEFAULT_CPU_COUNT)),  # type: ignore[call-overload]
-        mem_size=int(pick("mem_size", DEFAULT_MEM_SIZE_MIB)),  # type: ignore[call-overload]
+        mem_size=int(mem_size) if mem_size is not None else None,  # type: ignore[call-overload]
         enable_overlay_filesystem_persistence=bool(pick("enable_overlay_filesystem_persistence", True)),
         request_fingerprint=_fingerprint(body), idempotency_key=idempotency_key)
     build, created = insert_build(session, new)

@@ -139,3 +139,37 @@ def tree_from_dir(root: Path) -> Tree:
         else:
             tree.add_file(name, BytesContent(path.read_bytes()), mode=perm)
     return tree
+
+
+RUNTIME_RECIPE = REPO / "deploy" / "runtime"
+
+
+def runtime_target() -> Path:
+    """Where `make runtime` puts the shim and launcher: $NITROCONV_RUNTIME_DIR, else <state dir>/runtime."""
+    if os.environ.get("NITROCONV_RUNTIME_DIR"):
+        return Path(os.environ["NITROCONV_RUNTIME_DIR"])
+    state = os.environ.get("NITROCONV_STATE_DIR")
+    return (Path(state) if state else REPO / ".state") / "runtime"
+
+
+def build_shim(target: Path, *, extra_cflags: str = "", name: str = "shim") -> Path:
+    """The exec shim in `target`, built by deploy/runtime with everything else a conversion needs from
+    there (the launcher too; a no-op when current). `extra_cflags` builds a variant of the shim alone
+    (e.g. the test build) under another name."""
+    if not extra_cflags:
+        subprocess.run(["make", "-s", "-C", str(RUNTIME_RECIPE), f"RUNTIME={target}"], check=True)
+        return target / "shim"
+    target.mkdir(parents=True, exist_ok=True)
+    src = REPO / "worker" / "runtime"
+    subprocess.run(["cc", "-std=gnu11", "-Os", "-Wall", "-Wextra", "-Werror", "-static", *extra_cflags.split(),
+                    "-o", str(target / name), str(src / "shim.c")], check=True)
+    return target / name
+
+
+@pytest.fixture(scope="session")
+def runtime_dir() -> Path:
+    target = runtime_target()
+    build_shim(target)
+    # The launcher too: convert() puts it into every output image as /enclave/run.
+    subprocess.run(["make", "-s", "-C", str(RUNTIME_RECIPE), f"RUNTIME={target}", f"{target}/run"], check=True)
+    return target

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs
+from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import LayerBlob, PushSession, image_config, make_layer, make_tar, push_test_image
 from tests.fixtures.registries import RunningRegistry
@@ -68,7 +68,7 @@ def convert_local(tmp_path: Path, blobs: Path, *args: str, env: Mapping[str, str
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NITROCONV_")}
     done = subprocess.run(
         [str(NITROCONV), "convert-local", *args, "--blobs", str(blobs), "--scratch", str(scratch),
-         "--eif-out", str(eif)],
+         "--eif-out", str(eif), "--runtime", str(build_shim(runtime_target()).parent)],
         env={**clean, "NITROCONV_STATE_DIR": str(state), **(env or {})},
         capture_output=True, text=True, timeout=600, cwd=run_dir,
     )

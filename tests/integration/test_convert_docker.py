@@ -28,7 +28,8 @@ import pytest
 from common.cpio import iter_cpio
 from common.eif import iter_section_data, read_eif
 from common.ramdisk import GENERATED_MTIME
-from tests.e2e.conftest import blobs_target, build_dev_blobs
+from common.shim import SHIM_PATH
+from tests.e2e.conftest import blobs_target, build_dev_blobs, build_shim, runtime_target
 from tests.fixtures.docker_engine import APP_GID, APP_UID
 from tests.fixtures.images import PushSession
 from tests.fixtures.registries import RunningRegistry
@@ -95,6 +96,8 @@ CONVERTER_ADDED = {
     "tmp": "init mounts a tmpfs here",
     "var": "nitro-cli creates it for the init",
 }
+# The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/shim.py).
+CONVERTER_OWN = {".nitroconv", ".nitroconv/shim"}
 # Directory mtimes are compared, except where the engine writes into the directory at `docker create`
 # (its init layer adds etc/hostname and the like, which bumps the mtime), and for the mount points both
 # sides create when the image lacks them (each at its own time; see the comparison).
@@ -254,6 +257,11 @@ def blobs_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
+def runtime_dir() -> Path:
+    return build_shim(runtime_target()).parent
+
+
+@pytest.fixture(scope="module")
 def oracle_image(docker_engine: docker.DockerClient, docker_base_image: str, registry: RunningRegistry,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[OracleImage]:
     session = uuid.uuid4().hex[:12]
@@ -289,22 +297,23 @@ def docker_snapshot(docker_engine: docker.DockerClient, oracle_image: OracleImag
         container.remove(force=True)
 
 
-def _convert(source: str, output: str, registry: RunningRegistry, blobs: Path, work: Path) -> Converted:
+def _convert(source: str, output: str, registry: RunningRegistry, blobs: Path, work: Path,
+             runtime: Path | None = None) -> Converted:
     spec = ConvertSpec(input_ref=source, output_ref=output, input_credentials=None, output_credentials=None,
                        options=ConverterOptions(), cpu_count=2, mem_size_mib=512,
                        insecure_registries=frozenset({registry.host}))
     eif = work / "out.eif"
     result = convert(spec, scratch=work / "scratch", blobs_dir=blobs, cache_dir=work / "cache",
-                     on_stage=lambda stage, progress: None, eif_out=eif)
+                     on_stage=lambda stage, progress: None, eif_out=eif, runtime_dir=runtime)
     assert not (work / "scratch").exists(), "convert() must remove its scratch dir"
     return Converted(result, eif)
 
 
 @pytest.fixture(scope="module")
-def converted(oracle_image: OracleImage, registry: RunningRegistry, blobs_dir: Path,
+def converted(oracle_image: OracleImage, registry: RunningRegistry, blobs_dir: Path, runtime_dir: Path,
               tmp_path_factory: pytest.TempPathFactory) -> Converted:
     output = f"{registry.host}/oracle/app-enclave:{oracle_image.session}"
-    return _convert(oracle_image.ref, output, registry, blobs_dir, tmp_path_factory.mktemp("convert"))
+    return _convert(oracle_image.ref, output, registry, blobs_dir, tmp_path_factory.mktemp("convert"), runtime_dir)
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +358,8 @@ def test_convert_docker_rootfs_matches_docker_export(docker_snapshot: Snapshot, 
     ours, _ = converted_snapshot
     theirs = docker_snapshot.entries
     # The root: `docker export` has no entry for it, and layers never describe it (no `./` is applied).
-    mine = {path: entry for path, entry in ours.entries.items() if path != ""}
+    mine = {path: entry for path, entry in ours.entries.items() if path != "" and path not in CONVERTER_OWN}
+    assert not set(theirs) & CONVERTER_OWN
 
     only_docker = set(theirs) - set(mine)
     assert only_docker <= set(DOCKER_CREATED), f"missing from the EIF: {sorted(only_docker - set(DOCKER_CREATED))}"
@@ -370,6 +380,14 @@ def test_convert_docker_rootfs_matches_docker_export(docker_snapshot: Snapshot, 
     assert len(set(mine) & set(theirs)) > 250
 
 
+def test_convert_docker_shim_is_the_runtime_build(converted_snapshot, runtime_dir: Path) -> None:
+    ours, _ = converted_snapshot
+    assert ours.entries[".nitroconv"] == GENERATED_DIR
+    shim = (runtime_dir / "shim").read_bytes()
+    assert ours.entries[".nitroconv/shim"] == Entry("file", 0o755, 0, 0, GENERATED_MTIME, size=len(shim),
+                                                     sha256=hashlib.sha256(shim).hexdigest())
+
+
 def test_convert_docker_hardlink_groups_match(docker_snapshot: Snapshot, converted_snapshot) -> None:
     ours, _ = converted_snapshot
     assert ours.hardlinks == docker_snapshot.hardlinks
@@ -382,7 +400,10 @@ def test_convert_docker_cmd_and_env_match_docker_inspect(oracle_image: OracleIma
     config = oracle_image.config
     argv = [*(config["Entrypoint"] or []), *(config["Cmd"] or [])]
     assert argv == ["/bin/sh", "-c", 'echo "$GREETING" from $(pwd)']
-    assert top["cmd"].decode().split("\n") == [*argv, ""]
+    # The init starts the shim, which applies the image's WORKDIR and USER and then execs ENTRYPOINT + CMD.
+    shim = [SHIM_PATH, "--workdir", config["WorkingDir"], "--user", config["User"], "--"]
+    assert (config["WorkingDir"], config["User"]) == ("/srv/app", "app")
+    assert top["cmd"].decode().split("\n") == [*shim, *argv, ""]
     assert config["Env"][0] == "PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
     assert top["env"].decode().split("\n") == [*config["Env"], ""]
     assert "GREETING=hello world" in config["Env"]
@@ -420,10 +441,11 @@ def test_convert_docker_engine_pulls_output_image_with_same_eif(
 
 
 def test_convert_docker_daemon_source_measures_like_the_registry(
-    oracle_image: OracleImage, converted: Converted, registry: RunningRegistry, blobs_dir: Path, tmp_path: Path
+    oracle_image: OracleImage, converted: Converted, registry: RunningRegistry, blobs_dir: Path, runtime_dir: Path,
+    tmp_path: Path
 ) -> None:
     output = f"{registry.host}/oracle/app-enclave:{oracle_image.session}-daemon"
-    from_engine = _convert(f"docker-daemon:{oracle_image.ref}", output, registry, blobs_dir, tmp_path)
+    from_engine = _convert(f"docker-daemon:{oracle_image.ref}", output, registry, blobs_dir, tmp_path, runtime_dir)
     assert from_engine.result.measurements == converted.result.measurements
     # Same app ramdisk byte for byte; only the metadata (which names the source) may differ.
     assert app_ramdisk(from_engine.eif) == app_ramdisk(converted.eif)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs
+from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import PushSession, image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry
@@ -68,7 +68,8 @@ def start(work: Path, registry: RunningRegistry, blobs: Path, input_ref: str, ou
     return subprocess.Popen(
         [str(NITROCONV), "convert-local", "--input", input_ref,
          "--output", f"{registry.host}/repro/app-enclave:{output_tag}", "--insecure-registry", registry.host,
-         "--blobs", str(blobs), "--scratch", str(work / "scratch"), "--eif-out", str(work / "app.eif"), *extra],
+         "--blobs", str(blobs), "--scratch", str(work / "scratch"), "--eif-out", str(work / "app.eif"),
+         "--runtime", str(build_shim(runtime_target()).parent), *extra],
         cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

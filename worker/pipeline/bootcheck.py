@@ -35,6 +35,12 @@ C_MARKERS: Mapping[str, str] = {
     "NCI_FATAL": MARK_FATAL,
 }
 
+# The exec shim (worker/runtime/shim.c) is what the init execs; it prints these notices and carries on,
+# and prints anything else under its prefix only when it fails to start the program (then exits 126/127).
+SHIM_PREFIX = "nitroconv-shim: "
+SHIM_NOTICES = ("no run-time values ", "run-time values ignored ", "refused ")
+SHIM_EXIT_CODES = (126, 127)
+
 QEMU = "qemu-system-x86_64"
 DEFAULT_TIMEOUT = 120.0
 # How long a program that keeps running (a server) is watched after its exec, for its first output.
@@ -85,6 +91,10 @@ class ConsoleParser:
     lines, since the parent learns of the exec only when it happens. Lines the program prints that
     look like init lines cannot make a failed exec look like a success: nothing runs after a failed
     exec but the init itself.
+
+    The init execs the exec shim, which execs the program: the init's exec marker is then the
+    shim's, and a shim failure line (not one of its notices) followed by exit 126/127, with no
+    program output in between, means the program never started.
     """
 
     def __init__(self, *, tail_lines: int = TAIL_LINES, output_lines: int = OUTPUT_LINES) -> None:
@@ -98,6 +108,8 @@ class ConsoleParser:
         self.fatal: str | None = None
         self.panic: str | None = None
         self.exit_status: int | None = None
+        self._shim_error: str | None = None
+        self.shim_failure: str | None = None
 
     @property
     def decided(self) -> bool:
@@ -114,8 +126,17 @@ class ConsoleParser:
             self.panic = line.split(_KERNEL_PANIC, 1)[1].strip()
         if _KERNEL_LINE.match(line):
             return
-        if self.launched and self.exit_status is None and len(self._output) < self._output_lines:
-            self._output.append(line)
+        if self.launched and self.exit_status is None and line.startswith(SHIM_PREFIX):
+            # The converter's lines, not the program's output; a hostile program printing one can only
+            # make its own start look failed.
+            body = line[len(SHIM_PREFIX):]
+            if not body.startswith(SHIM_NOTICES):
+                self._shim_error = body
+            return
+        if self.launched and self.exit_status is None:
+            self._shim_error = None  # the program ran and printed: whatever the shim said before, it started
+            if len(self._output) < self._output_lines:
+                self._output.append(line)
 
     def _init_line(self, line: str) -> None:
         if line == MARK_START:
@@ -135,10 +156,12 @@ class ConsoleParser:
             if match:
                 number = int(match.group(2))
                 self.exit_status = number if match.group(1) == "status" else -number
+                if self.exit_status in SHIM_EXIT_CODES and self._shim_error is not None:
+                    self.shim_failure = self._shim_error
 
     def verdict(self) -> ConsoleVerdict:
         return ConsoleVerdict(
-            ok=self.exec_ok,
+            ok=self.exec_ok and self.shim_failure is None,
             reason=self._reason(),
             exit_status=self.exit_status,
             program_output=tuple(self._output),
@@ -148,6 +171,8 @@ class ConsoleParser:
         )
 
     def _reason(self) -> str:
+        if self.exec_ok and self.shim_failure is not None:
+            return f"the entrypoint did not start: {self.shim_failure} (status {self.exit_status})"
         if self.exec_ok:
             status = self.exit_status
             if status is None:
@@ -190,7 +215,8 @@ class BootCheckJson(TypedDict):
 class BootResult:
     """One boot check, as it goes into a Build's `conversion.boot_check`.
 
-    `ok` means the init's marker showed the entrypoint was exec'd (whatever its exit status);
+    `ok` means the init's marker showed the entrypoint was exec'd (whatever its exit status) and
+    the exec shim, when there is one, did not report failing to start the program;
     `seconds` is the whole check, `exec_seconds` the time from QEMU's start to the marker.
     """
 

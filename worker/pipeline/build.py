@@ -6,10 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.eif import Measurements, Section, build_metadata, kernel_info_from_config, write_eif
+from common.eif import Measurements, Section, build_metadata, eif_size, kernel_info_from_config, write_eif
 from common.filetree import Tree
 from common.launch import LaunchSpec
 from common.ramdisk import app_archive, bootstrap_archive
+from common.signing import EifSigner
+from worker.pipeline.memory import default_mem_mib
 
 # A fixed build time keeps the metadata section, and so the whole file, byte-identical across builds (EIF.md §7).
 BUILD_TIME = "1970-01-01T00:00:00+00:00"
@@ -32,6 +34,8 @@ class BuiltEif:
     path: Path
     size: int
     measurements: Measurements
+    # The enclave memory written into the header: the requested size, or the computed default.
+    mem_size_mib: int = 0
 
 
 def tool_version() -> str:
@@ -51,9 +55,16 @@ def build_eif(
     blobs_dir: Path,
     out_path: Path,
     cpu_count: int,
-    mem_size_mib: int,
+    mem_size_mib: int | None,
+    shim: Path | None = None,
+    signer: EifSigner | None = None,
 ) -> BuiltEif:
-    """Write the EIF to `out_path` in one pass; PCRs are computed while the sections stream out."""
+    """Write the EIF to `out_path` in one pass; PCRs are computed while the sections stream out.
+
+    `mem_size_mib=None` writes the smallest valid size for this EIF into the header's default_mem:
+    the file's length is known from its sections before any byte is written, so the header stays
+    a deterministic function of the input.
+    """
     kernel = blobs_dir / "bzImage"
     config = blobs_dir / "bzImage.config"
     os_name, kernel_version = kernel_info_from_config(config) if config.exists() else ("Linux", "unknown")
@@ -70,7 +81,11 @@ def build_eif(
     )
     # nitro-cli trims the cmdline file: the section has no trailing newline (EIF.md §5.2).
     cmdline = (blobs_dir / "cmdline").read_bytes().strip()
-    boot, app = bootstrap_archive(blobs_dir), app_archive(tree, launch)
+    boot, app = bootstrap_archive(blobs_dir), app_archive(tree, launch, shim=shim)
+    if mem_size_mib is None:
+        mem_size_mib = default_mem_mib(eif_size(kernel=kernel.stat().st_size, cmdline=len(cmdline),
+                                                metadata=len(metadata), ramdisks=[boot.size, app.size],
+                                                signature=signer.max_section_size() if signer else None))
     with out_path.open("wb") as out:
         measurements = write_eif(
             out,
@@ -80,8 +95,9 @@ def build_eif(
             ramdisks=[Section(boot.size, boot.chunks), Section(app.size, app.chunks)],
             default_mem=mem_size_mib * MIB,
             default_cpus=cpu_count,
+            signer=signer,
         )
-    return BuiltEif(out_path, out_path.stat().st_size, measurements)
+    return BuiltEif(out_path, out_path.stat().st_size, measurements, mem_size_mib)
 
 
 def docker_info(config: Mapping[str, object], config_digest: str, repo_digest: str | None) -> dict[str, object]:

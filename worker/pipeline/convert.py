@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,13 +11,26 @@ from pathlib import Path
 
 from common.blobstore import BlobStore
 from common.eif import Measurements, read_eif
-from common.errors import Cancelled, InvalidBlobs, InvalidEif, InvalidOptions, MemoryTooSmall
+from common.errors import (
+    Cancelled,
+    InvalidBlobs,
+    InvalidEif,
+    InvalidOptions,
+    InvalidSigningMaterial,
+    MemoryTooSmall,
+)
 from common.filetree import NodeKind, Tree
 from common.launch import LaunchSpec, launch_spec, parse_env
 from common.layers import Limits
+from common.options import check_java_mode
 from common.registry import Credentials
-from worker.pipeline.build import MIB, EifIdentity, build_eif, docker_info
-from worker.pipeline.outputimage import config_json, labels, write_layer
+from common.shim import SHIM_DIR, through_shim
+from common.signing import EifSigner, load_signer
+from worker.pipeline.build import EifIdentity, build_eif, docker_info
+from worker.pipeline.cabundle import append_ca_bundle, load_ca_bundle
+from worker.pipeline.memory import MEMORY_FACTOR, minimum_mem_mib
+from worker.pipeline.outputbase import BaseImage, base_reference, resolve_base
+from worker.pipeline.outputimage import ENTRYPOINT, config_json, labels, write_layer
 from worker.pipeline.pull import PulledImage, pull
 from worker.pipeline.push import output_reference, push
 
@@ -24,8 +38,6 @@ BLOB_FILES = ("bzImage", "cmdline", "init", "nsm.ko")
 # The kernel's initramfs unpacker drops names of PATH_MAX (4096 with the NUL) or more, and the app
 # ramdisk prefixes every image path with "rootfs/".
 DEFAULT_LIMITS = Limits(max_path_bytes=4096 - 1 - len("rootfs/"))
-# The enclave needs room for the EIF it boots from plus the unpacked ramdisks and the program (DESIGN.md §5).
-MEMORY_FACTOR = 4
 
 
 class Stage(enum.StrEnum):
@@ -63,8 +75,14 @@ class ConvertSpec:
     output_credentials: Credentials | None
     options: ConverterOptions
     cpu_count: int
-    mem_size_mib: int
+    # None: the smallest valid size for the EIF built, rounded up to 256 MiB (worker.pipeline.memory).
+    mem_size_mib: int | None
     insecure_registries: frozenset[str] = frozenset()
+    # The deployment's signing key and certificate (PEM paths, both or neither): signature section and PCR8.
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+    # The service's CA bundle (PEM), appended to the image's trust store for add_ccm_ca_certificates.
+    ca_bundle: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,10 @@ class ConvertResult:
     exposed_ports: tuple[tuple[int, str], ...]
     warnings: tuple[str, ...]
     docker_version: str | None
+    # The enclave memory used: in the EIF header and launch.json; the requested size or the computed default.
+    mem_size_mib: int = 0
+    # `BootResult.to_json()` when the boot check ran.
+    boot_check: dict[str, object] | None = None
 
 
 def _check_blobs(blobs_dir: Path) -> None:
@@ -99,24 +121,51 @@ def _exposed_ports(config: dict[str, object]) -> tuple[tuple[int, str], ...]:
     return tuple(sorted(found))
 
 
-def resolve_command(tree: Tree, spec: LaunchSpec) -> tuple[LaunchSpec, tuple[str, ...]]:
-    """Resolve a bare argv[0] against the image's PATH, inside the image, as Docker does.
+def command_warnings(tree: Tree, spec: LaunchSpec) -> tuple[str, ...]:
+    """A warning when argv[0] is not an executable file of the image, found as the shim will look for it.
 
-    The AWS-compatible init searches only its own fixed PATH, so `python3` in /usr/local/bin would
-    not be found in the enclave although `docker run` finds it.
+    The shim resolves a bare name on the image's PATH at start (Docker's rule); this only says early
+    that it would fail. A relative name with a slash depends on WORKDIR and is not checked.
     """
     argv0 = spec.argv[0]
     if "/" in argv0:
-        return spec, ()
-    path_value = next((e.partition("=")[2] for e in spec.env if e.startswith("PATH=")), "")
-    for directory in path_value.split(":"):
-        if not directory.startswith("/"):
-            continue
-        candidate = f"{directory.rstrip('/')}/{argv0}"
+        candidates = [argv0] if argv0.startswith("/") else []
+    else:
+        path_value = next((e.partition("=")[2] for e in spec.env if e.startswith("PATH=")), "")
+        candidates = [f"{d.rstrip('/')}/{argv0}" for d in path_value.split(":") if d.startswith("/")]
+    if "/" in argv0 and not candidates:
+        return ()
+    for candidate in candidates:
         node = tree.lookup(candidate.encode())
         if node is not None and node.kind is NodeKind.FILE and node.mode & 0o111:
-            return LaunchSpec((candidate, *spec.argv[1:]), spec.env, spec.workdir, spec.user), ()
-    return spec, (f"{argv0!r} was not found on the image's PATH; the enclave will fail to start it",)
+            return ()
+    where = "in the image" if "/" in argv0 else "on the image's PATH"
+    return (f"{argv0!r} was not found {where}; the enclave will fail to start it",)
+
+
+def default_runtime_dir() -> Path:
+    """Where `make runtime` puts the shim: $NITROCONV_RUNTIME_DIR, else <state dir>/runtime."""
+    env = os.environ.get("NITROCONV_RUNTIME_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("NITROCONV_STATE_DIR") or ".state") / "runtime"
+
+
+def _shim(runtime_dir: Path) -> Path:
+    shim = runtime_dir / "shim"
+    if not shim.is_file():
+        raise InvalidBlobs(f"runtime dir {runtime_dir} lacks the exec shim `shim` (run `make runtime`)",
+                           details={"missing": ["shim"], "runtime_dir": str(runtime_dir)})
+    return shim
+
+
+def _launcher(runtime_dir: Path) -> bytes:
+    """The output image's /enclave/run (worker/runtime/launcher.c), built by `make runtime`."""
+    try:
+        return (runtime_dir / "run").read_bytes()
+    except FileNotFoundError:
+        raise InvalidBlobs(f"runtime dir {runtime_dir} lacks the launcher `run` (run `make runtime`)",
+                           details={"missing": ["run"], "runtime_dir": str(runtime_dir)}) from None
 
 
 def convert(
@@ -129,15 +178,33 @@ def convert(
     should_cancel: Callable[[], bool] = lambda: False,
     eif_out: Path | None = None,
     limits: Limits | None = None,
+    runtime_dir: Path | None = None,
+    boot_check: bool | float = False,
+    output_base: str = "",
 ) -> ConvertResult:
-    """Convert one image. Everything written goes under `scratch` (emptied at the end) or the blob cache."""
+    """Convert one image. Everything written goes under `scratch` (emptied at the end) or the blob cache.
+
+    `boot_check` (True, or a timeout in seconds) boots the EIF under QEMU after it is measured and
+    before anything is pushed; a boot that does not reach the entrypoint raises `BootCheckFailed`
+    carrying the result in `details["boot_check"]`.
+
+    `output_base` (NITROCONV_OUTPUT_BASE_IMAGE, a registry reference; empty for none) is the image
+    the output is layered on, e.g. one with nitro-cli for the launcher to run.
+    """
     _check_blobs(blobs_dir)
+    shim = _shim(runtime_dir or default_runtime_dir())
+    launcher = _launcher(runtime_dir or default_runtime_dir())
+    base_ref = base_reference(output_base)
     # Malformed options fail before any network I/O.
     parse_env(spec.options.env_vars, field="env_vars")
     parse_env(spec.options.mutable_env_vars, field="mutable_env_vars")
     out_ref = output_reference(spec.output_ref)
-    if spec.cpu_count < 1 or spec.mem_size_mib < 1:
+    if spec.cpu_count < 1 or (spec.mem_size_mib is not None and spec.mem_size_mib < 1):
         raise InvalidOptions("cpu_count and mem_size must be positive", details={"field": "cpu_count/mem_size"})
+    check_java_mode(spec.options.java_mode)
+    # The signing identity is checked per build: a certificate can expire while the service runs.
+    signer = _signer(spec)
+    ca_bundle = load_ca_bundle(spec.ca_bundle) if spec.options.add_ccm_ca_certificates else None
 
     def stage(s: Stage, within: float = 0.0) -> None:
         if should_cancel():
@@ -147,6 +214,11 @@ def convert(
     scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         stage(Stage.PULLING)
+        base: BaseImage | None = None
+        if base_ref is not None:
+            # Before the long part: a base that cannot be resolved would fail every conversion at the end.
+            base = resolve_base(base_ref, credentials=_base_credentials(spec, base_ref.api_host),
+                                insecure_registries=spec.insecure_registries)
         tree = Tree()
         image: PulledImage = pull(
             spec.input_ref, tree,
@@ -159,6 +231,8 @@ def convert(
         )
 
         stage(Stage.BUILDING)
+        if ca_bundle is not None:
+            append_ca_bundle(tree, ca_bundle)
         inner = image.config.get("config")
         launch = launch_spec(
             inner if isinstance(inner, dict) else {},
@@ -166,7 +240,12 @@ def convert(
             entrypoint_args=spec.options.entrypoint_args,
             env_vars=spec.options.env_vars,
         )
-        launch, warnings = resolve_command(tree, launch)
+        warnings = command_warnings(tree, launch) + option_warnings(spec.options)
+        if tree.lookup(SHIM_DIR.encode(), follow=False) is not None:
+            warnings += (f"the image's /{SHIM_DIR} is replaced by the converter's exec shim",)
+        # WORKDIR, USER and the run-time allow-list are the shim's options: in /cmd, so measured in PCR2.
+        launch = through_shim(launch, mutable_env=spec.options.mutable_env_vars,
+                              allow_args=spec.options.allow_cmdline_args)
         eif_path = scratch / "app.eif"
         identity = EifIdentity(
             image_name=image.name,
@@ -176,7 +255,7 @@ def convert(
             custom={"nitroconv": {"debug": spec.options.debug}},
         )
         built = build_eif(tree, launch, identity, blobs_dir=blobs_dir, out_path=eif_path,
-                          cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib)
+                          cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=shim, signer=signer)
         del tree  # the spool files stay until scratch is removed; the index can go
 
         stage(Stage.MEASURING)
@@ -184,21 +263,27 @@ def convert(
         checked = read_eif(eif_path)
         if checked.measurements != built.measurements:
             raise InvalidEif("the EIF read back does not measure what was written")
-        if spec.mem_size_mib * MIB < MEMORY_FACTOR * built.size:
-            need = -(-MEMORY_FACTOR * built.size // MIB)
+        if checked.signature is not None and not checked.signature.check:
+            raise InvalidEif("the EIF's signature does not verify with its certificate")
+        mem_size_mib = built.mem_size_mib
+        need = minimum_mem_mib(built.size)
+        if mem_size_mib < need:
             raise MemoryTooSmall(
-                f"mem_size {spec.mem_size_mib} MiB is below {MEMORY_FACTOR}x the EIF size; use at least {need} MiB",
-                details={"mem_size": spec.mem_size_mib, "minimum": need, "eif_size": built.size},
+                f"mem_size {mem_size_mib} MiB is below {MEMORY_FACTOR}x the EIF size; use at least {need} MiB",
+                details={"mem_size": mem_size_mib, "minimum": need, "eif_size": built.size},
             )
+        boot = _boot_check(eif_path, boot_check, scratch) if boot_check is not False else None
 
         stage(Stage.PUSHING)
-        files = _enclave_files(spec, built.measurements)
+        files = {**_enclave_files(spec, built.measurements, mem_size_mib), "run": launcher}
         layer = write_layer(eif_path, files, scratch / "layer.tar.gz")
         on_stage(Stage.PUSHING, 0.9)
         input_digest = image.input_digest or image.config_digest
         image_labels = labels(built.measurements, input_digest)
-        pushed = push(out_ref, layer, config_json(layer, image_labels, None), {},
-                      credentials=spec.output_credentials, insecure_registries=spec.insecure_registries)
+        pushed = push(out_ref, layer, config_json(layer, image_labels, ENTRYPOINT, base), {},
+                      credentials=spec.output_credentials, insecure_registries=spec.insecure_registries,
+                      base=base, cache=BlobStore(cache_dir / "blobs"),
+                      base_credentials=_base_credentials(spec, base_ref.api_host) if base_ref else None)
         if eif_out is not None:
             shutil.copyfile(eif_path, eif_out)
         on_stage(Stage.PUSHING, 1.0)
@@ -213,22 +298,57 @@ def convert(
             exposed_ports=_exposed_ports(image.config),
             warnings=warnings,
             docker_version=_str_or_none(image.config.get("docker_version")),
+            mem_size_mib=mem_size_mib,
+            boot_check=boot,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _boot_check(eif_path: Path, boot_check: bool | float, scratch: Path) -> dict[str, object]:
+    """Boot the EIF under QEMU; raise `BootCheckFailed` (with the result) unless the entrypoint was exec'd."""
+    from worker.pipeline.bootcheck import DEFAULT_TIMEOUT, boot_eif
+
+    timeout = DEFAULT_TIMEOUT if boot_check is True else float(boot_check)
+    result = boot_eif(eif_path, timeout=timeout, scratch=scratch)
+    result.raise_if_failed()
+    return dict(result.to_json())
+
+
+def _signer(spec: ConvertSpec) -> EifSigner | None:
+    if spec.signing_key is None and spec.signing_cert is None:
+        return None
+    if spec.signing_key is None or spec.signing_cert is None:
+        raise InvalidSigningMaterial("a signing key and a signing certificate must be given together")
+    return load_signer(spec.signing_key, spec.signing_cert)
+
+
+# Debug enclaves attest zeros in every PCR (EIF.md §3.4), so attestation-based key release policies fail.
+DEBUG_WARNING = ("debug enclaves attest all-zero PCRs: a KMS key policy or verifier pinned to this image's "
+                 "PCR values will refuse the enclave while it runs in debug mode")
+
+
+def option_warnings(options: ConverterOptions) -> tuple[str, ...]:
+    """Warnings the Build carries because of the options chosen, whatever the image."""
+    return (DEBUG_WARNING,) if options.debug else ()
+
+
+def _base_credentials(spec: ConvertSpec, host: str) -> Credentials | None:
+    """The output registry's credentials serve a base on that registry (the operator's); elsewhere it is pulled anonymously."""
+    return spec.output_credentials if host == output_reference(spec.output_ref).api_host else None
 
 
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _enclave_files(spec: ConvertSpec, measurements: Measurements) -> dict[str, bytes]:
+def _enclave_files(spec: ConvertSpec, measurements: Measurements, mem_size_mib: int) -> dict[str, bytes]:
     """`measurements.json` (nitro-cli's shape) and `launch.json` (what the launcher needs) of the output image."""
     mutable = dict(parse_env(spec.options.mutable_env_vars, field="mutable_env_vars"))
     launch = {
         "eif": "/enclave/app.eif",
         "cpu_count": spec.cpu_count,
-        "memory_mib": spec.mem_size_mib,
+        "memory_mib": mem_size_mib,
         "debug": spec.options.debug,
         "allow_cmdline_args": spec.options.allow_cmdline_args,
         "mutable_env_vars": mutable,

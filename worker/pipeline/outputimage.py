@@ -7,7 +7,7 @@ import io
 import json
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -18,6 +18,7 @@ from common.errors import InvalidManifest
 from common.hostpolicy import HostPolicy
 from common.reference import parse_reference
 from common.registry import Credentials, RegistryClient
+from worker.pipeline.outputbase import BaseImage
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -25,6 +26,11 @@ MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 LABEL_PREFIX = "dev.nitroconv."
 # Level 1: the EIF is mostly an uncompressed cpio; higher levels cost seconds per 100 MB for a few percent.
 GZIP_LEVEL = 1
+# Every timestamp the output carries: equal inputs must give equal digests.
+FIXED_CREATED = "1970-01-01T00:00:00Z"
+HISTORY_CREATED_BY = "nitroconv: /enclave (app.eif, launch.json, measurements.json, run)"
+# The launcher, the output image's entrypoint (worker/runtime/launcher.c).
+ENTRYPOINT = ["/enclave/run"]
 
 
 @dataclass(frozen=True)
@@ -102,18 +108,34 @@ def labels(measurements: Measurements, input_digest: str) -> dict[str, str]:
     return {LABEL_PREFIX + k: v for k, v in found.items() if v}
 
 
-def config_json(layer: OutputLayer, image_labels: Mapping[str, str], entrypoint: list[str] | None) -> bytes:
-    """The image config: fixed `created`, no history timestamps, so it is byte-stable."""
-    config: dict[str, object] = {"Labels": dict(sorted(image_labels.items()))}
+def config_json(layer: OutputLayer, image_labels: Mapping[str, str], entrypoint: list[str] | None,
+                base: BaseImage | None = None) -> bytes:
+    """The image config: fixed `created`, fixed history timestamp, sorted keys, so it is byte-stable.
+
+    With a base, it is the base's config with our layer's diff_id appended, our Entrypoint, our
+    labels merged over the base's, and one history entry for our layer.
+    """
+    doc: dict[str, object] = base.config if base is not None else {"architecture": "amd64", "os": "linux"}
+    inner = doc.get("config")
+    config: dict[str, object] = dict(inner) if isinstance(inner, dict) else {}
+    # The base's CMD would reach the launcher as extra arguments for the enclave's program.
+    config.pop("Cmd", None)
+    config.pop("Entrypoint", None)
     if entrypoint:
-        config["Entrypoint"] = entrypoint
-    doc = {
-        "architecture": "amd64",
-        "os": "linux",
-        "created": "1970-01-01T00:00:00Z",
-        "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
-    }
+        config["Entrypoint"] = list(entrypoint)
+    base_labels = config.get("Labels")
+    merged = {k: v for k, v in (base_labels.items() if isinstance(base_labels, dict) else ())
+              if not str(k).startswith(LABEL_PREFIX)}  # a converted base's measurements are not ours
+    merged.update(image_labels)
+    if base is not None:
+        merged[LABEL_PREFIX + "base"] = f"{base.reference.name}@{base.digest}"
+    config["Labels"] = dict(sorted(merged.items()))
+    doc["config"] = config
+    doc["created"] = FIXED_CREATED
+    doc["rootfs"] = {"type": "layers", "diff_ids": [*(base.diff_ids if base else ()), layer.diff_id]}
+    history = doc.get("history")
+    if isinstance(history, list):
+        doc["history"] = [*history, {"created": FIXED_CREATED, "created_by": HISTORY_CREATED_BY}]
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -121,7 +143,8 @@ def blob_of(data: bytes, media_type: str) -> Blob:
     return Blob(f"sha256:{hashlib.sha256(data).hexdigest()}", len(data), media_type)
 
 
-def manifest_json(config: Blob, layer: Blob, annotations: Mapping[str, str]) -> bytes:
+def manifest_json(config: Blob, layer: Blob, annotations: Mapping[str, str], base_layers: Sequence[Blob] = ()
+                  ) -> bytes:
     def desc(b: Blob) -> dict[str, object]:
         return {"mediaType": b.media_type, "digest": b.digest, "size": b.size}
 
@@ -129,7 +152,7 @@ def manifest_json(config: Blob, layer: Blob, annotations: Mapping[str, str]) -> 
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
         "config": desc(config),
-        "layers": [desc(layer)],
+        "layers": [desc(b) for b in (*base_layers, layer)],
     }
     if annotations:
         doc["annotations"] = dict(sorted(annotations.items()))
@@ -144,9 +167,10 @@ def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecur
     with tempfile.TemporaryDirectory(prefix="nitroconv-fetch-") as tmp, \
             RegistryClient.for_reference(ref, credentials=credentials, policy=policy) as client:
         resolved = client.resolve(ref)
-        if len(resolved.layers) != 1:
-            raise InvalidManifest(f"{ref} is not a nitroconv output image (expected one layer)")
-        descriptor, diff_id = resolved.layers[0], resolved.diff_ids[0]
+        if not resolved.layers:
+            raise InvalidManifest(f"{ref} is not a nitroconv output image (it has no layers)")
+        # Ours is the last layer; any before it are the output base's (NITROCONV_OUTPUT_BASE_IMAGE).
+        descriptor, diff_id = resolved.layers[-1], resolved.diff_ids[-1]
         blob = client.fetch_blob(resolved.repository, descriptor, Path(tmp) / "layer")
         with open_layer(blob, descriptor.media_type, diff_id) as layer, \
                 tarfile.open(fileobj=cast(BinaryIO, layer), mode="r|") as tar:

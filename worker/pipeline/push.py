@@ -5,14 +5,17 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from common.blobstore import BlobStore
 from common.digest import Digest
 from common.errors import InvalidReference
 from common.hostpolicy import HostPolicy
 from common.reference import Reference, parse_image_source
 from common.registry import Credentials, RegistryClient
+from worker.pipeline.outputbase import BaseImage, copy_base_layers
 from worker.pipeline.outputimage import (
     CONFIG_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPE,
+    Blob,
     OutputLayer,
     blob_of,
     manifest_json,
@@ -23,7 +26,7 @@ from worker.pipeline.outputimage import (
 class Pushed:
     reference: str  # name:tag@digest of what was pushed
     digest: str
-    size: int  # layer + config + manifest bytes
+    size: int  # layers (the base's too) + config + manifest bytes
 
 
 def output_reference(text: str) -> Reference:
@@ -44,18 +47,28 @@ def push(
     *,
     credentials: Credentials | None,
     insecure_registries: frozenset[str],
+    base: BaseImage | None = None,
+    cache: BlobStore | None = None,
+    base_credentials: Credentials | None = None,
 ) -> Pushed:
-    """Upload layer, config and manifest. Re-running after a crash re-uploads nothing that landed."""
+    """Upload the base's layers (if any), ours, the config and the manifest. Re-running after a crash
+    re-uploads nothing that landed. `cache` keeps base layers fetched from another registry."""
     # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
     policy = HostPolicy.allowing(insecure_registries)
     config_blob = blob_of(config, CONFIG_MEDIA_TYPE)
-    manifest = manifest_json(config_blob, layer.blob, annotations)
+    base_blobs = [Blob(b.digest, b.size, b.media_type) for b in base.layers] if base is not None else []
+    manifest = manifest_json(config_blob, layer.blob, annotations, base_blobs)
     with RegistryClient.for_reference(ref, credentials=credentials, policy=policy) as client:
+        if base is not None:
+            if cache is None:
+                raise ValueError("pushing onto a base image needs a blob cache")
+            copy_base_layers(client, ref, base, cache=cache, base_credentials=base_credentials, policy=policy)
         client.upload_blob(ref.repository, Digest.parse(layer.blob.digest), layer.blob.size,
                            lambda: layer.path.open("rb"))
         client.upload_blob(ref.repository, Digest.parse(config_blob.digest), config_blob.size,
                            lambda: io.BytesIO(config))
         digest = client.put_manifest(ref.repository, ref.tag or "latest", MANIFEST_MEDIA_TYPE, manifest)
     name = f"{ref.name}:{ref.tag or 'latest'}@{digest}"
-    return Pushed(name, str(digest), layer.blob.size + config_blob.size + len(manifest))
+    size = layer.blob.size + config_blob.size + len(manifest) + sum(b.size for b in base_blobs)
+    return Pushed(name, str(digest), size)
 

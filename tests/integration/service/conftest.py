@@ -53,6 +53,7 @@ def service_settings(service_db: str, service_redis: str, tmp_path_factory: pyte
     state = tmp_path_factory.mktemp("state")
     return Settings(database_url=service_db, redis_url=service_redis, state_dir=state,
                     blobs_dir=Path(os.environ.get("NITROCONV_BLOBS_DIR", REPO / ".state" / "blobs")),
+                    runtime_dir=Path(os.environ.get("NITROCONV_RUNTIME_DIR", REPO / ".state" / "runtime")),
                     secret_key=secrets.token_urlsafe(32).encode(), lease_seconds=6, requeue_after_seconds=5,
                     sweep_interval_seconds=2, max_attempts=3, soft_time_limit=300, time_limit=330,
                     visibility_timeout=900, insecure_registries=frozenset({"127.0.0.1:5000"}))
@@ -126,13 +127,18 @@ def worker_env(s: Settings) -> dict[str, str]:
     env.update({
         "NITROCONV_DATABASE_URL": s.database_url, "NITROCONV_REDIS_URL": s.redis_url,
         "NITROCONV_STATE_DIR": str(s.state_dir), "NITROCONV_SECRET_KEY": s.secret_key.decode(),
-        "NITROCONV_BLOBS_DIR": str(s.blobs_dir), "NITROCONV_LEASE_SECONDS": str(s.lease_seconds),
+        "NITROCONV_BLOBS_DIR": str(s.blobs_dir), "NITROCONV_RUNTIME_DIR": str(s.runtime_dir), "NITROCONV_LEASE_SECONDS": str(s.lease_seconds),
         "NITROCONV_REQUEUE_AFTER_SECONDS": str(s.requeue_after_seconds),
         "NITROCONV_SWEEP_INTERVAL_SECONDS": str(s.sweep_interval_seconds),
         "NITROCONV_MAX_ATTEMPTS": str(s.max_attempts), "NITROCONV_SOFT_TIME_LIMIT": str(s.soft_time_limit),
         "NITROCONV_TIME_LIMIT": str(s.time_limit), "NITROCONV_VISIBILITY_TIMEOUT": str(s.visibility_timeout),
         "NITROCONV_INSECURE_REGISTRIES": ",".join(sorted(s.insecure_registries)),
+        "NITROCONV_BOOT_CHECK": "1" if s.boot_check else "0",
+        "NITROCONV_BOOT_CHECK_TIMEOUT": str(s.boot_check_timeout),
     })
+    for name, path in (("SIGNING_KEY", s.signing_key), ("SIGNING_CERT", s.signing_cert), ("CA_BUNDLE", s.ca_bundle)):
+        if path is not None:
+            env[f"NITROCONV_{name}"] = str(path)
     return env
 
 

@@ -14,7 +14,7 @@ from api.app import create_app
 from api.schemas.builds import BuildSchema
 from api.schemas.tasks import TaskSchema
 from common.db import session_scope
-from tests.e2e.conftest import build_dev_blobs
+from tests.e2e.conftest import build_dev_blobs, build_shim
 from tests.fixtures.images import push_test_image
 from worker.pipeline import convert as convert_module
 
@@ -29,6 +29,7 @@ CANARY = "canary-Pw-7f3e91"
 def flow(service_settings, registry, basic_registry):  # noqa: ANN001, ANN201
     """Settings that trust the test registries, the API on them, and one real worker process."""
     build_dev_blobs(service_settings.blobs_dir)
+    build_shim(service_settings.runtime_dir)
     s = replace(service_settings, insecure_registries=frozenset({registry.host, basic_registry.host}))
     Redis.from_url(s.redis_url).flushdb()  # messages of API-only tests would otherwise be consumed here
     with session_scope(s.database_url) as session:  # ...and so would their QUEUED rows, via the sweeper
@@ -78,7 +79,8 @@ def test_worker_converts_and_records_the_engines_pcrs(flow, make_tenant, registr
         cpu_count=2, mem_size_mib=512, insecure_registries=frozenset({registry.host}))
     (tmp_path / "scratch").mkdir()
     direct = convert_module.convert(spec, scratch=tmp_path / "scratch", blobs_dir=s.blobs_dir,
-                                    cache_dir=tmp_path / "cache", on_stage=lambda *_: None)
+                                    cache_dir=tmp_path / "cache", on_stage=lambda *_: None,
+                                    runtime_dir=s.runtime_dir)
     nitro = build["attributes"]["nitro_enclave"]
     assert (nitro["pcr0"], nitro["pcr1"], nitro["pcr2"]) == (
         direct.measurements.pcr0, direct.measurements.pcr1, direct.measurements.pcr2)

@@ -1,0 +1,84 @@
+"""The worker main process's own duties: reap dead attempts' scratch at start, end hard-timed-out builds."""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from billiard.exceptions import TimeLimitExceeded
+from celery.signals import task_failure, worker_ready
+from sqlalchemy import create_engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from common import buildstore
+from common.models import Build
+from common.settings import Settings, get_settings
+from common.status import RUNNING, ConversionState
+from common.tasknames import CONVERT
+from worker.scratch import reap_dead, scratch_dir
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def parent_session(database_url: str) -> Iterator[Session]:
+    """A session on an unpooled engine: the main process forks pool children, which must not inherit
+    pooled connections (a child closing an inherited socket would end the parent's session too)."""
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg2"), poolclass=NullPool,
+                           connect_args={"connect_timeout": 3, "application_name": "nitroconv-worker-main"})
+    try:
+        with Session(engine) as session, session.begin():
+            yield session
+    finally:
+        engine.dispose()
+
+
+def end_hard_timeout(s: Settings, session: Session, build_id: uuid.UUID) -> bool:
+    """The pool child running `build_id` was killed at the hard time limit: FAILED `timeout`.
+
+    The attempt this host ran is identified by its scratch dir (named by the lease token), so an
+    attempt another worker took over meanwhile is never touched. True when the build was ended.
+    """
+    row = session.execute(select(Build.conversion_state, Build.lease_owner)
+                          .where(Build.id == build_id)).one_or_none()
+    if row is None or row[1] is None or ConversionState(row[0]) not in RUNNING:
+        return False
+    state, fence = ConversionState(row[0]), row[1]
+    if not scratch_dir(s.state_dir, build_id, fence).exists():
+        return False  # not this host's attempt, or it died before starting: the sweeper decides
+    return buildstore.end_unsuccessfully(
+        session, build_id, state, ConversionState.FAILED, actor=buildstore.worker_actor(fence), code="timeout",
+        message=f"the conversion exceeded the hard limit of {s.time_limit} seconds", fence=fence)
+
+
+@worker_ready.connect
+def _reap_at_start(**_: object) -> None:
+    s = get_settings()
+    try:
+        with parent_session(s.database_url) as session:
+            reap_dead(s.state_dir, session)
+    except Exception:  # noqa: BLE001 - a start-up without Postgres must still start; the sweeper reaps later
+        log.warning("could not reap scratch dirs at start", exc_info=True)
+
+
+@task_failure.connect
+def _on_hard_timeout(sender: object = None, task_id: str | None = None, exception: BaseException | None = None,
+                     args: object = None, **_: object) -> None:
+    if not isinstance(exception, TimeLimitExceeded) or getattr(sender, "name", None) != CONVERT:
+        return
+    try:
+        build_id = uuid.UUID(str((args or [task_id])[0]))  # type: ignore[index]
+    except (ValueError, TypeError, IndexError):
+        return
+    s = get_settings()
+    try:
+        with parent_session(s.database_url) as session:
+            ended = end_hard_timeout(s, session, build_id)
+            reap_dead(s.state_dir, session)
+    except Exception:  # noqa: BLE001 - the lease then expires and the sweeper requeues or fails it
+        log.warning("could not record the hard timeout of build_id=%s", build_id, exc_info=True)
+        return
+    log.warning("hard time limit build_id=%s ended=%s", build_id, ended)
