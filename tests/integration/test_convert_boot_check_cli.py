@@ -12,6 +12,7 @@ from common.eif import read_eif
 from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
+from tests.fixtures.require import skip_or_fail
 from tests.integration.test_convert_cli import convert_local, manifest_status
 from worker.pipeline.bootcheck import QEMU
 from worker.pipeline.memory import MEM_STEP_MIB, MIB, default_mem_mib
@@ -23,13 +24,13 @@ GREETING = "hello from convert-local 9b2e"
 def _runtime_dir() -> Path:
     runtime = Path(os.environ.get("NITROCONV_RUNTIME_DIR") or REPO / ".state" / "runtime")
     if not (runtime / "shim").is_file():
-        pytest.skip(f"no exec shim in {runtime} (make runtime)")
+        skip_or_fail(f"no exec shim in {runtime} (make runtime)")
     return runtime
 
 
 def test_cli_convert_local_boot_check_reports_the_program_and_sizes_memory(registry, tmp_path) -> None:  # noqa: ANN001
     if shutil.which(QEMU) is None:
-        pytest.skip(f"{QEMU} is not installed")
+        skip_or_fail(f"{QEMU} is not installed")
     blobs = build_dev_blobs(blobs_target()).dir
     base = make_layer(busybox_base_tar())
     config = image_config([base.diff_id], cmd=(), Entrypoint=["/bin/echo", GREETING])

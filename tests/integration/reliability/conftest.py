@@ -23,6 +23,7 @@ from common.db import create_database_if_missing, drop_database, migrate, sessio
 from common.models import Build, BuildEvent, Membership
 from common.settings import Settings
 from tests.fixtures.registries import free_port
+from tests.fixtures.require import skip_or_fail
 from tests.integration.service.conftest import PASSWORD, PG_BASE, REPO, Tenant, worker_env
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -31,14 +32,14 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 def blobs_dir() -> Path:
     blobs = Path(os.environ.get("NITROCONV_BLOBS_DIR", REPO / ".state" / "blobs"))
     if not (blobs / "bzImage").exists():
-        pytest.skip(f"no dev blobs in {blobs} (make blobs)")
+        skip_or_fail(f"no dev blobs in {blobs} (make blobs)")
     return blobs
 
 
 def runtime_dir() -> Path:
     runtime = Path(os.environ.get("NITROCONV_RUNTIME_DIR", REPO / ".state" / "runtime"))
     if not (runtime / "shim").exists():
-        pytest.skip(f"no runtime binaries in {runtime} (make runtime)")
+        skip_or_fail(f"no runtime binaries in {runtime} (make runtime)")
     return runtime
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from tests.fixtures.images import push_test_image
 from tests.fixtures.registries import free_port, start_registry
+from tests.fixtures.require import skip_or_fail
 
 from .conftest import api_for, row, wait_terminal, with_hosts
 
@@ -29,7 +30,7 @@ FLOWER_AUTH = "ops:flower-pw"
 @pytest.fixture
 def canary_registry(tmp_path: Path):  # noqa: ANN201
     if shutil.which("htpasswd") is None:
-        pytest.skip("htpasswd (apache2-utils) is not installed")
+        skip_or_fail("htpasswd (apache2-utils) is not installed")
     workdir = tmp_path / "canary-registry"
     workdir.mkdir()
     line = subprocess.run(["htpasswd", "-Bbn", USER, GOOD], check=True, capture_output=True).stdout

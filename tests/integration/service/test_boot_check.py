@@ -25,6 +25,7 @@ from common.eif import read_eif
 from common.models import Membership
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
+from tests.fixtures.require import skip_or_fail
 from worker.pipeline.bootcheck import QEMU
 from worker.pipeline.memory import MEM_STEP_MIB, minimum_mem_mib
 
@@ -53,9 +54,9 @@ class Flow:
 def boot_flow(service_settings, registry) -> Iterator[Flow]:  # noqa: ANN001
     """One real worker process with the boot check on (as `make demo` runs it), on the test registry."""
     if not (service_settings.blobs_dir / "bzImage").exists():
-        pytest.skip(f"no dev blobs in {service_settings.blobs_dir} (make blobs)")
+        skip_or_fail(f"no dev blobs in {service_settings.blobs_dir} (make blobs)")
     if shutil.which(QEMU) is None:
-        pytest.skip(f"{QEMU} is not installed")
+        skip_or_fail(f"{QEMU} is not installed")
     s = replace(service_settings, insecure_registries=frozenset({registry.host}), boot_check=True,
                 boot_check_timeout=120)
     Redis.from_url(s.redis_url).flushdb()  # messages of API-only tests would otherwise be consumed here

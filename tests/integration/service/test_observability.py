@@ -121,6 +121,8 @@ def test_observability_metrics_and_json_logs_without_secrets(obs, metered_worker
                             "output_image": {"name": f"{registry.host}/obs/out-{uuid.uuid4().hex[:6]}:1"}},
                 "nitro_enclaves_options": {"mem_size": 512}}
 
+    submits = '{endpoint="/v1/builds/convert-app/nitro-enclaves",method="POST",status="202"}'
+    before = _samples(requests.get(f"{url}/metrics", timeout=10).text, "nitroconv_api_requests_total").get(submits, 0)
     good = _submit(url, headers, body(f"{registry.host}/{public.repo}:1", None))
     bad = _submit(url, headers, body(f"{basic_registry.host}/{private.repo}:1",
                                      {"username": basic_registry.username, "password": CANARY}))
@@ -152,7 +154,9 @@ def test_observability_metrics_and_json_logs_without_secrets(obs, metered_worker
     # API metrics: by route template and status.
     api_metrics = requests.get(f"{url}/metrics", timeout=10).text
     requests_total = _samples(api_metrics, "nitroconv_api_requests_total")
-    assert requests_total.get('{endpoint="/v1/builds/convert-app/nitro-enclaves",method="POST",status="202"}') == 2
+    assert requests_total.get(submits) == before + 2  # the registry is per process: other tests count too
+    assert _samples(api_metrics, "nitroconv_api_request_seconds_count").get(
+        '{endpoint="/v1/builds/convert-app/nitro-enclaves",method="POST"}', 0) >= 2
 
     # Logs: the worker's lines are JSON and those of a conversion carry its build_id.
     worker_lines = [json.loads(line) for line in worker.log.read_text().splitlines() if line.startswith("{")]

@@ -32,6 +32,7 @@ from common.eif import iter_section_data, read_eif
 from tests.e2e.conftest import build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
+from tests.fixtures.require import skip_or_fail
 from worker.pipeline.convert import DEBUG_WARNING
 
 from .conftest import start_worker
@@ -64,7 +65,7 @@ def _self_signed(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
 def signing_flow(service_settings, registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flow]:  # noqa: ANN001
     """One real worker process whose deployment has a signing key, certificate and CA bundle."""
     if not (service_settings.blobs_dir / "bzImage").exists():
-        pytest.skip(f"no dev blobs in {service_settings.blobs_dir} (make blobs)")
+        skip_or_fail(f"no dev blobs in {service_settings.blobs_dir} (make blobs)")
     keys: Path = tmp_path_factory.mktemp("signing")
     key, cert_pem = _self_signed("nitroconv service signer")
     (keys / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
