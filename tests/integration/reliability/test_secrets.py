@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -63,6 +64,20 @@ def _redis_values(redis) -> list[bytes]:  # noqa: ANN001
     return out
 
 
+def _wait_until_flower_sees_a_worker(port: int, timeout: float = 60.0) -> None:
+    """Flower only shows tasks whose events arrive after its receiver connects; a worker's heartbeat
+    reaching it proves the receiver is listening, so no task event of this test can be missed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # /workers?json=1 (without refresh) lists only workers known from events, unlike /api/workers.
+        resp = requests.get(f"http://127.0.0.1:{port}/workers?json=1", auth=tuple(FLOWER_AUTH.split(":")),
+                            timeout=10)
+        if resp.status_code == 200 and resp.json().get("data"):
+            return
+        time.sleep(0.5)
+    pytest.fail("Flower never saw the worker")
+
+
 def test_secrets_canary_in_no_sink_after_success_and_failure(canary_registry, rel_settings, own_redis, stack,
                                                              tmp_path: Path, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.DEBUG)
@@ -79,6 +94,8 @@ def test_secrets_canary_in_no_sink_after_success_and_failure(canary_registry, re
     procs.celery_process("flower", ["flower", "--conf=deploy/flowerconfig.py"], "Visit me at",
                          env={"NITROCONV_FLOWER_ADDR": f"127.0.0.1:{flower_port}",
                               "NITROCONV_FLOWER_BASIC_AUTH": FLOWER_AUTH})
+
+    _wait_until_flower_sees_a_worker(flower_port)
 
     good = {"username": USER, "password": GOOD}
     responses: list[str] = []
