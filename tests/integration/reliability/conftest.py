@@ -18,13 +18,12 @@ from sqlalchemy import select
 
 from api.app import create_app
 from common import db as database
-from common.accounts import create_account, create_user
 from common.db import create_database_if_missing, drop_database, migrate, session_scope
-from common.models import Build, BuildEvent, Membership
+from common.models import Build, BuildEvent
 from common.settings import Settings
 from tests.fixtures.registries import free_port
 from tests.fixtures.require import skip_or_fail
-from tests.integration.service.conftest import PASSWORD, PG_BASE, REPO, Tenant, worker_env
+from tests.integration.service.conftest import PG_BASE, REPO, Tenant, new_tenant, worker_env
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
@@ -197,20 +196,6 @@ def stack(rel_settings: Settings) -> Iterator[Callable[[Settings], Stack]]:
     yield make
     for st in made:
         st.close()
-
-
-def new_tenant(s: Settings, client: object) -> Tenant:
-    tag = secrets.token_hex(4)
-    with session_scope(s.database_url) as session:
-        manager = create_user(session, f"manager-{tag}@example.test", PASSWORD)
-        account = create_account(session, f"acct-{tag}", manager)
-        emails = {"MANAGER": manager.email}
-        for role in ("WRITER", "READER"):
-            user = create_user(session, f"{role.lower()}-{tag}@example.test", PASSWORD)
-            session.add(Membership(user_id=user.id, account_id=account.id, role=role))
-            emails[role] = user.email
-        account_id = account.id
-    return Tenant(client=client, account_id=account_id, emails=emails)
 
 
 @dataclass

@@ -99,22 +99,24 @@ class Tenant:
         return resp.json["app_id"]
 
 
+def new_tenant(s: Settings, client: object) -> Tenant:
+    """A fresh account with one MANAGER, one WRITER and one READER, all with PASSWORD."""
+    tag = secrets.token_hex(4)
+    with session_scope(s.database_url) as session:
+        manager = create_user(session, f"manager-{tag}@example.test", PASSWORD)
+        account = create_account(session, f"acct-{tag}", manager)
+        emails = {"MANAGER": manager.email}
+        for role in ("WRITER", "READER"):
+            user = create_user(session, f"{role.lower()}-{tag}@example.test", PASSWORD)
+            session.add(Membership(user_id=user.id, account_id=account.id, role=role))
+            emails[role] = user.email
+        account_id = account.id
+    return Tenant(client=client, account_id=account_id, emails=emails)
+
+
 @pytest.fixture
 def make_tenant(service_settings: Settings, client):  # noqa: ANN001, ANN201
-    def make() -> Tenant:
-        tag = secrets.token_hex(4)
-        with session_scope(service_settings.database_url) as session:
-            manager = create_user(session, f"manager-{tag}@example.test", PASSWORD)
-            account = create_account(session, f"acct-{tag}", manager)
-            emails = {"MANAGER": manager.email}
-            for role in ("WRITER", "READER"):
-                user = create_user(session, f"{role.lower()}-{tag}@example.test", PASSWORD)
-                session.add(Membership(user_id=user.id, account_id=account.id, role=role))
-                emails[role] = user.email
-            account_id = account.id
-        return Tenant(client=client, account_id=account_id, emails=emails)
-
-    return make
+    return lambda: new_tenant(service_settings, client)
 
 
 @pytest.fixture
