@@ -286,7 +286,8 @@ def test_init_build_is_reproducible_and_static(tmp_path):
     elsewhere = tmp_path / "elsewhere" / "checkout"
     (elsewhere / "worker" / "runtime").mkdir(parents=True)
     (elsewhere / "deploy" / "blobs").mkdir(parents=True)
-    shutil.copy(REPO / "worker" / "runtime" / "init.c", elsewhere / "worker" / "runtime" / "init.c")
+    for source in ("init.c", "console.h"):
+        shutil.copy(REPO / "worker" / "runtime" / source, elsewhere / "worker" / "runtime" / source)
     shutil.copy(REPO / "deploy" / "blobs" / "Makefile", elsewhere / "deploy" / "blobs" / "Makefile")
 
     first = build_dev_blobs(tmp_path / "one", str(tmp_path / "one" / "init"))

@@ -44,6 +44,8 @@
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
+#include "console.h"
+
 /* Console markers (mirrored in worker/pipeline/bootcheck.py). */
 #define NCI_PREFIX "nitroconv-init: "
 #define NCI_START "nitroconv-init: start"
@@ -66,28 +68,6 @@
 
 static char *const default_argv[] = {"sh", NULL};
 static char *const default_envp[] = {LOOKUP_PATH_ENV, NULL};
-
-/* One console line, one write(2). Long lines are truncated rather than split. */
-__attribute__((format(printf, 1, 2))) static void say(const char *fmt, ...)
-{
-    char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    size_t len = (size_t)n < sizeof(line) - 1 ? (size_t)n : sizeof(line) - 2;
-    line[len++] = '\n';
-    for (size_t off = 0; off < len;) {
-        ssize_t w = write(STDERR_FILENO, line + off, len - off);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return;
-        off += (size_t)w;
-    }
-}
 
 static _Noreturn void end_enclave(void)
 {

@@ -45,6 +45,8 @@
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
+#include "console.h"
+
 #define SHIM_PREFIX "nitroconv-shim: "
 #define PARENT_CID 3
 #define RUNTIME_PORT 9001
@@ -64,28 +66,6 @@
 #define EXIT_NOT_FOUND 127
 
 extern char **environ;
-
-__attribute__((format(printf, 1, 2))) static void say(const char *fmt, ...)
-{
-    char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof(line) - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    size_t len = (size_t)n < sizeof(line) - 1 ? (size_t)n : sizeof(line) - 2;
-    line[len++] = '\n';
-    /* One write(2) per line: it cannot interleave mid-line with other console output. */
-    for (size_t off = 0; off < len;) {
-        ssize_t w = write(STDERR_FILENO, line + off, len - off);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return;
-        off += (size_t)w;
-    }
-}
 
 __attribute__((format(printf, 2, 3), noreturn)) static void fail(int code, const char *fmt, ...)
 {
