@@ -192,9 +192,11 @@ def convert(
     the output is layered on, e.g. one with nitro-cli for the launcher to run.
     """
     _check_blobs(blobs_dir)
-    shim = _shim(runtime_dir or default_runtime_dir())
-    launcher = _launcher(runtime_dir or default_runtime_dir())
+    runtime = runtime_dir or default_runtime_dir()
+    shim, launcher = _shim(runtime), _launcher(runtime)
     base_ref = base_reference(output_base)
+    base_credentials = _base_credentials(spec, base_ref.api_host) if base_ref is not None else None
+    cache = BlobStore(cache_dir / "blobs")
     # Malformed options fail before any network I/O.
     parse_env(spec.options.env_vars, field="env_vars")
     parse_env(spec.options.mutable_env_vars, field="mutable_env_vars")
@@ -217,14 +219,14 @@ def convert(
         base: BaseImage | None = None
         if base_ref is not None:
             # Before the long part: a base that cannot be resolved would fail every conversion at the end.
-            base = resolve_base(base_ref, credentials=_base_credentials(spec, base_ref.api_host),
+            base = resolve_base(base_ref, credentials=base_credentials,
                                 insecure_registries=spec.insecure_registries)
         tree = Tree()
         image: PulledImage = pull(
             spec.input_ref, tree,
             credentials=spec.input_credentials,
             insecure_registries=spec.insecure_registries,
-            cache=BlobStore(cache_dir / "blobs"),
+            cache=cache,
             spool_dir=scratch / "spool",
             limits=limits or DEFAULT_LIMITS,
             progress=lambda f: on_stage(Stage.PULLING, _STAGE_END[Stage.PULLING] * f),
@@ -282,8 +284,7 @@ def convert(
         image_labels = labels(built.measurements, input_digest)
         pushed = push(out_ref, layer, config_json(layer, image_labels, ENTRYPOINT, base), {},
                       credentials=spec.output_credentials, insecure_registries=spec.insecure_registries,
-                      base=base, cache=BlobStore(cache_dir / "blobs"),
-                      base_credentials=_base_credentials(spec, base_ref.api_host) if base_ref else None)
+                      base=base, cache=cache, base_credentials=base_credentials)
         if eif_out is not None:
             shutil.copyfile(eif_path, eif_out)
         on_stage(Stage.PUSHING, 1.0)
