@@ -14,6 +14,7 @@ packages=(
   debootstrap                   # bench image
   postgresql redis-server       # the system of record and the broker
   chromium                      # headless-browser tests of Flower and /v1/docs
+  docker-compose                # validates deploy/compose.yaml (Debian has Compose v1 only)
 )
 missing=()
 for p in "${packages[@]}"; do

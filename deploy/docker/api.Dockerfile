@@ -2,15 +2,23 @@
 #   docker build -f deploy/docker/api.Dockerfile -t nitroconv-api .
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+# A venv, not the base's site-packages: works on python:*-slim and on a Debian python3 base alike
+# (whose interpreter is marked externally managed, PEP 668).
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/opt/nitroconv/venv/bin:$PATH \
     NITROCONV_STATE_DIR=/var/lib/nitroconv NITROCONV_API_ADDR=0.0.0.0:8080
 WORKDIR /opt/nitroconv
-COPY setup.cfg pyproject.toml ./
+# The dependencies first, in a layer of their own: a change to the code (or README) reinstalls only nitroconv.
+COPY setup.cfg ./
+RUN python3 -m venv /opt/nitroconv/venv && python3 -c "import configparser; \
+      c = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=('#',)); c.read('setup.cfg'); \
+      print(c['options']['install_requires'].strip())" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY pyproject.toml README.md ./
 COPY api api
 COPY common common
 COPY worker worker
 COPY deploy/gunicorn.conf.py deploy/flowerconfig.py deploy/
-RUN pip install . \
+RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /var/lib/nitroconv nitroconv \
  && install -d -o nitroconv -g nitroconv /var/lib/nitroconv /var/lib/nitroconv/logs /var/lib/nitroconv/pids
 USER nitroconv

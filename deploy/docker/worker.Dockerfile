@@ -14,20 +14,28 @@ RUN make -C /src/deploy/runtime RUNTIME=/opt/nitroconv/runtime
 
 FROM ${BASE}
 ARG BOOT_CHECK=0
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+# A venv, not the base's site-packages: works on python:*-slim and on a Debian python3 base alike
+# (whose interpreter is marked externally managed, PEP 668).
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/opt/nitroconv/venv/bin:$PATH \
     NITROCONV_STATE_DIR=/var/lib/nitroconv NITROCONV_RUNTIME_DIR=/opt/nitroconv/runtime \
     NITROCONV_BLOBS_DIR=/usr/share/nitro_enclaves/blobs
 RUN if [ "$BOOT_CHECK" = 1 ]; then apt-get update -q \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-system-x86 \
       && rm -rf /var/lib/apt/lists/*; fi
 WORKDIR /opt/nitroconv
-COPY setup.cfg pyproject.toml ./
+# The dependencies first, in a layer of their own: a change to the code (or README) reinstalls only nitroconv.
+COPY setup.cfg ./
+RUN python3 -m venv /opt/nitroconv/venv && python3 -c "import configparser; \
+      c = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=('#',)); c.read('setup.cfg'); \
+      print(c['options']['install_requires'].strip())" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
+COPY pyproject.toml README.md ./
 COPY api api
 COPY common common
 COPY worker worker
 COPY deploy/flowerconfig.py deploy/
 COPY --from=runtime /opt/nitroconv/runtime /opt/nitroconv/runtime
-RUN pip install . \
+RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /var/lib/nitroconv nitroconv \
  && install -d -o nitroconv -g nitroconv /var/lib/nitroconv
 USER nitroconv

@@ -71,8 +71,6 @@ def test_deploy_images_compose_file_validates(tmp_path: Path) -> None:
     assert empty.returncode != 0 and "set in nitroconv.env" in empty.stderr + empty.stdout
 
 
-# A cold run debootstraps the base and pip-installs twice on the vfs driver: well above the suite's 600 s,
-# hence the engine tests' own timeout.
 def _state_dir() -> Path:
     state = os.environ.get("NITROCONV_STATE_DIR")
     return Path(state) if state else REPO / ".state"
@@ -135,13 +133,25 @@ def python_base(docker_engine: docker.DockerClient) -> str:
 
 
 def _build(client: docker.DockerClient, dockerfile: str, tag: str, base: str) -> str:
-    """Build deploy/docker/<dockerfile> from the repository root as its header says; the image id."""
+    """Build deploy/docker/<dockerfile> from the repository root as its header says; the image id.
+
+    The build it replaces is removed: on the vfs driver each of its layers is a full copy of the rootfs.
+    """
+    try:
+        previous: str | None = str(client.images.get(tag).id)
+    except docker.errors.ImageNotFound:
+        previous = None
     try:
         image, _ = client.images.build(path=str(REPO), dockerfile=f"deploy/docker/{dockerfile}", tag=tag,
                                        buildargs={"BASE": base}, network_mode="host", rm=True, forcerm=True)
     except docker.errors.BuildError as exc:
         log = "".join(str(part.get("stream", part.get("error", ""))) for part in exc.build_log)
         pytest.fail(f"{dockerfile} does not build:\n{log[-6000:]}")
+    if previous is not None and previous != image.id:
+        try:
+            client.images.remove(previous)  # and its intermediate layers no other image shares
+        except docker.errors.APIError:
+            pass  # a container of another session still uses it
     return str(image.id)
 
 
@@ -232,6 +242,8 @@ def _runtime_from(client: docker.DockerClient, image: str) -> dict[str, bytes]:
         container.remove()
 
 
+# A cold run debootstraps the base and builds both images on the vfs driver (about 7 min here): above the
+# suite's 600 s, hence the engine tests' own timeout.
 @pytest.mark.docker
 @pytest.mark.timeout(1500)
 def test_deploy_images_worker_image_converts_like_the_host(docker_engine, worker_image, host_conversion,
