@@ -85,7 +85,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     def _refuse_nul() -> Response | None:
         # Postgres text cannot hold NUL: refuse it in any query or JSON string up front (a 422, not a 500).
         where = _nul_in(request.args.to_dict(flat=False), "query")
-        if where is None and request.is_json and request.content_length:
+        # A NUL in a JSON string is the escape \u0000 in the raw body (a raw NUL byte is not JSON): only a
+        # body holding one is worth walking.
+        if (where is None and request.is_json and request.content_length
+                and (b"\\u0000" in (raw := request.get_data(cache=True)) or b"\x00" in raw)):
             where = _nul_in(request.get_json(silent=True), "json")
         if where is None:
             return None

@@ -1,6 +1,7 @@
 """Who is calling: bearer-token parsing, the caller's account and role, and role checks."""
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 
@@ -35,8 +36,13 @@ class Principal:
 
 def issuer() -> TokenIssuer:
     s = settings()
-    return TokenIssuer(secret=s.secret_key, issuer=s.token_issuer, audience=s.token_audience,
-                       ttl_seconds=s.token_ttl_seconds)
+    return _issuer(s.secret_key, s.token_issuer, s.token_audience, s.token_ttl_seconds)
+
+
+@functools.cache
+def _issuer(secret: bytes, iss: str, audience: str, ttl_seconds: int) -> TokenIssuer:
+    # One per configuration: its key is derived once and its cache of verified tokens is shared.
+    return TokenIssuer(secret=secret, issuer=iss, audience=audience, ttl_seconds=ttl_seconds)
 
 
 def bearer_token() -> str:

@@ -7,13 +7,13 @@ import time
 import uuid
 
 from redis import Redis
+from redis.commands.core import Script
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from common.errors import QuotaExceeded, RateLimited
-from common.models import Account, Build
-from common.status import CONVERSION_TERMINAL
+from common.errors import RateLimited
+from common.models import Account, App
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
@@ -23,6 +23,15 @@ WINDOW_SECONDS = 60
 def _redis(url: str) -> Redis:
     # Short timeouts: the limiter must never hold a request for long while Redis is away.
     return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+# INCR and set the window's expiry in one command (EVALSHA): one round trip and one reply to parse.
+_COUNT = "local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return n"
+
+
+@functools.cache
+def _count_script(url: str) -> Script:
+    return _redis(url).register_script(_COUNT)
 
 
 def check_rate(redis_url: str, subject: str, limit: int, now: float | None = None) -> None:
@@ -37,10 +46,7 @@ def check_rate(redis_url: str, subject: str, limit: int, now: float | None = Non
     window = int(now // WINDOW_SECONDS)
     key = f"nitroconv:ratelimit:{subject}:{window}"
     try:
-        pipe = _redis(redis_url).pipeline()
-        pipe.incr(key)
-        pipe.expire(key, WINDOW_SECONDS * 2)
-        count = int(pipe.execute()[0])
+        count = int(_count_script(redis_url)(keys=[key], args=[WINDOW_SECONDS * 2]))
     except RedisError:
         log.warning("rate limiter unavailable; allowing the request")
         return
@@ -50,16 +56,19 @@ def check_rate(redis_url: str, subject: str, limit: int, now: float | None = Non
                           details={"limit": limit, "window_seconds": WINDOW_SECONDS, "retry_after": retry_after})
 
 
-def check_quota(session: Session, account_id: uuid.UUID, limit: int) -> None:
-    """QuotaExceeded when the account already has `limit` unfinished conversions.
+# Built once with bound parameters: SQLAlchemy reuses their compiled form and cache key per submission.
+_APP_COLUMNS = (App.id, App.account_id, App.name, App.description, App.default_build_settings)
+_APP = (select(*_APP_COLUMNS).join(Account, Account.id == App.account_id)
+        .where(App.id == bindparam("app_id"), App.account_id == bindparam("account_id")))
+_APP_LOCKING_ACCOUNT = _APP.with_for_update(of=Account)
 
-    The account row is locked first, so two concurrent submissions cannot both take the last slot.
-    """
-    session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
-    unfinished = session.execute(select(func.count()).select_from(Build).where(
-        Build.account_id == account_id,
-        Build.conversion_state.not_in([st.value for st in CONVERSION_TERMINAL]))).scalar_one()
-    if unfinished >= limit:
-        raise QuotaExceeded(f"the account has {unfinished} unfinished conversions (quota {limit}); "
-                            "wait for some to end or cancel them",
-                            details={"limit": limit, "unfinished": unfinished, "retry_after": 30})
+
+def lock_account_app(session: Session, account_id: uuid.UUID, app_id: object, *, lock: bool) -> App | None:
+    """The account's app `app_id` (None if it has no such app), with the account row locked for the quota
+    check when `lock`: one round trip for both, and the lock is held only until the submission commits."""
+    # Core on the session's connection, not an ORM load: the submission only reads these columns.
+    row = session.connection().execute(_APP_LOCKING_ACCOUNT if lock else _APP,
+                                       {"app_id": app_id, "account_id": account_id}).one_or_none()
+    if row is None:
+        return None
+    return App(**{column.key: value for column, value in zip(_APP_COLUMNS, row, strict=True)})

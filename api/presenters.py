@@ -92,6 +92,7 @@ def build_view(build: Build, app: App) -> dict[str, object]:
             "warnings": list(build.warnings),
             "cancel_requested": build.cancel_requested,
             "boot_check": _boot_check(build.boot_check),
+            "reused_from": build.reused_from,
             "request": {
                 "input_image": {"name": build.input_image_name,
                                 "auth_config": _auth_echo(build.input_username, build.input_credentials)},

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jwt
 
@@ -21,12 +21,18 @@ class TokenClaims:
     expires_at: int
 
 
+VERIFIED_CACHE_SIZE = 4096
+
+
 @dataclass(frozen=True)
 class TokenIssuer:
     secret: bytes
     issuer: str
     audience: str
     ttl_seconds: int
+    # Tokens already verified, by their exact text: a client sends the same token on every request, and
+    # the claims of a token cannot change. Expiry is still checked on each use.
+    _verified: dict[str, TokenClaims] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @functools.cached_property
     def _key(self) -> bytes:
@@ -44,12 +50,19 @@ class TokenIssuer:
 
     def verify(self, token: str) -> TokenClaims:
         """Claims of a valid token; Unauthenticated for anything else (alg, signature, exp, aud, iss)."""
+        cached = self._verified.get(token)
+        if cached is not None and cached.expires_at > time.time():
+            return cached
         try:
             claims = jwt.decode(token, self._key, algorithms=[ALGORITHM], audience=self.audience,
                                 issuer=self.issuer, options={"require": ["exp", "iat", "iss", "aud", "sub"]})
             account = claims.get("acct")
-            return TokenClaims(user_id=uuid.UUID(str(claims["sub"])),
-                               account_id=uuid.UUID(str(account)) if account else None,
-                               expires_at=int(claims["exp"]))
+            verified = TokenClaims(user_id=uuid.UUID(str(claims["sub"])),
+                                   account_id=uuid.UUID(str(account)) if account else None,
+                                   expires_at=int(claims["exp"]))
         except (jwt.PyJWTError, ValueError, TypeError):
             raise Unauthenticated("invalid or expired token") from None
+        if len(self._verified) >= VERIFIED_CACHE_SIZE:
+            self._verified.clear()  # bounded; a miss only costs one HMAC verification
+        self._verified[token] = verified
+        return verified

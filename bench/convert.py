@@ -1,7 +1,8 @@
 """Conversion figures: `nitroconv convert-local` against `docker pull` + `create` + `export`, and peak RSS at 1 GiB.
 
 In one run, on a Debian python image of 355 MB (issue 3 asks for ~330) in the loopback registry (_image.py):
-  - convert-local with a cold cache (a fresh NITROCONV_STATE_DIR), then again with that warm cache;
+  - convert-local with a cold cache (a fresh NITROCONV_STATE_DIR), then again with that warm cache (the
+    conversion cache answers), and again with --no-reuse (warm blob cache, the whole conversion redone);
   - the same image through the Docker engine (pull, create, export streamed and discarded) after the
     engine was emptied of it, with the ratio conversion / Docker (target: below 0.5);
   - convert-local of a ~1 GiB variant: wall time and the child's peak RSS (target: below 300 MiB).
@@ -50,6 +51,9 @@ class ChildRun:
     max_rss_mib: float
     status: int
     stderr_tail: str
+    # user + system CPU of the child and its threads: the work done, much less sensitive than the wall
+    # time to what else the machine runs.
+    cpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,12 @@ class Figures:
     image_1g: ImageFigures | None = None
     cold: list[ChildRun] = field(default_factory=list)
     warm: list[ChildRun] = field(default_factory=list)
+    # The blob cache warm but the conversion cache bypassed (--no-reuse): the converter's own work.
+    rebuild: list[ChildRun] = field(default_factory=list)
     docker: list[DockerRun] = field(default_factory=list)
     big: ChildRun | None = None
     profile: list[tuple[str, float]] = field(default_factory=list)
+    py_spy: list[tuple[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -98,12 +105,14 @@ def _mem_size_mib(content_bytes: int) -> int:
     return -(-need // 512) * 512
 
 
-def run_convert(registry: str, image: _image.BenchImage, state_dir: Path, profile: Path | None = None) -> ChildRun:
+def run_convert(registry: str, image: _image.BenchImage, state_dir: Path, profile: Path | None = None,
+                extra: tuple[str, ...] = (), py_spy: Path | None = None) -> ChildRun:
     """One `nitroconv convert-local` as a child with `state_dir` as its state (and so its blob cache).
 
     The output goes to a repository named after `state_dir`: a cold run uploads its layer like a first
     conversion into a user's repository would, and the warm rerun finds it there, like a resubmission.
-    With `profile`, the child runs under cProfile and writes its stats there (slower; not a timing).
+    With `profile`, the child runs under cProfile and writes its stats there (slower; not a timing); with
+    `py_spy`, under `py-spy record` (all threads, raw collapsed stacks), a sampling profile.
     """
     blobs = os.environ.get("NITROCONV_BLOBS_DIR") or str(_state_root() / "blobs")
     runtime = os.environ.get("NITROCONV_RUNTIME_DIR") or str(_state_root() / "runtime")
@@ -115,9 +124,12 @@ def run_convert(registry: str, image: _image.BenchImage, state_dir: Path, profil
             "--input", f"{registry}/{image.repository}:{image.tag}",
             "--output", f"{registry}/{OUTPUT_REPOSITORY}-{state_dir.name}:{image.repository.rsplit('/', 1)[1]}",
             "--insecure-registry", registry, "--cpu-count", "2",
-            "--mem-size", str(_mem_size_mib(image.content_bytes)), "--scratch", str(scratch)]
+            "--mem-size", str(_mem_size_mib(image.content_bytes)), "--scratch", str(scratch), *extra]
     if profile is not None:
         argv = [sys.executable, "-m", "cProfile", "-o", str(profile), *argv]
+    if py_spy is not None:
+        argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--output", str(py_spy), "--format", "raw",
+                "--rate", "200", "--threads", "--nonblocking", "--", *argv]
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -128,7 +140,7 @@ def run_convert(registry: str, image: _image.BenchImage, state_dir: Path, profil
         err.seek(0)
         tail = err.read().decode(errors="replace").strip()[-2000:]
     # Linux reports ru_maxrss in KiB.
-    return ChildRun(seconds, usage.ru_maxrss / 1024, proc.returncode, tail)
+    return ChildRun(seconds, usage.ru_maxrss / 1024, proc.returncode, tail, usage.ru_utime + usage.ru_stime)
 
 
 @contextmanager
@@ -219,8 +231,8 @@ class DockerBench:
 _STEPS = (
     ("pull: fetch + verify + apply layers", "worker/pipeline/pull.py", "pull"),
     ("build: cpio ramdisks + EIF + PCRs", "worker/pipeline/build.py", "build_eif"),
-    ("measure: read the EIF back, re-measure", "common/eif.py", "read_eif"),
-    ("push: output layer tar + gzip", "worker/pipeline/outputimage.py", "write_layer"),
+    ("measure: the EIF's layout as written", "common/eif.py", "check_written"),
+    ("output layer: one read, tar + compress + digests", "worker/pipeline/outputimage.py", "write_layer"),
     ("push: upload", "worker/pipeline/push.py", "push"),
 )
 
@@ -237,6 +249,24 @@ def profile_breakdown(path: Path) -> list[tuple[str, float]]:
         seconds = sum(v[3] for (file, _, name), v in raw.items() if name == func and file.endswith(suffix))
         found.append((label, seconds))
     return found
+
+
+def py_spy_top(path: Path, count: int = 15) -> list[tuple[str, float]]:
+    """Seconds per thread and the functions with the most own samples, from `py-spy record --format raw`."""
+    import collections
+
+    threads: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        threads[frames[0].partition(": ")[2] or frames[0]] += int(n)
+        own[frames[-1]] += int(n)
+    rate = 200.0
+    return ([(f"thread {name}", n / rate) for name, n in threads.most_common(8)]
+            + [(name, n / rate) for name, n in own.most_common(count)])
 
 
 @contextmanager
@@ -277,7 +307,7 @@ def measure(args: argparse.Namespace) -> Figures:
     with ExitStack() as stack:
         host = None if args.shared_engine else stack.enter_context(private_engine(cache / "dockerd"))
         _measure(args, figures, DockerBench(host), image, big, cache)
-    for run in [*figures.cold, *figures.warm, *([figures.big] if figures.big else [])]:
+    for run in [*figures.cold, *figures.warm, *figures.rebuild, *([figures.big] if figures.big else [])]:
         if run.status != 0:
             figures.notes.append(f"a conversion failed (status {run.status}): {run.stderr_tail}")
     return figures
@@ -305,6 +335,8 @@ def _measure(args: argparse.Namespace, figures: Figures, engine: DockerBench, im
             engine.evict(ref, image.diff_ids)
             _log(f"round {i + 1}/{args.repeat}: convert-local, warm cache")
             figures.warm.append(run_convert(registry, image, run_state))
+            _log(f"round {i + 1}/{args.repeat}: convert-local, warm blob cache, --no-reuse")
+            figures.rebuild.append(run_convert(registry, image, run_state, extra=("--no-reuse",)))
     if big is not None:
         with _state_dir(runs) as run_state:
             _log("convert-local of the 1 GiB image, cold cache")
@@ -315,6 +347,12 @@ def _measure(args: argparse.Namespace, figures: Figures, engine: DockerBench, im
             run = run_convert(registry, image, run_state, profile=args.profile)
             if run.status == 0:
                 figures.profile = profile_breakdown(args.profile)
+    if args.py_spy is not None:
+        with _state_dir(runs) as run_state:
+            _log(f"convert-local under py-spy, cold cache -> {args.py_spy}")
+            run = run_convert(registry, image, run_state, py_spy=args.py_spy)
+            if run.status == 0:
+                figures.py_spy = py_spy_top(args.py_spy)
     figures.machine["load_after"] = os.getloadavg()[0]
 
 
@@ -329,6 +367,7 @@ def report(figures: Figures) -> str:
     assert img is not None
     cold = _median([r.seconds for r in figures.cold])
     warm = _median([r.seconds for r in figures.warm])
+    rebuild = _median([r.seconds for r in figures.rebuild])
     docker = _median([r.seconds for r in figures.docker])
     ratio = cold / docker if docker else float("nan")
     n = len(figures.cold)
@@ -338,11 +377,14 @@ def report(figures: Figures) -> str:
         f"  image {img.reference}: {img.content_bytes / 1e6:.0f} MB unpacked, {img.entries} entries, "
         f"{img.compressed_bytes / 1e6:.0f} MB compressed in {img.layers} layers",
         "",
-        f"  {'':44} {'wall s':>8} {'peak RSS MiB':>13}",
+        f"  {'':44} {'wall s':>8} {'peak RSS MiB':>13} {'CPU s':>7}",
         f"  {'nitroconv convert-local, cold cache':44} {cold:8.1f} "
-        f"{_median([r.max_rss_mib for r in figures.cold]):13.0f}",
+        f"{_median([r.max_rss_mib for r in figures.cold]):13.0f} {_median([r.cpu_seconds for r in figures.cold]):7.1f}",
         f"  {'nitroconv convert-local, warm cache':44} {warm:8.1f} "
-        f"{_median([r.max_rss_mib for r in figures.warm]):13.0f}",
+        f"{_median([r.max_rss_mib for r in figures.warm]):13.0f} {_median([r.cpu_seconds for r in figures.warm]):7.1f}",
+        f"  {'    warm blob cache, --no-reuse':44} {rebuild:8.1f} "
+        f"{_median([r.max_rss_mib for r in figures.rebuild]):13.0f} "
+        f"{_median([r.cpu_seconds for r in figures.rebuild]):7.1f}",
         f"  {'docker pull + create + export':44} {docker:8.1f} {'-':>13}",
         f"  {'    pull / create / export':44} "
         f"{_median([d.pull for d in figures.docker]):.1f} / {_median([d.create for d in figures.docker]):.1f} / "
@@ -354,7 +396,8 @@ def report(figures: Figures) -> str:
         label = f"1 GiB image ({figures.image_1g.content_bytes / 2**30:.2f} GiB), cold cache"
         lines += [
             f"  {label:44} "
-            f"{figures.big.seconds:8.1f} {figures.big.max_rss_mib:13.0f}   target < {RSS_TARGET_MIB} MiB: "
+            f"{figures.big.seconds:8.1f} {figures.big.max_rss_mib:13.0f} {figures.big.cpu_seconds:7.1f}"
+            f"   target < {RSS_TARGET_MIB} MiB: "
             f"{_verdict(figures.big.max_rss_mib < RSS_TARGET_MIB, [figures.big])}",
         ]
     else:
@@ -362,6 +405,9 @@ def report(figures: Figures) -> str:
     if figures.profile:
         lines += ["", "  where a cold conversion's time goes (cProfile, cumulative; profiling inflates Python-heavy parts)"]
         lines += [f"    {label:42} {seconds:8.1f}" for label, seconds in figures.profile]
+    if figures.py_spy:
+        lines += ["", "  where a cold conversion's time goes (py-spy, seconds of samples: per thread, then per function)"]
+        lines += [f"    {label[:70]:70} {seconds:6.2f}" for label, seconds in figures.py_spy]
     lines += [f"  note: {note}" for note in figures.notes]
     return "\n".join(lines)
 
@@ -376,6 +422,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="after the figures, convert once more under cProfile, dump to FILE, print a breakdown")
+    parser.add_argument("--py-spy", type=Path, metavar="FILE",
+                        help="after the figures, convert once more under py-spy (pip install .[bench]), "
+                             "raw stacks to FILE, print the top threads and functions")
     args = parser.parse_args()
     import docker.errors
 

@@ -11,14 +11,27 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import ColumnElement, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Executable,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from common.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound
+from common.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, QuotaExceeded
 from common.models import App, Build, BuildEvent, Task
 from common.status import (
     APPROVAL_TRANSITIONS,
+    CONVERSION_TERMINAL,
     CONVERSION_TRANSITIONS,
     RUNNING,
     TASK_TRANSITIONS,
@@ -125,11 +138,56 @@ class NewBuild:
     idempotency_key: str | None = None
 
 
-def insert_build(session: Session, new: NewBuild) -> tuple[Build, bool]:
+# Statements built once: SQLAlchemy then reuses their compiled form and cache key on every submission.
+_BUILDS: Table = Build.__table__  # type: ignore[assignment]
+_SERVER_SET = (_BUILDS.c.created_at, _BUILDS.c.updated_at, _BUILDS.c.approval_updated_at)
+_SENT = ("id", "account_id", "app_id", "created_by", "idempotency_key", "request_fingerprint", "input_image_name",
+         "output_image_name", "input_username", "output_username", "input_credentials", "output_credentials",
+         "converter_options", "cpu_count", "mem_size", "enable_overlay_filesystem_persistence", "approval_status",
+         "conversion_state", "progress", "attempts", "cancel_requested", "exposed_ports", "warnings")
+UNFINISHED = tuple(st.value for st in ConversionState if st not in CONVERSION_TERMINAL)
+# Literal, as in the partial index ix_builds_unfinished (migration 0005), and with no per-call expansion.
+_UNFINISHED_SQL = text(f"builds.conversion_state IN ({', '.join(repr(v) for v in UNFINISHED)})")
+
+
+def _insert_statement(*, keyed: bool, quota: bool) -> Executable:
+    """INSERT … SELECT of the sent values (and enqueued_at = now()), RETURNING the server-set timestamps.
+
+    With `quota`, the row is inserted only while the account has fewer than :quota unfinished builds (the
+    count stops there, on the partial index of unfinished builds): the check and the insert are one round
+    trip. With `keyed`, a used (account, Idempotency-Key) inserts nothing either.
+    """
+    values = select(*[bindparam(name, type_=_BUILDS.c[name].type) for name in _SENT], func.now())
+    if quota:
+        capped = (select(_BUILDS.c.id).where(_BUILDS.c.account_id == bindparam("account_id"), _UNFINISHED_SQL)
+                  .limit(bindparam("quota")).subquery())
+        values = values.where(select(func.count()).select_from(capped).scalar_subquery() < bindparam("quota"))
+    stmt = pg_insert(_BUILDS).from_select([*_SENT, "enqueued_at"], values)
+    if keyed:
+        stmt = stmt.on_conflict_do_nothing(constraint="uq_builds_account_idempotency_key")
+    return stmt.returning(*_SERVER_SET)
+
+
+_INSERTS = {(keyed, quota): _insert_statement(keyed=keyed, quota=quota)
+            for keyed in (False, True) for quota in (False, True)}
+
+
+def count_unfinished(session: Session, account_id: uuid.UUID, cap: int) -> int:
+    """The account's unfinished builds, counted up to `cap`."""
+    capped = (select(Build.id).where(Build.account_id == account_id, Build.conversion_state.in_(UNFINISHED))
+              .limit(cap).subquery())
+    return int(session.execute(select(func.count()).select_from(capped)).scalar_one())
+
+
+def insert_build(session: Session, new: NewBuild, quota: int | None = None) -> tuple[Build, bool]:
     """Insert a QUEUED/PENDING build. Returns (the build's row, created).
 
+    One INSERT … RETURNING of the server-set timestamps; the Build returned is assembled from the values
+    sent, not loaded back (it is detached: a record to present, not to change).
+    `quota`: refuse with QuotaExceeded when the account already has that many unfinished builds; the
+    caller holds the account row's lock, so two concurrent submissions cannot both take the last slot.
     With an idempotency key the unique (account, key) constraint is the arbiter: a concurrent or
-    retried submission inserts nothing and gets the first build's id back.
+    retried submission inserts nothing and gets the first build back.
     """
     row: dict[str, object] = {
         "id": new.build_id, "account_id": new.account_id, "app_id": new.app_id, "created_by": new.created_by,
@@ -141,18 +199,23 @@ def insert_build(session: Session, new: NewBuild) -> tuple[Build, bool]:
         "enable_overlay_filesystem_persistence": new.enable_overlay_filesystem_persistence,
         "approval_status": ApprovalStatus.PENDING.value, "conversion_state": ConversionState.QUEUED.value,
         "progress": 0.0, "attempts": 0, "cancel_requested": False, "exposed_ports": [], "warnings": [],
-        "enqueued_at": func.now(),
     }
-    if new.idempotency_key is None:
-        return session.execute(insert(Build).values(**row).returning(Build)).scalar_one(), True
-    stmt = (pg_insert(Build).values(**row)
-            .on_conflict_do_nothing(constraint="uq_builds_account_idempotency_key")
-            .returning(Build))
-    inserted = session.execute(stmt).scalar_one_or_none()
-    if inserted is not None:
-        return inserted, True
-    existing = session.execute(select(Build).where(
-        Build.account_id == new.account_id, Build.idempotency_key == new.idempotency_key)).scalar_one()
+    stmt = _INSERTS[(new.idempotency_key is not None, quota is not None)]
+    stamped = session.connection().execute(stmt, {**row, "quota": quota} if quota is not None else row).one_or_none()
+    if stamped is not None:
+        created_at, updated_at, approval_updated_at = stamped
+        return Build(**row, created_at=created_at, updated_at=updated_at,
+                     approval_updated_at=approval_updated_at, enqueued_at=created_at), True
+    existing = None
+    if new.idempotency_key is not None:
+        existing = session.execute(select(Build).where(
+            Build.account_id == new.account_id, Build.idempotency_key == new.idempotency_key)).scalar_one_or_none()
+    if existing is None:
+        assert quota is not None  # nothing else stops an insert
+        unfinished = count_unfinished(session, new.account_id, quota)
+        raise QuotaExceeded(f"the account has {unfinished} unfinished conversions (quota {quota}); "
+                            "wait for some to end or cancel them",
+                            details={"limit": quota, "unfinished": unfinished, "retry_after": 30})
     if existing.request_fingerprint != new.request_fingerprint:
         raise IdempotencyKeyReused("this Idempotency-Key was used for a different request",
                                    details={"build_id": str(existing.id)})
@@ -174,12 +237,58 @@ def claim(session: Session, build_id: uuid.UUID, *, lease_seconds: int) -> Claim
         session, build_id, ConversionState.QUEUED, ConversionState.PULLING, actor=worker_actor(fence),
         values={"lease_owner": fence, "lease_expires_at": func.now() + timedelta(seconds=lease_seconds),
                 "attempts": Build.attempts + 1, "started_at": func.coalesce(Build.started_at, func.now()),
+                "claimed_at": func.now(), "not_before": None,
                 "progress": 0.0, "error_code": None, "error_message": None},
         where=(Build.cancel_requested.is_(False),))
     if not ok:
         return None
     attempt = session.execute(select(Build.attempts).where(Build.id == build_id)).scalar_one()
     return Claim(build_id=build_id, fence=fence, attempt=attempt)
+
+
+def _claimable(max_attempts: int) -> ColumnElement[bool]:
+    """A QUEUED build a worker may start now: not cancelled, attempts left, past its retry backoff."""
+    return and_(Build.conversion_state == ConversionState.QUEUED.value, Build.cancel_requested.is_(False),
+                Build.attempts < max_attempts, or_(Build.not_before.is_(None), Build.not_before <= func.now()))
+
+
+def fair_accounts(session: Session, *, max_attempts: int, limit: int = 32) -> list[uuid.UUID]:
+    """Accounts with claimable work, fairest first.
+
+    Fewest conversions running first (several workers share out among accounts), then the account
+    served least recently (never served first): with one worker this is round robin, so one account's
+    backlog delays another account's submission by at most one conversion.
+    """
+    waiting = select(Build.account_id).where(_claimable(max_attempts)).group_by(Build.account_id).subquery()
+    other = aliased(Build)
+    running = (select(func.count()).select_from(other)
+               .where(other.account_id == waiting.c.account_id,
+                      other.conversion_state.in_([st.value for st in RUNNING]))
+               .correlate(waiting).scalar_subquery())
+    served = (select(func.max(other.claimed_at)).where(other.account_id == waiting.c.account_id)
+              .correlate(waiting).scalar_subquery())
+    return list(session.execute(select(waiting.c.account_id)
+                                .order_by(running, served.asc().nulls_first(), waiting.c.account_id)
+                                .limit(limit)).scalars())
+
+
+def claim_next(session: Session, *, lease_seconds: int, max_attempts: int) -> Claim | None:
+    """Claim the fairest claimable QUEUED build (see `fair_accounts`), oldest submission first in an account.
+
+    A broker message is only a token saying there is queued work: whichever build this claims, every
+    QUEUED build keeps at least one token (its own, or the sweeper's re-send), so each is still claimed,
+    and exactly once (SKIP LOCKED, then the CAS). None when nothing is claimable now.
+    """
+    for account_id in fair_accounts(session, max_attempts=max_attempts):
+        build_id = session.execute(
+            select(Build.id).where(_claimable(max_attempts), Build.account_id == account_id)
+            .order_by(Build.created_at, Build.id).limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
+        if build_id is None:
+            continue  # another worker holds that account's next build for the moment
+        found = claim(session, build_id, lease_seconds=lease_seconds)
+        if found is not None:
+            return found
+    return None
 
 
 def heartbeat(session: Session, build_id: uuid.UUID, fence: uuid.UUID, lease_seconds: int,
@@ -217,6 +326,9 @@ class Outcome:
     docker_version: str | None
     mem_size: int | None = None  # the enclave memory used (MiB); None keeps the requested value
     boot_check: Mapping[str, object] | None = None
+    # The earlier conversion whose EIF and layer were reused (a build id, an output reference, or a cache
+    # entry when another account made it); None when converted afresh.
+    reused_from: str | None = None
 
 
 def succeed(session: Session, build_id: uuid.UUID, fence: uuid.UUID, outcome: Outcome) -> uuid.UUID | None:
@@ -232,6 +344,7 @@ def succeed(session: Session, build_id: uuid.UUID, fence: uuid.UUID, outcome: Ou
         "docker_version": outcome.docker_version, "progress": 1.0, "finished_at": func.now(),
         "lease_owner": None, "lease_expires_at": None,
         "boot_check": dict(outcome.boot_check) if outcome.boot_check is not None else None,
+        "reused_from": outcome.reused_from,
     }
     if outcome.mem_size is not None:
         values["mem_size"] = outcome.mem_size
@@ -269,14 +382,19 @@ def end_unsuccessfully(
 
 
 def requeue(session: Session, build_id: uuid.UUID, src: ConversionState, *, actor: str, reason: str,
-            fence: uuid.UUID | None = None) -> bool:
-    """A running conversion back to QUEUED: its lease expired (fence None) or its worker gives it back."""
+            fence: uuid.UUID | None = None, backoff_seconds: float | None = None) -> bool:
+    """A running conversion back to QUEUED: its lease expired (fence None) or its worker gives it back.
+
+    `backoff_seconds` holds it back from every worker's claim that long (a retry after a transient error).
+    """
     where: list[ColumnElement[bool]] = []
     if fence is None:
         where.append(Build.lease_expires_at < func.now())
+    not_before = func.now() + timedelta(seconds=backoff_seconds) if backoff_seconds else None
     return transition_conversion(
         session, build_id, src, ConversionState.QUEUED, actor=actor, reason=reason, fence=fence,
-        values={"lease_owner": None, "lease_expires_at": None, "enqueued_at": func.now(), "progress": 0.0},
+        values={"lease_owner": None, "lease_expires_at": None, "enqueued_at": func.now(), "progress": 0.0,
+                "not_before": not_before},
         where=where)
 
 

@@ -25,6 +25,7 @@ DEV_MINOR = 1
 PATH_MAX = 4096
 
 _U32_MAX = 0xFFFF_FFFF
+_HEADER_FIELDS = b"%08x" * 13  # one formatting call per header: it runs once per entry of the image
 _HEX_FIELDS = re.compile(rb"[0-9A-Fa-f]{104}")
 _FILE_TYPES = frozenset(
     {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
@@ -207,7 +208,7 @@ def _header(name: bytes, *, ino: int, mode: int, uid: int, gid: int, nlink: int,
             rdevmajor: int, rdevminor: int) -> bytes:
     namesize = len(name) + 1
     fields = (ino, mode, uid, gid, nlink, mtime, filesize, DEV_MAJOR, DEV_MINOR, rdevmajor, rdevminor, namesize, 0)
-    head = MAGIC + b"".join(b"%08x" % f for f in fields) + name + b"\0"
+    head = MAGIC + _HEADER_FIELDS % fields + name + b"\0"
     return head + b"\0" * _pad4(len(head))
 
 
@@ -238,8 +239,10 @@ class _Chunker:
             return
         self._buf += data
         while len(self._buf) >= CHUNK_SIZE:
-            yield bytes(self._buf[:CHUNK_SIZE])
+            with memoryview(self._buf) as view:  # one copy out, not a bytearray slice and then bytes of it
+                chunk = bytes(view[:CHUNK_SIZE])
             del self._buf[:CHUNK_SIZE]
+            yield chunk
 
     def flush(self) -> Iterator[bytes]:
         if self._buf:

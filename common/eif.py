@@ -9,13 +9,15 @@ import math
 import os
 import re
 import struct
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from isal import isal_zlib
 
 from common.errors import InvalidBlobs, InvalidEif, InvalidOptions
 from common.exactread import ExactReader
+from common.hashpipe import HashPipe
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -49,6 +51,8 @@ _SECTION_HEADER = struct.Struct(">HHQ")
 _U16_MAX = 0xFFFF
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 _ZERO_PCR = b"\0" * 48
+# zlib's CRC-32, computed with carry-less multiply by ISA-L: the same values at several GB/s.
+_crc32 = isal_zlib.crc32
 _JSON_MAX_DEPTH = 128  # serde_json's recursion limit: deeper metadata could not be read back by nitro-cli
 
 EifSource = str | os.PathLike[str] | BinaryIO
@@ -125,24 +129,32 @@ class _Measurer:
     PCR1's content (kernel, cmdline, ramdisk 0) is a prefix of PCR0's, because the writer and the
     strict reader both insist on nitro-cli's section order; so PCR1 is a snapshot of the PCR0 hasher
     taken when ramdisk 1 starts, and the bootstrap bytes are hashed once instead of twice.
+
+    PCR0 and PCR2 each hash the app ramdisk, the bulk of the file, and SHA-384 has no instruction
+    support here (SHA-256 has): each runs in a thread of its own (hashlib releases the GIL on large
+    buffers), so the two hashes and the producer of the bytes share the cores. `close()` ends the
+    threads on an error path; `finish()` ends them with the result.
     """
 
     def __init__(self) -> None:
-        self._image = PcrHasher()
-        self._app = PcrHasher()
-        self._bootstrap: PcrHasher | None = None
+        self._image = HashPipe(hashlib.sha384(), name="nitroconv-pcr0")
+        self._app = HashPipe(hashlib.sha384(), name="nitroconv-pcr2")
+        self._bootstrap: list[Any] = []
         self._ramdisks = 0
         self._kind = SectionType.INVALID
+        self._digests: tuple[str, str, str] | None = None
         self.pcr8: str | None = None
 
     def begin(self, kind: SectionType) -> None:
         if kind == SectionType.RAMDISK:
             if self._ramdisks == 1:
-                self._bootstrap = self._image.copy()
+                self._image.call(lambda h: self._bootstrap.append(h.copy()))
             self._ramdisks += 1
         self._kind = kind
 
     def update(self, data: bytes) -> None:
+        if self._digests is not None:
+            return  # measured sections are over (the signature section is not measured)
         kind = self._kind
         if kind in (SectionType.KERNEL, SectionType.CMDLINE):
             self._image.update(data)
@@ -152,8 +164,19 @@ class _Measurer:
                 self._app.update(data)
 
     def finish(self) -> Measurements:
-        bootstrap = self._bootstrap if self._bootstrap is not None else self._image
-        return Measurements(self._image.hexdigest(), bootstrap.hexdigest(), self._app.hexdigest(), self.pcr8)
+        if self._digests is None:
+            image, app = self._image.finish(), self._app.finish()
+            bootstrap = self._bootstrap[0] if self._bootstrap else image
+            self._digests = (_extend(image), _extend(bootstrap), _extend(app))
+        return Measurements(*self._digests, self.pcr8)
+
+    def close(self) -> None:
+        self._image.abort()
+        self._app.abort()
+
+
+def _extend(inner: Any) -> str:
+    return hashlib.sha384(_ZERO_PCR + inner.digest()).hexdigest()
 
 
 # --- sections and the writer -------------------------------------------------------------------------------
@@ -274,7 +297,34 @@ def write_eif(
     default_cpus: int = DEFAULT_CPUS,
     signer: EifSigner | None = None,
 ) -> Measurements:
-    """Write an EIF v4 exactly as nitro-cli's EifBuilder lays it out, and return its PCRs.
+    """Write an EIF v4 exactly as nitro-cli's EifBuilder lays it out, and return its PCRs (see `write_eif_record`)."""
+    return write_eif_record(out, kernel=kernel, cmdline=cmdline, metadata=metadata, ramdisks=ramdisks, flags=flags,
+                            default_mem=default_mem, default_cpus=default_cpus, signer=signer).measurements
+
+
+@dataclass(frozen=True)
+class WrittenEif:
+    """What the writer wrote: enough to check the file later without measuring it again (`check_written`)."""
+
+    measurements: Measurements
+    header: bytes  # the final 548 header bytes (section table and CRC included)
+    size: int
+    crc: int
+
+
+def write_eif_record(
+    out: BinaryIO,
+    *,
+    kernel: Section,
+    cmdline: bytes,
+    metadata: bytes,
+    ramdisks: Sequence[Section],
+    flags: int = 0,
+    default_mem: int = DEFAULT_MEM,
+    default_cpus: int = DEFAULT_CPUS,
+    signer: EifSigner | None = None,
+) -> WrittenEif:
+    """Write an EIF v4 exactly as nitro-cli's EifBuilder lays it out; return its PCRs, header, size and CRC.
 
     Sections go in nitro-cli's order (Kernel, Cmdline, Metadata, Ramdisk…, [Signature]), contiguous from
     byte 548 of the EIF, which starts at `out`'s current position. With a `signer`, a signature section
@@ -299,7 +349,7 @@ def write_eif(
 
 
 def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]], *, flags: int,
-                    default_mem: int, default_cpus: int, signer: EifSigner | None = None) -> Measurements:
+                    default_mem: int, default_cpus: int, signer: EifSigner | None = None) -> WrittenEif:
     count = len(planned) + (signer is not None)
     if count > MAX_SECTIONS:
         raise _writer_error(f"{count} sections; an EIF holds at most {MAX_SECTIONS}", "too_many_sections")
@@ -324,7 +374,7 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
     def emit(index: int, kind: SectionType, section: Section) -> None:
         nonlocal crc, length
         section_header = _SECTION_HEADER.pack(kind, 0, section.size)
-        crc = zlib.crc32(section_header, crc)
+        crc = _crc32(section_header, crc)
         _write_all(out, section_header)
         measurer.begin(kind)
         written = 0
@@ -333,8 +383,9 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
             if written > section.size:
                 raise _writer_error(f"section {index} ({kind.label}) yields more than its size {section.size}",
                                     "size_mismatch")
-            crc = zlib.crc32(chunk, crc)
+            # The PCR threads hash this chunk while it is written and the next one is produced.
             measurer.update(chunk)
+            crc = _crc32(chunk, crc)
             _write_all(out, chunk)
         if written != section.size:
             raise _writer_error(f"section {index} ({kind.label}) yields {written} bytes, declared {section.size}",
@@ -342,23 +393,96 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
         sizes.append(section.size)
         length += SECTION_HEADER_SIZE + section.size
 
-    for index, (kind, section) in enumerate(planned):
-        emit(index, kind, section)
-    if signer is not None:
-        # PCR0 does not cover the signature section, so it is final here; the signature signs it.
-        signature = signer.signature_section(bytes.fromhex(measurer.finish().pcr0))
-        if len(signature) > SIGNATURE_MAX_SIZE:
-            raise _writer_error(f"signature section of {len(signature)} bytes exceeds {SIGNATURE_MAX_SIZE} "
-                                "(is the certificate file very large?)", "section_too_large")
-        emit(len(planned), SectionType.SIGNATURE, Section.of_bytes(signature))
-        measurer.pcr8 = pcr_of(signer.certificate_der)
+    try:
+        for index, (kind, section) in enumerate(planned):
+            emit(index, kind, section)
+        if signer is not None:
+            # PCR0 does not cover the signature section, so it is final here; the signature signs it.
+            signature = signer.signature_section(bytes.fromhex(measurer.finish().pcr0))
+            if len(signature) > SIGNATURE_MAX_SIZE:
+                raise _writer_error(f"signature section of {len(signature)} bytes exceeds {SIGNATURE_MAX_SIZE} "
+                                    "(is the certificate file very large?)", "section_too_large")
+            emit(len(planned), SectionType.SIGNATURE, Section.of_bytes(signature))
+            measurer.pcr8 = pcr_of(signer.certificate_der)
+        measurements = measurer.finish()
+    finally:
+        measurer.close()
     end = out.tell()
     header = _pack_header(flags=flags, default_mem=default_mem, default_cpus=default_cpus, sizes=sizes, crc=0)
-    crc = crc32_combine(zlib.crc32(header[:CRC_OFFSET]), crc, length)
+    crc = crc32_combine(_crc32(header[:CRC_OFFSET]), crc, length)
+    header = header[:CRC_OFFSET] + struct.pack(">I", crc)
     out.seek(start)
-    _write_all(out, header[:CRC_OFFSET] + struct.pack(">I", crc))
+    _write_all(out, header)
     out.seek(end)
-    return measurer.finish()
+    return WrittenEif(measurements, header, end - start, crc)
+
+
+class CrcOfStream:
+    """An EIF's CRC recomputed from its bytes as they stream past from the first one (the stored CRC field is
+    skipped, as the format says); for checking a written file while another pass reads it anyway."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.offset = 0
+
+    def update(self, data: bytes) -> None:
+        start, end = self.offset, self.offset + len(data)
+        if start < HEADER_SIZE and end > CRC_OFFSET:
+            view = memoryview(data)
+            self.value = _crc32(view[:max(CRC_OFFSET - start, 0)], self.value)
+            self.value = _crc32(view[max(HEADER_SIZE - start, 0):], self.value)
+        else:
+            self.value = _crc32(data, self.value)
+        self.offset = end
+
+
+def check_written(path: str | os.PathLike[str], written: WrittenEif) -> None:
+    """Check the file at `path` against what the writer says it wrote, without reading the sections' data.
+
+    The bytes themselves are checked by their CRC (`CrcOfStream`, equal to `written.crc`) where a later pass
+    reads them anyway. Here: the size; the header, byte for byte (so its table, memory, CPUs and CRC); and
+    each section header, order and small section (metadata parsed, signature verified against PCR0) as
+    the strict reader checks them. Raises `InvalidEif` with `details["reason"]` like the reader's.
+    """
+    with open(path, "rb") as stream:
+        total = os.fstat(stream.fileno()).st_size
+        if total != written.size:
+            raise _fail(f"file is {total} bytes, the writer wrote {written.size}", "truncated" if total < written.size
+                        else "trailing_bytes", offset=total)
+        src = _Input(stream)
+        header = src.read_exact(HEADER_SIZE, "the EIF header")
+        if header != written.header:
+            raise _fail("the header read back differs from the header written", "header_changed")
+        h = _Header.unpack(header)
+        _check_header(h)
+        seen: list[SectionType] = []
+        kept: dict[SectionType, bytes] = {}
+        for i in range(h.count):
+            stream.seek(h.offsets[i])
+            type_value, section_flags, size = _SECTION_HEADER.unpack(
+                _Input(stream).read_exact(SECTION_HEADER_SIZE, f"section {i} header"))
+            if type_value not in SectionType._value2member_map_ or type_value == SectionType.INVALID:
+                raise _fail(f"section {i} has unknown type {type_value}", "unknown_section_type", section=i)
+            kind = SectionType(type_value)
+            if section_flags or size != h.sizes[i]:
+                raise _fail(f"section {i} ({kind.label}) header does not match the table", "size_mismatch",
+                            section=i)
+            _check_order(i, kind, seen)
+            seen.append(kind)
+            cap = _BUFFERED_CAPS.get(kind)
+            if cap is not None:
+                if size > cap:
+                    raise _fail(f"{kind.label} section is {size} bytes, more than {cap}", "section_too_large",
+                                section=i)
+                kept[kind] = _Input(stream).read_exact(size, f"section {i} ({kind.label}) data")
+    if SectionType.RAMDISK not in seen or SectionType.METADATA not in kept:
+        raise _fail("no Ramdisk or Metadata section", "missing_section")
+    _parse_metadata(kept[SectionType.METADATA], stage="read")
+    if SectionType.SIGNATURE in kept:
+        signature = _signature_info(kept[SectionType.SIGNATURE], written.measurements.pcr0)
+        if signature.pcr8 != written.measurements.pcr8 or not signature.check:
+            raise _fail("the signature read back does not verify PCR0 with the certificate written",
+                        "invalid_signature")
 
 
 # --- metadata (EIF.md §4.1) ----------------------------------------------------------------------------------
@@ -767,6 +891,14 @@ _BUFFERED_CAPS = {
 
 
 def _read(source: EifSource, *, strict_crc: bool) -> EifInfo:
+    measurer = _Measurer()
+    try:
+        return _read_measured(source, strict_crc=strict_crc, measurer=measurer)
+    finally:
+        measurer.close()
+
+
+def _read_measured(source: EifSource, *, strict_crc: bool, measurer: _Measurer) -> EifInfo:
     with _opened(source) as stream:
         total = _remaining_length(stream)
         src = _Input(stream)
@@ -780,8 +912,7 @@ def _read(source: EifSource, *, strict_crc: bool) -> EifInfo:
         if total is not None and total > expected_end:
             raise _fail(f"{total - expected_end} trailing bytes after the last section", "trailing_bytes")
 
-        crc = zlib.crc32(header[:CRC_OFFSET])
-        measurer = _Measurer()
+        crc = _crc32(header[:CRC_OFFSET])
         kept: dict[SectionType, bytes] = {}
         seen: list[SectionType] = []
         sections: list[EifSection] = []
@@ -803,11 +934,11 @@ def _read(source: EifSource, *, strict_crc: bool) -> EifInfo:
                 raise _fail(f"{kind.label} section is {size} bytes, more than {cap}", "section_too_large", section=i)
             seen.append(kind)
             sections.append(EifSection(i, kind, offsets[i], size))
-            crc = zlib.crc32(raw, crc)
+            crc = _crc32(raw, crc)
             measurer.begin(kind)
             parts: list[bytes] = []
             for chunk in src.chunks(size, f"section {i} ({kind.label}) data"):
-                crc = zlib.crc32(chunk, crc)
+                crc = _crc32(chunk, crc)
                 measurer.update(chunk)
                 if cap is not None:
                     parts.append(chunk)

@@ -45,6 +45,13 @@ class LimitExceeded(PermanentError):
     code = "limit_exceeded"
 
 
+class ResourceLimit(PermanentError):
+    """The worker host ran out of disk (ENOSPC, EDQUOT) or memory mid-conversion. Not retried: the same
+    image on the same class of host would exhaust it again, and a retry storm starves other builds."""
+
+    code = "resource_limit"
+
+
 class InvalidLayer(PermanentError):
     code = "invalid_layer"
 

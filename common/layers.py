@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, cast
 
 from common.errors import (
     EntryCountExceeded,
@@ -32,7 +32,7 @@ from common.filetree import (
     place,
     printable,
 )
-from common.tarstream import CountingSource, TarStream
+from common.tarstream import CountingSource, ReadAhead, TarStream
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_WHITEOUT = b".wh..wh..opq"
@@ -167,17 +167,20 @@ class _LayerApplier:
 
     # --- driver ------------------------------------------------------------------------------
     def run(self, tar_stream: BinaryIO) -> LayerStats:
-        source = CountingSource(tar_stream, self._charge_stream)
         try:
-            tar = TarStream(
-                source, max_path_bytes=self.limits.max_path_bytes, max_metadata_bytes=self.limits.max_metadata_bytes
-            )
-            try:
-                for member in tar:
-                    self._apply(tar, member)
-            finally:
-                tar.close()
-            source.drain()
+            # Decompression and the DiffID hash run ahead in a thread while this one parses and spools.
+            with ReadAhead(tar_stream) as ahead:
+                source = CountingSource(cast(BinaryIO, ahead), self._charge_stream)
+                tar = TarStream(
+                    source, max_path_bytes=self.limits.max_path_bytes,
+                    max_metadata_bytes=self.limits.max_metadata_bytes
+                )
+                try:
+                    for member in tar:
+                        self._apply(tar, member)
+                finally:
+                    tar.close()
+                source.drain()
         except BaseException:
             self._discard_spool()
             raise

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -86,6 +87,9 @@ class Build(Base):
         UniqueConstraint("account_id", "idempotency_key", name="uq_builds_account_idempotency_key"),
         Index("ix_builds_account_created", "account_id", "created_at"),
         Index("ix_builds_conversion_state", "conversion_state"),
+        Index("ix_builds_account_claimed", "account_id", "claimed_at"),
+        Index("ix_builds_unfinished", "account_id", "conversion_state", "created_at",
+              postgresql_where=text("conversion_state IN ('QUEUED', 'PULLING', 'BUILDING', 'MEASURING', 'PUSHING')")),
     )
     id: Mapped[uuid.UUID] = _uuid_pk()
     account_id: Mapped[uuid.UUID] = mapped_column(
@@ -129,6 +133,9 @@ class Build(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # A requeued conversion's retry backoff, and when a worker last claimed it (fair claim, migration 0005).
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -147,6 +154,8 @@ class Build(Base):
     docker_version: Mapped[str | None] = mapped_column(String(64))
     # The QEMU boot check's result (`BootResult.to_json()`), when the deployment runs it.
     boot_check: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    # The earlier conversion this one reused (worker.pipeline.reuse); NULL when converted afresh (migration 0004).
+    reused_from: Mapped[str | None] = mapped_column(String(200))
 
 
 class Task(Base):

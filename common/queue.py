@@ -54,8 +54,10 @@ def enqueue_conversion(redis_url: str, visibility_timeout: int, build_id: str,
     if countdown is not None and countdown >= visibility_timeout / 4:
         raise ValueError("countdown too close to the visibility timeout")
     try:
+        # Celery publishes to a direct queue through the anonymous exchange, straight into the Redis list
+        # named QUEUE, so declaring the queue on every publish (kombu's default) buys nothing: skip it.
         producer(redis_url, visibility_timeout).send_task(
-            CONVERT, args=[build_id], queue=QUEUE, task_id=build_id, countdown=countdown)
+            CONVERT, args=[build_id], queue=QUEUE, task_id=build_id, countdown=countdown, declare=[])
     except (KombuOperationalError, RedisError, OSError) as exc:
         raise QueueUnavailable("the task broker is unreachable") from exc
 
@@ -63,6 +65,21 @@ def enqueue_conversion(redis_url: str, visibility_timeout: int, build_id: str,
 @functools.cache
 def _redis(redis_url: str) -> Redis:
     return Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
+
+
+# kombu's Redis transport restores unacked messages only while holding this lock (its default key name).
+UNACKED_MUTEX_KEY = "unacked_mutex"
+# Delete the lock only if it still has no TTL: a live holder's lock always carries one.
+_DELETE_IF_NO_TTL = "if redis.call('ttl', KEYS[1]) == -1 then return redis.call('del', KEYS[1]) end return 0"
+
+
+def heal_unacked_mutex(redis_url: str) -> bool:
+    """Break kombu's restore lock when it was left without a TTL (a crash between SETNX and EXPIRE, or a
+    hand-made key): it would stop every worker from restoring unacked messages, forever. True when broken."""
+    try:
+        return bool(_redis(redis_url).eval(_DELETE_IF_NO_TTL, 1, UNACKED_MUTEX_KEY))
+    except (RedisError, OSError) as exc:
+        raise QueueUnavailable("the task broker is unreachable") from exc
 
 
 def ping(redis_url: str) -> None:

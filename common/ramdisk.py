@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 from common.cpio import CpioArchive, CpioEntry
@@ -48,19 +47,23 @@ def bootstrap_archive(blobs_dir: Path) -> CpioArchive:
 
 
 def _node_entry(name: bytes, node: Node) -> CpioEntry:
-    base = CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime)
-    if node.kind is NodeKind.FILE:
+    # One constructor call per entry (no dataclasses.replace): this runs once per file of the image.
+    kind = node.kind
+    if kind is NodeKind.FILE:
         content = node.content
         size = content.size if content is not None else 0
         # Identity of the Node is the inode: several paths to one Node are hard links (data stored once).
         opener = content.open if content is not None and size else None
-        return replace(base, size=size, data=opener, link_key=id(node))
-    if node.kind is NodeKind.SYMLINK:
-        return replace(base, size=len(node.target), data=node.target)
-    if node.kind in (NodeKind.CHAR, NodeKind.BLOCK):
+        return CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime, size=size,
+                         data=opener, link_key=id(node))
+    if kind is NodeKind.SYMLINK:
+        return CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime,
+                         size=len(node.target), data=node.target)
+    if kind in (NodeKind.CHAR, NodeKind.BLOCK):
         major, minor = node.rdev
-        return replace(base, rdevmajor=major, rdevminor=minor)
-    return base
+        return CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime,
+                         rdevmajor=major, rdevminor=minor)
+    return CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime)
 
 
 def _converters_own(path: bytes) -> bool:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import InvalidOptions
+from common.layercompress import parse_compression
 from common.reference import parse_reference
+from common.tasknames import QUEUES
 
 PREFIX = "NITROCONV_"
 ENVIRONMENTS = ("development", "test", "production")
@@ -47,6 +49,15 @@ def parse_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def parse_queues(value: str) -> tuple[str, ...]:
+    """A worker's queues, each one we route to: a typo would otherwise leave a worker idle forever."""
+    queues = tuple(dict.fromkeys(parse_list(value)))
+    unknown = [q for q in queues if q not in QUEUES]
+    if not queues or unknown:
+        raise InvalidOptions(f"NITROCONV_WORKER_QUEUES must name some of {', '.join(QUEUES)}, got {value!r}")
+    return queues
+
+
 @dataclass(frozen=True)
 class Settings:
     api_addr: str = "127.0.0.1:8080"
@@ -73,6 +84,10 @@ class Settings:
     sweep_interval_seconds: int = 30
     max_attempts: int = 3
     max_wait_seconds: int = 600
+    # A deploy's cold shutdown waits this long for running conversions before requeueing them.
+    soft_shutdown_timeout: int = 30
+    # Uncompressed bytes one image may inflate to (all layers): a gzip bomb stops here, not at a full disk.
+    max_image_bytes: int = 8 << 30
     flower_basic_auth: str = field(default="", repr=False)
     # Boot every converted EIF under QEMU before pushing it (issue 5); off by default, since a
     # software-emulated boot costs several seconds of worker CPU per conversion.
@@ -90,6 +105,12 @@ class Settings:
     # The image converted images are layered on (a registry reference), e.g. the operator's image with
     # nitro-cli for /enclave/run to start; empty: the output has only the enclave layer.
     output_base_image: str = ""
+    # The output layer's compression: `gzip` (every client) or `zstd` (smaller and faster to make, for
+    # registries and clients that accept it; Docker 20.10 cannot pull zstd layers).
+    output_compression: str = "gzip"
+    # The blob cache of each worker host (<state>/cache/blobs): least recently used blobs are evicted
+    # beyond this many bytes; 0 keeps everything.
+    cache_max_bytes: int = 20 << 30
 
     # Abuse limits (RELIABILITY.md §E). `production` refuses private and loopback registries unless
     # they are in insecure_registries; link-local and cloud metadata addresses are refused always.
@@ -102,6 +123,9 @@ class Settings:
     # the port each worker serves Prometheus metrics on (0: none; one port per worker instance on a host).
     log_format: str = "text"
     worker_metrics_port: int = 0
+    # The queues a worker consumes (issue 8, a queue per host class): Nitro hosts `convert`, others
+    # may run only `maintenance`; the API consumes none.
+    worker_queues: tuple[str, ...] = QUEUES
 
     @property
     def api_host_port(self) -> tuple[str, int]:
@@ -136,7 +160,7 @@ class Settings:
         }
         for name in ("token_ttl_seconds", "soft_time_limit", "time_limit", "visibility_timeout",
                      "lease_seconds", "requeue_after_seconds", "sweep_interval_seconds", "max_attempts",
-                     "max_wait_seconds", "boot_check_timeout"):
+                     "max_wait_seconds", "boot_check_timeout", "soft_shutdown_timeout", "max_image_bytes"):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = parse_int(raw, minimum=1)
@@ -147,6 +171,9 @@ class Settings:
             raw = get(name.upper())
             if raw is not None:
                 values[name] = Path(raw)
+        compression = get("OUTPUT_COMPRESSION")
+        if compression is not None:
+            values["output_compression"] = parse_compression(compression).value
         base = (get("OUTPUT_BASE_IMAGE") or "").strip()
         if base:
             parse_reference(base)  # a typo fails at start-up, not in every conversion
@@ -166,6 +193,12 @@ class Settings:
         if log_format not in ("json", "text"):
             raise InvalidOptions(f"NITROCONV_LOG_FORMAT must be json or text, got {log_format!r}")
         values["log_format"] = log_format
+        cache_max = get("CACHE_MAX_BYTES")
+        if cache_max is not None:
+            values["cache_max_bytes"] = parse_int(cache_max, minimum=0)
+        queues = get("WORKER_QUEUES")
+        if queues is not None:
+            values["worker_queues"] = parse_queues(queues)
         metrics_port = get("WORKER_METRICS_PORT")
         if metrics_port is not None:
             values["worker_metrics_port"] = parse_int(metrics_port, minimum=0)

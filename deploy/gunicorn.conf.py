@@ -7,11 +7,15 @@ from pathlib import Path
 _state = Path(os.environ.get("NITROCONV_STATE_DIR", ".state")).resolve()
 
 bind = os.environ.get("NITROCONV_API_ADDR", "127.0.0.1:8080")
-# Threads, not only processes: `?wait=` holds a request while it polls, and requests mostly wait on
-# Postgres and Redis, which release the GIL.
+# One process per core (a submission is ~3 ms of Python CPU, so more processes than cores only add
+# context switches: bench/api_load.py measured 3 or 4 processes on 2 cores as slower than 2), each with
+# threads: `?wait=` holds a request while it polls, and requests wait on Postgres and Redis with the GIL
+# released. 4 and 8 threads measured alike; 8 leaves room for held `?wait=` requests.
 worker_class = "gthread"
 workers = int(os.environ.get("NITROCONV_API_PROCESSES", str(max(2, (os.cpu_count() or 1)))))
 threads = int(os.environ.get("NITROCONV_API_THREADS", "8"))
+# The workers' heartbeat files on tmpfs: a slow disk (or an overlay filesystem) never stalls a worker.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 timeout = int(os.environ.get("NITROCONV_API_TIMEOUT", "660"))  # above the longest ?wait=
 graceful_timeout = 30
 keepalive = 5

@@ -12,6 +12,8 @@ venv=${VENV:-$PWD/.venv}
 py=$venv/bin/python
 api_addr=${NITROCONV_API_ADDR:-127.0.0.1:8080}
 workers=${NITROCONV_WORKERS:-1}
+# A queue per host class: `convert` (conversions, Nitro hosts) and `maintenance` (the sweeper).
+worker_queues=${NITROCONV_WORKER_QUEUES:-convert,maintenance}
 
 # Generated once, shared by every process (JWT and sealing keys derive from it).
 if [[ -z "${NITROCONV_SECRET_KEY:-}" ]]; then
@@ -38,7 +40,7 @@ fi
 for i in $(seq 1 "$workers"); do
   name=worker$i
   running "$name" && continue
-  nohup "$py" -m celery -A worker.celery_app worker -Q conversions,maintenance -c 1 -n "$name@%h" \
+  nohup "$py" -m celery -A worker.celery_app worker -Q "$worker_queues" -c 1 -n "$name@%h" \
     --without-gossip -l info >"$state/logs/$name.log" 2>&1 &
   echo $! >"$state/pids/$name.pid"
 done

@@ -55,7 +55,10 @@ class _Progress:
 
 
 def cmd_convert_local(args: argparse.Namespace) -> int:
-    from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
+    from common.blobstore import DEFAULT_MAX_BYTES
+    from common.settings import parse_int
+    from worker.pipeline.convert import ConverterOptions, ConvertSpec
+    from worker.pipeline.reuse import convert_reusing
 
     spec = ConvertSpec(
         input_ref=args.input,
@@ -81,11 +84,16 @@ def cmd_convert_local(args: argparse.Namespace) -> int:
     progress = _Progress(sys.stderr)
     try:
         with tempfile.TemporaryDirectory(prefix="nitroconv-", dir=args.scratch) as scratch:
-            result = convert(spec, scratch=Path(scratch), blobs_dir=args.blobs or _default_blobs(), cache_dir=cache,
-                             on_stage=progress, eif_out=args.eif_out, runtime_dir=args.runtime,
-                             boot_check=args.boot_check_timeout if args.boot_check else False,
-                             output_base=os.environ.get("NITROCONV_OUTPUT_BASE_IMAGE", "")
-                             if args.output_base is None else args.output_base)
+            max_bytes = os.environ.get("NITROCONV_CACHE_MAX_BYTES", "").strip()
+            result = convert_reusing(
+                spec, scratch=Path(scratch), blobs_dir=args.blobs or _default_blobs(), cache_dir=cache,
+                on_stage=progress, eif_out=args.eif_out, runtime_dir=args.runtime,
+                boot_check=args.boot_check_timeout if args.boot_check else False,
+                output_base=os.environ.get("NITROCONV_OUTPUT_BASE_IMAGE", "")
+                if args.output_base is None else args.output_base,
+                output_compression=os.environ.get("NITROCONV_OUTPUT_COMPRESSION", "").strip() or "gzip",
+                reuse=not args.no_reuse,
+                cache_max_bytes=parse_int(max_bytes, minimum=0) if max_bytes else DEFAULT_MAX_BYTES)
     except NitroconvError as exc:
         progress.close()
         print(f"nitroconv: {exc.code}: {exc.message} (input {args.input})", file=sys.stderr)
@@ -99,6 +107,9 @@ def cmd_convert_local(args: argparse.Namespace) -> int:
         _print_boot_check(result.boot_check, sys.stderr)
     for warning in result.warnings:
         print(f"nitroconv: warning: {warning}", file=sys.stderr)
+    if result.reused_from is not None:
+        print(f"nitroconv: note: reused the conversion of {result.reused_from} (--no-reuse converts afresh)",
+              file=sys.stderr)
     print(json.dumps(result.measurements.to_nitro_cli(), indent=2))
     return 0
 
@@ -201,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--output-base", metavar="IMAGE",
                       help="registry image to layer the output on, e.g. one with nitro-cli for /enclave/run "
                            "(default $NITROCONV_OUTPUT_BASE_IMAGE; empty: none)")
+    conv.add_argument("--no-reuse", action="store_true",
+                      help="convert afresh even when the same input, options and blobs were converted before")
     conv.set_defaults(func=cmd_convert_local)
 
     desc = sub.add_parser("describe-eif", help="print what `nitro-cli describe-eif` prints")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from common.buildstore import Outcome
@@ -33,7 +34,8 @@ class PipelineEngine:
     def __call__(self, build: Build, creds_in: Credentials | None, creds_out: Credentials | None, *,
                  scratch: Path, on_stage: Callable[[str, float], None],
                  should_cancel: Callable[[], bool]) -> Outcome:
-        from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
+        from worker.pipeline.convert import DEFAULT_LIMITS, ConverterOptions, ConvertSpec
+        from worker.pipeline.reuse import convert_reusing
 
         o = build.converter_options
 
@@ -67,11 +69,15 @@ class PipelineEngine:
         cache = self.settings.state_dir / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         boot_check = float(self.settings.boot_check_timeout) if self.settings.boot_check else False
-        result = convert(spec, scratch=scratch, blobs_dir=self.settings.blobs_dir, cache_dir=cache,
-                         on_stage=lambda stage, progress: on_stage(getattr(stage, "name", str(stage)), progress),
-                         should_cancel=should_cancel, boot_check=boot_check,
-                         runtime_dir=self.settings.runtime_dir,
-                         output_base=self.settings.output_base_image)
+        # The account owns the cached conversion: a reused layer is only ever mounted from its own pushes.
+        result = convert_reusing(
+            spec, scratch=scratch, blobs_dir=self.settings.blobs_dir, cache_dir=cache,
+            on_stage=lambda stage, progress: on_stage(getattr(stage, "name", str(stage)), progress),
+            should_cancel=should_cancel, boot_check=boot_check, runtime_dir=self.settings.runtime_dir,
+            output_base=self.settings.output_base_image,
+            output_compression=self.settings.output_compression,
+            limits=replace(DEFAULT_LIMITS, max_total_bytes=self.settings.max_image_bytes),
+            owner=str(build.account_id), build_id=str(build.id), cache_max_bytes=self.settings.cache_max_bytes)
         m = result.measurements
         return Outcome(
             input_digest=str(result.input_digest), output_digest=str(result.output_digest),
@@ -79,5 +85,5 @@ class PipelineEngine:
             pcr0=_hex(m.pcr0) or "", pcr1=_hex(m.pcr1) or "", pcr2=_hex(m.pcr2) or "", pcr8=_hex(m.pcr8),
             exposed_ports=tuple((int(p), str(proto)) for p, proto in result.exposed_ports),
             warnings=tuple(str(w) for w in result.warnings), docker_version=result.docker_version,
-            mem_size=int(result.mem_size_mib), boot_check=result.boot_check,
+            mem_size=int(result.mem_size_mib), boot_check=result.boot_check, reused_from=result.reused_from,
         )

@@ -5,6 +5,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from billiard.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, worker_ready
@@ -54,6 +55,42 @@ def end_hard_timeout(s: Settings, session: Session, build_id: uuid.UUID) -> bool
         message=f"the conversion exceeded the hard limit of {s.time_limit} seconds", fence=fence)
 
 
+def _claim_note(state_dir: Path, task_id: str) -> Path | None:
+    # Task ids come off the broker: only a UUID (what we send) names a file, never a path.
+    try:
+        return state_dir / "claims" / str(uuid.UUID(task_id))
+    except (ValueError, TypeError):
+        return None
+
+
+def note_claim(state_dir: Path, task_id: str, build_id: uuid.UUID) -> None:
+    """Record, for the main process, which build the pool child running `task_id` claimed: with the fair
+    claim it is not always the message's, and a child killed at the hard time limit cannot say."""
+    path = _claim_note(state_dir, task_id)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(build_id))
+
+
+def forget_claim(state_dir: Path, task_id: str) -> None:
+    path = _claim_note(state_dir, task_id)
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def claimed_by(state_dir: Path, task_id: str) -> uuid.UUID | None:
+    """The build the (dead) child running `task_id` claimed, read once; None when it claimed none."""
+    path = _claim_note(state_dir, task_id)
+    if path is None:
+        return None
+    try:
+        return uuid.UUID(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
 @worker_ready.connect
 def _reap_at_start(**_: object) -> None:
     s = get_settings()
@@ -69,11 +106,13 @@ def _on_hard_timeout(sender: object = None, task_id: str | None = None, exceptio
                      args: object = None, **_: object) -> None:
     if not isinstance(exception, TimeLimitExceeded) or getattr(sender, "name", None) != CONVERT:
         return
-    try:
-        build_id = uuid.UUID(str((args or [task_id])[0]))  # type: ignore[index]
-    except (ValueError, TypeError, IndexError):
-        return
     s = get_settings()
+    build_id = claimed_by(s.state_dir, str(task_id)) if task_id else None
+    if build_id is None:
+        try:
+            build_id = uuid.UUID(str((args or [task_id])[0]))  # type: ignore[index]
+        except (ValueError, TypeError, IndexError):
+            return
     try:
         with parent_session(s.database_url) as session:
             ended = end_hard_timeout(s, session, build_id)

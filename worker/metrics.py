@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from common.settings import Settings
+from common.tasknames import QUEUES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-QUEUES = ("conversions", "maintenance")
 
 
 def metrics_dir(s: Settings, node: str) -> Path:

@@ -1,21 +1,22 @@
 """One conversion attempt: claim the build, run the engine step by step under a lease, record the end."""
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import threading
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from common import buildstore
+from common import buildstore, logs
 from common.db import session_scope
-from common.errors import Cancelled, NitroconvError
+from common.errors import Cancelled, NitroconvError, ResourceLimit
 from common.models import Build
 from common.sealing import Credentials, Sealer
 from common.settings import Settings
@@ -34,6 +35,7 @@ class LeaseLost(Exception):
 class AttemptResult:
     outcome: str  # succeeded | failed | cancelled | requeued | skipped | lease_lost
     retry_in: float | None = None
+    build_id: uuid.UUID | None = None  # the build this attempt claimed (fair claim: not always the message's)
 
 
 class Engine(Protocol):
@@ -126,22 +128,53 @@ def _failure_values(exc: NitroconvError) -> dict[str, object]:
     return {"boot_check": dict(boot)} if isinstance(boot, Mapping) else {}
 
 
+_EXHAUSTION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _host_exhausted(exc: BaseException) -> ResourceLimit | None:
+    """The host ran out of disk or memory somewhere under `exc` (a library may have wrapped the OSError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _EXHAUSTION_ERRNOS:
+            return ResourceLimit("the worker ran out of disk space during the conversion",
+                                 details={"errno": errno.errorcode.get(cur.errno or 0, "")})
+        if isinstance(cur, MemoryError):
+            return ResourceLimit("the worker ran out of memory during the conversion")
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _not_claimable(s: Settings, build_id: uuid.UUID) -> AttemptResult:
-    """Why the claim failed; a QUEUED build that was cancelled or is out of attempts ends here."""
+    """Nothing was claimable. A QUEUED message build that was cancelled ends here; one still waiting gets
+    its token back (this message may have been its only one): after its retry backoff, or at once when
+    the claim only missed it because another transaction held its row (SKIP LOCKED)."""
     with session_scope(s.database_url) as session:
-        row = session.execute(select(Build.conversion_state, Build.cancel_requested, Build.attempts)
+        row = session.execute(select(Build.conversion_state, Build.cancel_requested, Build.attempts,
+                                     func.extract("epoch", Build.not_before - func.now()))
                               .where(Build.id == build_id)).one_or_none()
         if row is None or ConversionState(row[0]) is not ConversionState.QUEUED:
             return AttemptResult("skipped")
-        if row[1]:
+        _, cancel_requested, attempts, backoff_left = row
+        if cancel_requested:
             buildstore.end_unsuccessfully(session, build_id, ConversionState.QUEUED, ConversionState.CANCELLED,
                                           actor=buildstore.SYSTEM, code="cancelled", message="cancelled by the user")
             return AttemptResult("cancelled")
-    return AttemptResult("skipped")
+        if attempts >= s.max_attempts:
+            return AttemptResult("skipped")  # the next message for it records the exhaustion
+        if backoff_left is not None and backoff_left > 0:
+            return AttemptResult("skipped", retry_in=min(float(backoff_left) + 0.5, 60.0), build_id=build_id)
+    return AttemptResult("skipped", retry_in=1.0, build_id=build_id)
 
 
-def run(build_id: uuid.UUID, s: Settings, engine: Engine) -> AttemptResult:
-    """One attempt at the conversion of `build_id`. Safe to call for any id, any number of times."""
+def run(build_id: uuid.UUID, s: Settings, engine: Engine,
+        on_claim: Callable[[uuid.UUID], None] | None = None) -> AttemptResult:
+    """One attempt, started by the message of `build_id`. Safe to call for any id, any number of times.
+
+    The attempt converts the fairest claimable build (`buildstore.claim_next`), which is `build_id`
+    unless another account's or an older build should go first; `on_claim` learns which one.
+    """
     with session_scope(s.database_url) as session:
         exhausted = session.execute(select(Build.attempts).where(
             Build.id == build_id, Build.conversion_state == ConversionState.QUEUED.value)).scalar_one_or_none()
@@ -150,9 +183,19 @@ def run(build_id: uuid.UUID, s: Settings, engine: Engine) -> AttemptResult:
                 session, build_id, ConversionState.QUEUED, ConversionState.FAILED, actor=buildstore.SYSTEM,
                 code="attempts_exhausted", message=f"gave up after {exhausted} attempts")
             return AttemptResult("failed")
-        claim = buildstore.claim(session, build_id, lease_seconds=s.lease_seconds)
+        claim = buildstore.claim_next(session, lease_seconds=s.lease_seconds, max_attempts=s.max_attempts)
     if claim is None:
         return _not_claimable(s, build_id)
+    if claim.build_id != build_id:
+        log.info("message of build_id=%s claimed the fairer build_id=%s", build_id, claim.build_id)
+    build_id = claim.build_id
+    if on_claim is not None:
+        on_claim(build_id)
+    with logs.bound(build_id=build_id):
+        return replace(_attempt(build_id, s, engine, claim), build_id=build_id)
+
+
+def _attempt(build_id: uuid.UUID, s: Settings, engine: Engine, claim: buildstore.Claim) -> AttemptResult:
     log.info("claimed build_id=%s attempt=%d", build_id, claim.attempt)
     scratch = scratch_dir(s.state_dir, build_id, claim.fence)
     with _Attempt(s, claim) as attempt:
@@ -188,14 +231,22 @@ def run(build_id: uuid.UUID, s: Settings, engine: Engine) -> AttemptResult:
                  f"the conversion exceeded {s.soft_time_limit} seconds")
             return AttemptResult("failed")
         except NitroconvError as exc:
+            exc = _host_exhausted(exc) or exc
             if exc.retryable and claim.attempt < s.max_attempts:
+                backoff = min(300.0, 5.0 * 2 ** claim.attempt)
                 with session_scope(s.database_url) as session:
                     buildstore.requeue(session, build_id, attempt.state, fence=claim.fence,
-                                       actor=buildstore.worker_actor(claim.fence), reason=f"{exc.code}: {exc.message}")
-                return AttemptResult("requeued", retry_in=min(300.0, 5.0 * 2 ** claim.attempt))
+                                       actor=buildstore.worker_actor(claim.fence), reason=f"{exc.code}: {exc.message}",
+                                       backoff_seconds=backoff)
+                return AttemptResult("requeued", retry_in=backoff)
             _end(s, attempt, ConversionState.FAILED, exc.code, exc.message, _failure_values(exc))
             return AttemptResult("failed")
-        except Exception:
+        except Exception as exc:
+            if (full := _host_exhausted(exc)) is not None:
+                # Scratch is removed below; the same image would exhaust the host again, so no retry.
+                log.warning("resource limit build_id=%s: %s", build_id, full.message)
+                _end(s, attempt, ConversionState.FAILED, full.code, full.message)
+                return AttemptResult("failed")
             log.exception("conversion crashed build_id=%s", build_id)
             _end(s, attempt, ConversionState.FAILED, "internal_error", "internal error; see the worker log")
             return AttemptResult("failed")

@@ -12,7 +12,7 @@ from common import buildstore
 from common.db import session_scope
 from common.errors import QueueUnavailable
 from common.models import Build
-from common.queue import enqueue_conversion
+from common.queue import UNACKED_MUTEX_KEY, enqueue_conversion, heal_unacked_mutex
 from common.settings import Settings
 from common.status import RUNNING, ConversionState
 from worker.scratch import reap_dead
@@ -28,6 +28,7 @@ class SweepReport:
     cancelled: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
     reaped: int = 0
+    mutex_healed: int = 0
 
 
 def sweep(s: Settings) -> SweepReport:
@@ -88,6 +89,14 @@ def sweep(s: Settings) -> SweepReport:
         except QueueUnavailable:
             log.warning("sweeper could not publish build_id=%s; next pass retries", build_id)
             break
+    try:
+        if heal_unacked_mutex(s.redis_url):
+            # An alert, not just a repair: something crashed inside kombu's restore path (RELIABILITY.md §B 19).
+            log.error("ALERT broker %s had no TTL and blocked restoring unacked messages; removed it",
+                      UNACKED_MUTEX_KEY)
+            report.mutex_healed = 1
+    except QueueUnavailable:
+        log.warning("sweeper could not check %s; next pass retries", UNACKED_MUTEX_KEY)
     # This host's scratch dirs of attempts whose lease is gone (killed workers leave them behind).
     with session_scope(s.database_url) as session:
         report.reaped = len(reap_dead(s.state_dir, session))

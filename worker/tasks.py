@@ -17,6 +17,7 @@ from common.settings import Settings, get_settings
 from common.tasknames import CONVERT, SWEEP
 from worker.celery_app import app
 from worker.engine import PipelineEngine
+from worker.lifecycle import forget_claim, note_claim
 from worker.metrics import MeteredEngine, record_outcome
 from worker.runner import run
 from worker.sweeper import sweep
@@ -38,19 +39,24 @@ def convert(self: Task, build_id: str) -> str:
 
 
 def _convert(self: Task, bid: uuid.UUID, s: Settings) -> str:
-    build_id = str(bid)
+    task_id = str(self.request.id or bid)
     try:
-        result = run(bid, s, MeteredEngine(PipelineEngine(s)))
+        result = run(bid, s, MeteredEngine(PipelineEngine(s)),
+                     on_claim=lambda claimed: note_claim(s.state_dir, task_id, claimed))
     except (DBAPIError, DatabaseUnavailable) as exc:
         if isinstance(exc, DBAPIError) and not is_connection_error(exc):
             raise
         # Postgres is away: nothing was claimed (or the lease expires and the sweeper requeues it).
         # Back off and try again instead of failing the delivery; the sweeper covers a lost retry.
         countdown = min(60.0, 2.0 ** min(self.request.retries, 6))
-        log.warning("database unavailable build_id=%s; retrying in %.0fs", build_id, countdown)
+        log.warning("database unavailable build_id=%s; retrying in %.0fs", bid, countdown)
         raise self.retry(countdown=countdown, max_retries=None) from None
+    finally:
+        forget_claim(s.state_dir, task_id)
+    claimed = result.build_id or bid
+    build_id = str(claimed)
     log.info("conversion build_id=%s outcome=%s", build_id, result.outcome)
-    record_outcome(result.outcome, _error_code(s, bid) if result.outcome == "failed" else None)
+    record_outcome(result.outcome, _error_code(s, claimed) if result.outcome == "failed" else None)
     if result.retry_in is not None:
         # The row is already QUEUED again; if this publish is lost the sweeper re-sends it.
         enqueue_conversion(s.redis_url, s.visibility_timeout, build_id, countdown=result.retry_in)

@@ -55,8 +55,9 @@ def _idempotency_key() -> str | None:
 
 @blp.route("/convert-app/nitro-enclaves")
 class Convert(MethodView):
-    @blp.arguments(ConversionSubmitQuerySchema, location="query", as_kwargs=True)
-    @blp.arguments(ConversionRequestSchema)
+    # Instances, not classes: webargs would build a schema (and its nested ones) on every request.
+    @blp.arguments(ConversionSubmitQuerySchema(), location="query", as_kwargs=True)
+    @blp.arguments(ConversionRequestSchema())
     @blp.response(202, BuildSchema, headers={"Location": {"schema": {"type": "string"}}})
     @blp.alt_response(200, schema=BuildSchema, description="the finished Build, with ?wait / Prefer: wait")
     def post(self, body: dict[str, object], **query: object) -> tuple[dict[str, object], int, dict[str, str]]:
@@ -77,7 +78,7 @@ class Convert(MethodView):
 
 @blp.route("")
 class BuildList(MethodView):
-    @blp.arguments(BuildListQuerySchema, location="query")
+    @blp.arguments(BuildListQuerySchema(), location="query")
     @blp.response(200, BuildListSchema)
     def get(self, query: dict[str, object]) -> dict[str, object]:
         """Builds of the caller's account, CCM's pagination envelope."""

@@ -192,6 +192,10 @@ class ConversionSchema(Schema):
     warnings = fields.List(fields.String(), required=True)
     cancel_requested = fields.Boolean(required=True)
     boot_check = fields.Nested(BootCheckSchema, required=True, allow_none=True)
+    reused_from = fields.String(
+        required=True, allow_none=True,
+        metadata={"readOnly": True, "description": "the earlier conversion whose EIF and output layer this one reused (its build id; "
+                                 "`cache:<key>` when another account made it); null when converted afresh"})
     request = fields.Nested(ConversionEchoSchema, required=True)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from api.limits import check_quota
+from api.limits import lock_account_app
 from common.buildstore import NewBuild, end_unsuccessfully, insert_build, user_actor
 from common.errors import (
     Conflict,
@@ -70,9 +70,27 @@ def _credentials(image: Mapping[str, object]) -> Credentials | None:
 
 def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UUID, user_id: uuid.UUID,
            body: Mapping[str, object], idempotency_key: str | None) -> Submitted:
-    """Record the conversion request (QUEUED, PENDING), commit, then enqueue it."""
-    app = session.execute(select(App).where(App.id == body["app_id"], App.account_id == account_id)
-                          ).scalar_one_or_none()
+    """Record the conversion request (QUEUED, PENDING), commit, then enqueue it.
+
+    Everything that needs no database (host policy, sealing, the fingerprint) is done before the
+    account's quota lock is taken, so submissions of one account serialise on two short round trips
+    (the app with the lock; the insert with the quota check) and the commit, not on CPU work.
+    """
+    build_id = uuid.uuid4()
+    src, dst = body["input_image"], body["output_image"]
+    assert isinstance(src, Mapping) and isinstance(dst, Mapping)
+    for image in (src, dst):
+        check_registry_host(parse_reference(str(image["name"])).api_host, allow_list=s.insecure_registries,
+                            production=s.env == "production")
+    src_creds, dst_creds = _credentials(src), _credentials(dst)
+    sealed_in = sealer.seal_credentials(src_creds, str(build_id)) if src_creds else None
+    sealed_out = sealer.seal_credentials(dst_creds, str(build_id)) if dst_creds else None
+    fingerprint = _fingerprint(body)
+
+    retry = idempotency_key is not None and session.execute(select(Build.id).where(
+        Build.account_id == account_id, Build.idempotency_key == idempotency_key)).first() is not None
+    # A retried submission returns its build even when the account is at its quota: no lock, no count.
+    app = lock_account_app(session, account_id, body["app_id"], lock=not retry)
     if app is None:
         raise ValidationFailed("The request is invalid.",
                                details={"fields": {"app_id": ["no such app in this account"]}})
@@ -87,29 +105,18 @@ def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UU
 
     # Neither the request nor the app names a size: the worker uses the smallest valid one for the EIF.
     mem_size = pick("mem_size", None)
-    build_id = uuid.uuid4()
-    src, dst = body["input_image"], body["output_image"]
-    assert isinstance(src, Mapping) and isinstance(dst, Mapping)
-    for image in (src, dst):
-        check_registry_host(parse_reference(str(image["name"])).api_host, allow_list=s.insecure_registries,
-                            production=s.env == "production")
-    retry = idempotency_key is not None and session.execute(select(Build.id).where(
-        Build.account_id == account_id, Build.idempotency_key == idempotency_key)).first() is not None
-    if not retry:  # a retried submission returns its build even when the account is at its quota
-        check_quota(session, account_id, s.max_queued_per_account)
-    src_creds, dst_creds = _credentials(src), _credentials(dst)
     new = NewBuild(
         build_id=build_id, account_id=account_id, app_id=app.id, created_by=user_id,
         input_image_name=str(src["name"]), output_image_name=str(dst["name"]),
         input_username=src_creds.username if src_creds else None,
         output_username=dst_creds.username if dst_creds else None,
-        input_credentials=sealer.seal_credentials(src_creds, str(build_id)) if src_creds else None,
-        output_credentials=sealer.seal_credentials(dst_creds, str(build_id)) if dst_creds else None,
+        input_credentials=sealed_in, output_credentials=sealed_out,
         converter_options=options, cpu_count=int(pick("cpu_count", DEFAULT_CPU_COUNT)),  # type: ignore[call-overload]
         mem_size=int(mem_size) if mem_size is not None else None,  # type: ignore[call-overload]
         enable_overlay_filesystem_persistence=bool(pick("enable_overlay_filesystem_persistence", True)),
-        request_fingerprint=_fingerprint(body), idempotency_key=idempotency_key)
-    build, created = insert_build(session, new)
+        request_fingerprint=fingerprint, idempotency_key=idempotency_key)
+    # The quota is checked by the insert itself, under the account lock taken above.
+    build, created = insert_build(session, new, quota=None if retry else s.max_queued_per_account)
     session.commit()
     if created:
         try:

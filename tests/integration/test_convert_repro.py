@@ -59,14 +59,14 @@ def input_ref(registry: RunningRegistry) -> str:
 
 
 def start(work: Path, registry: RunningRegistry, blobs: Path, input_ref: str, output_tag: str, seed: str,
-          extra: Sequence[str] = ()) -> subprocess.Popen[str]:
+          extra: Sequence[str] = (), prefix: Sequence[str] = ()) -> subprocess.Popen[str]:
     """One `convert-local` process with its own cwd, scratch parent, state dir (so its own blob cache) and
     hash seed (so no set or dict order can leak into the bytes)."""
     (work / "scratch").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NITROCONV_")}
     env.update(NITROCONV_STATE_DIR=str(work / "state"), PYTHONHASHSEED=seed)
     return subprocess.Popen(
-        [str(NITROCONV), "convert-local", "--input", input_ref,
+        [*prefix, str(NITROCONV), "convert-local", "--input", input_ref,
          "--output", f"{registry.host}/repro/app-enclave:{output_tag}", "--insecure-registry", registry.host,
          "--blobs", str(blobs), "--scratch", str(work / "scratch"), "--eif-out", str(work / "app.eif"),
          "--runtime", str(build_shim(runtime_target()).parent), *extra],
@@ -116,3 +116,12 @@ def test_convert_repro_env_option_changes_pcr0_and_pcr2_only(twins, registry, bl
     assert with_env.measurements["PCR0"] != base.measurements["PCR0"]
     assert with_env.measurements["PCR2"] != base.measurements["PCR2"]
     assert with_env.eif != base.eif and with_env.output_digest != base.output_digest
+
+
+def test_convert_repro_one_core_gives_the_same_output_digest(twins, registry, blobs_dir, input_ref, tmp_path) -> None:
+    """Pinned to one CPU, the compressor and hashers run with one thread each: the output image is the same."""
+    base, _ = twins
+    pinned = finish(start(tmp_path / "pinned", registry, blobs_dir, input_ref, "pinned", "4", ["--no-reuse"],
+                          prefix=["taskset", "-c", "0"]), tmp_path / "pinned", registry, "pinned")
+    assert pinned.eif == base.eif
+    assert pinned.output_digest == base.output_digest

@@ -2,6 +2,7 @@
 output base image (NITROCONV_OUTPUT_BASE_IMAGE), run-time env and arguments as `docker run` passes them."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -95,24 +96,27 @@ class Output:
     result: ConvertResult
     repository: str
     tag: str
+    kept: Path | None = None
 
 
 def _convert(registry: RunningRegistry, blobs: Path, runtime: Path, work: Path, source: str, output: str,
-             options: ConverterOptions, base: str = "") -> Output:
+             options: ConverterOptions, base: str = "", keep_layer: Path | None = None) -> Output:
     spec = ConvertSpec(input_ref=source, output_ref=output, input_credentials=None, output_credentials=None,
                        options=options, cpu_count=2, mem_size_mib=512, insecure_registries=frozenset({registry.host}))
     result = convert(spec, scratch=work / "scratch", blobs_dir=blobs, cache_dir=work / "cache",
-                     on_stage=lambda stage, progress: None, runtime_dir=runtime, output_base=base)
+                     on_stage=lambda stage, progress: None, runtime_dir=runtime, output_base=base,
+                     keep_layer=keep_layer)
     repository, _, tag = result.output_reference.partition("@")[0].rpartition(":")
-    return Output(result, repository, tag)
+    return Output(result, repository, tag, keep_layer)
 
 
 @pytest.fixture(scope="module")
 def plain(registry: RunningRegistry, blobs_dir: Path, runtime: Path, app_image: PushedImage, session_id: str,
           tmp_path_factory: pytest.TempPathFactory) -> Output:
-    return _convert(registry, blobs_dir, runtime, tmp_path_factory.mktemp("plain"), app_image.ref,
+    work = tmp_path_factory.mktemp("plain")
+    return _convert(registry, blobs_dir, runtime, work, app_image.ref,
                     f"{registry.host}/launcher/plain:{session_id}",
-                    ConverterOptions(mutable_env_vars=("GREETING=hello", "LEVEL=1")))
+                    ConverterOptions(mutable_env_vars=("GREETING=hello", "LEVEL=1")), keep_layer=work / "kept.layer")
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +228,18 @@ def test_output_image_has_launcher_entrypoint_and_one_layer(registry: RunningReg
     assert config["config"]["Entrypoint"] == ["/enclave/run"]  # type: ignore[index]
     assert "Cmd" not in config["config"]  # type: ignore[operator]
     assert config["created"] == FIXED_CREATED
+
+
+def test_output_image_layer_is_kept_as_pushed(registry: RunningRegistry, plain: Output) -> None:
+    """keep_layer: the pushed layer's bytes stay outside scratch, described by layer_blob and layer_diff_id."""
+    manifest, config = output_documents(registry, plain)
+    blob = plain.result.layer_blob
+    assert blob is not None and plain.result.reused_from is None and plain.kept is not None
+    layer = manifest["layers"][-1]  # type: ignore[index]
+    assert (layer["digest"], layer["size"], layer["mediaType"]) == (blob.digest, blob.size, blob.media_type)
+    assert config["rootfs"]["diff_ids"][-1] == plain.result.layer_diff_id  # type: ignore[index]
+    data = plain.kept.read_bytes()
+    assert (f"sha256:{hashlib.sha256(data).hexdigest()}", len(data)) == (blob.digest, blob.size)
 
 
 # --- on a base image --------------------------------------------------------------------------------------------

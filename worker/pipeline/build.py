@@ -6,7 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.eif import Measurements, Section, build_metadata, eif_size, kernel_info_from_config, write_eif
+from common.eif import (
+    Measurements,
+    Section,
+    WrittenEif,
+    build_metadata,
+    eif_size,
+    kernel_info_from_config,
+    write_eif_record,
+)
 from common.filetree import Tree
 from common.launch import LaunchSpec
 from common.ramdisk import app_archive, bootstrap_archive
@@ -36,6 +44,8 @@ class BuiltEif:
     measurements: Measurements
     # The enclave memory written into the header: the requested size, or the computed default.
     mem_size_mib: int = 0
+    # What the writer wrote (header, size, CRC), to check the file without measuring it again.
+    written: WrittenEif | None = None
 
 
 def tool_version() -> str:
@@ -87,7 +97,7 @@ def build_eif(
                                                 metadata=len(metadata), ramdisks=[boot.size, app.size],
                                                 signature=signer.max_section_size() if signer else None))
     with out_path.open("wb") as out:
-        measurements = write_eif(
+        written = write_eif_record(
             out,
             kernel=Section.of_file(kernel),
             cmdline=cmdline,
@@ -97,7 +107,7 @@ def build_eif(
             default_cpus=cpu_count,
             signer=signer,
         )
-    return BuiltEif(out_path, out_path.stat().st_size, measurements, mem_size_mib)
+    return BuiltEif(out_path, out_path.stat().st_size, written.measurements, mem_size_mib, written)
 
 
 def docker_info(config: Mapping[str, object], config_digest: str, repo_digest: str | None) -> dict[str, object]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import os
 import shutil
@@ -10,17 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.blobstore import BlobStore
-from common.eif import Measurements, read_eif
+from common.eif import Measurements, check_written
 from common.errors import (
     Cancelled,
     InvalidBlobs,
-    InvalidEif,
     InvalidOptions,
     InvalidSigningMaterial,
     MemoryTooSmall,
 )
 from common.filetree import NodeKind, Tree
 from common.launch import LaunchSpec, launch_spec, parse_env
+from common.layercompress import Compression, parse_compression
 from common.layers import Limits
 from common.options import check_java_mode
 from common.registry import Credentials
@@ -30,7 +31,7 @@ from worker.pipeline.build import EifIdentity, build_eif, docker_info
 from worker.pipeline.cabundle import append_ca_bundle, load_ca_bundle
 from worker.pipeline.memory import MEMORY_FACTOR, minimum_mem_mib
 from worker.pipeline.outputbase import BaseImage, base_reference, resolve_base
-from worker.pipeline.outputimage import ENTRYPOINT, config_json, labels, write_layer
+from worker.pipeline.outputimage import ENTRYPOINT, Blob, config_json, labels, write_layer
 from worker.pipeline.pull import PulledImage, pull
 from worker.pipeline.push import output_reference, push
 
@@ -101,6 +102,11 @@ class ConvertResult:
     mem_size_mib: int = 0
     # `BootResult.to_json()` when the boot check ran.
     boot_check: dict[str, object] | None = None
+    # The output layer pushed (its descriptor and uncompressed digest), for the reuse cache.
+    layer_blob: Blob | None = None
+    layer_diff_id: str = ""
+    # The earlier build whose EIF and layer this one reused, when it did.
+    reused_from: str | None = None
 
 
 def _check_blobs(blobs_dir: Path) -> None:
@@ -181,6 +187,8 @@ def convert(
     runtime_dir: Path | None = None,
     boot_check: bool | float = False,
     output_base: str = "",
+    keep_layer: Path | None = None,
+    output_compression: Compression | str = Compression.GZIP,
 ) -> ConvertResult:
     """Convert one image. Everything written goes under `scratch` (emptied at the end) or the blob cache.
 
@@ -190,6 +198,12 @@ def convert(
 
     `output_base` (NITROCONV_OUTPUT_BASE_IMAGE, a registry reference; empty for none) is the image
     the output is layered on, e.g. one with nitro-cli for the launcher to run.
+
+    `keep_layer`: on success the compressed output layer is moved there (a reuse cache) before
+    scratch is removed.
+
+    `output_compression` (NITROCONV_OUTPUT_COMPRESSION): the output layer's `gzip` (any client) or `zstd`
+    (smaller and faster, for registries and clients that accept it; Docker 20.10 cannot pull it).
     """
     _check_blobs(blobs_dir)
     runtime = runtime_dir or default_runtime_dir()
@@ -204,6 +218,7 @@ def convert(
     if spec.cpu_count < 1 or (spec.mem_size_mib is not None and spec.mem_size_mib < 1):
         raise InvalidOptions("cpu_count and mem_size must be positive", details={"field": "cpu_count/mem_size"})
     check_java_mode(spec.options.java_mode)
+    output_compression = parse_compression(output_compression)
     # The signing identity is checked per build: a certificate can expire while the service runs.
     signer = _signer(spec)
     ca_bundle = load_ca_bundle(spec.ca_bundle) if spec.options.add_ccm_ca_certificates else None
@@ -261,12 +276,6 @@ def convert(
         del tree  # the spool files stay until scratch is removed; the index can go
 
         stage(Stage.MEASURING)
-        # Re-read with the strict reader: a torn write or a writer bug must not be pushed and trusted.
-        checked = read_eif(eif_path)
-        if checked.measurements != built.measurements:
-            raise InvalidEif("the EIF read back does not measure what was written")
-        if checked.signature is not None and not checked.signature.check:
-            raise InvalidEif("the EIF's signature does not verify with its certificate")
         mem_size_mib = built.mem_size_mib
         need = minimum_mem_mib(built.size)
         if mem_size_mib < need:
@@ -274,12 +283,26 @@ def convert(
                 f"mem_size {mem_size_mib} MiB is below {MEMORY_FACTOR}x the EIF size; use at least {need} MiB",
                 details={"mem_size": mem_size_mib, "minimum": need, "eif_size": built.size},
             )
+        # A torn write or a writer bug must not be pushed and trusted. The strict reader would measure the
+        # whole file again (two SHA-384s of it, a second of CPU per 350 MB); instead the file is held to what
+        # the writer reports having written, whose PCRs were hashed from the very chunks it wrote:
+        #  - check_written: the size, the 548 header bytes (table, memory, CPUs, CRC) exactly as written,
+        #    every section header, the section order, the metadata and the signature (verified on PCR0);
+        #  - write_layer, which reads every byte anyway to make the output layer: their CRC-32 equals the
+        #    CRC the writer computed over the chunks it hashed. A short, torn or since-changed file breaks
+        #    the size or the CRC; a writer that wrote other bytes than it hashed breaks the CRC; and the
+        #    layer holds exactly the bytes that passed, so what is pushed is what was checked.
+        # The layer is made from this read rather than teed from the writer: the EIF's header (its CRC, and
+        # a signature section) is final only after the last section, and the layer's digests need the bytes
+        # in file order, header first. The strict reader stays the conformance oracle (tests, `verify`).
+        assert built.written is not None
+        check_written(eif_path, built.written)
+        files = {**_enclave_files(spec, built.measurements, mem_size_mib), "run": launcher}
+        layer = write_layer(eif_path, files, scratch / "layer.blob", compression=output_compression,
+                            written=built.written)
         boot = _boot_check(eif_path, boot_check, scratch) if boot_check is not False else None
 
         stage(Stage.PUSHING)
-        files = {**_enclave_files(spec, built.measurements, mem_size_mib), "run": launcher}
-        layer = write_layer(eif_path, files, scratch / "layer.tar.gz")
-        on_stage(Stage.PUSHING, 0.9)
         input_digest = image.input_digest or image.config_digest
         image_labels = labels(built.measurements, input_digest)
         pushed = push(out_ref, layer, config_json(layer, image_labels, ENTRYPOINT, base), {},
@@ -287,6 +310,8 @@ def convert(
                       base=base, cache=cache, base_credentials=base_credentials)
         if eif_out is not None:
             shutil.copyfile(eif_path, eif_out)
+        if keep_layer is not None:
+            _move(layer.path, keep_layer)
         on_stage(Stage.PUSHING, 1.0)
         return ConvertResult(
             input_digest=input_digest,
@@ -301,9 +326,26 @@ def convert(
             docker_version=_str_or_none(image.config.get("docker_version")),
             mem_size_mib=mem_size_mib,
             boot_check=boot,
+            layer_blob=layer.blob,
+            layer_diff_id=layer.diff_id,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _move(src: Path, dest: Path) -> None:
+    """Rename when on one filesystem; else copy to a temporary name beside `dest` and rename it into place."""
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _boot_check(eif_path: Path, boot_check: bool | float, scratch: Path) -> dict[str, object]:

@@ -1,9 +1,7 @@
 """The converted image of DESIGN.md §5 step 4: one deterministic layer with the EIF and its JSON, plus config and manifest."""
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import tarfile
 import tempfile
@@ -13,19 +11,19 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from common.blobstore import open_layer
-from common.eif import Measurements
-from common.errors import InvalidManifest
+from common.eif import CrcOfStream, Measurements, WrittenEif
+from common.errors import InvalidEif, InvalidManifest
+from common.hashpipe import HashPipe
 from common.hostpolicy import HostPolicy
+from common.layercompress import GZIP_BLOCK, MEDIA_TYPES, Compression, StreamCompressor, open_compressor
 from common.reference import parse_reference
 from common.registry import Credentials, RegistryClient
 from worker.pipeline.outputbase import BaseImage
 
-LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_MEDIA_TYPE = MEDIA_TYPES[Compression.GZIP]
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 LABEL_PREFIX = "dev.nitroconv."
-# Level 1: the EIF is mostly an uncompressed cpio; higher levels cost seconds per 100 MB for a few percent.
-GZIP_LEVEL = 1
 # Every timestamp the output carries: equal inputs must give equal digests.
 FIXED_CREATED = "1970-01-01T00:00:00Z"
 HISTORY_CREATED_BY = "nitroconv: /enclave (app.eif, launch.json, measurements.json, run)"
@@ -48,58 +46,109 @@ class OutputLayer:
     eif_sha256: str
 
 
-class _HashingWriter(io.RawIOBase):
-    """Counts and hashes what passes through, so digests need no second read of the layer."""
-
-    def __init__(self, sink: BinaryIO) -> None:
-        self._sink, self.sha, self.size = sink, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: bytes) -> int:  # type: ignore[override]
-        self.sha.update(b)
-        self.size += len(b)
-        self._sink.write(b)
-        return len(b)
+# The EIF is read in these pieces: one compressor block each.
+_CHUNK = GZIP_BLOCK
 
 
-class _HashingReader:
-    """Hashes the EIF while tar copies it, giving `eif_sha256` without reading the file twice."""
-
-    def __init__(self, source: BinaryIO) -> None:
-        self._source, self.sha = source, hashlib.sha256()
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._source.read(n)
-        self.sha.update(data)
-        return data
-
-
-def _tarinfo(name: str, size: int, mode: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+def _tar_header(name: str, size: int, mode: int, kind: bytes = tarfile.REGTYPE) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.type = size, mode, kind
     info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-    return info
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
 
 
-def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path) -> OutputLayer:
-    """Write `enclave/` with the EIF and the small files, gzip'd with no name or time, so equal inputs give equal digests."""
-    with out_path.open("wb") as raw:
-        compressed = _HashingWriter(raw)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, compresslevel=GZIP_LEVEL, mtime=0) as gz:
-            plain = _HashingWriter(gz)  # type: ignore[arg-type]
-            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                tar.addfile(_tarinfo("enclave", 0, 0o755, tarfile.DIRTYPE))
+def _pad(n: int, unit: int = tarfile.BLOCKSIZE) -> bytes:
+    return b"\0" * (-n % unit)
+
+
+class _PlainTar:
+    """The uncompressed layer as it is produced: hashed (the diff_id) in a thread and handed to the compressor.
+
+    The bytes are those tarfile's "w|" mode writes for the same members (USTAR, then two zero blocks and
+    padding to a 10 KiB record), so a layer's diff_id does not depend on which of the two wrote it.
+    """
+
+    def __init__(self, compressor: StreamCompressor) -> None:
+        self._compressor = compressor
+        self._sha = HashPipe(hashlib.sha256(), name="nitroconv-diffid")
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._compressor.write(data)
+        self.offset += len(data)
+
+    def member(self, name: str, data: bytes, mode: int) -> None:
+        self.write(_tar_header(name, len(data), mode) + data + _pad(len(data)))
+
+    def finish(self) -> str:
+        self.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self.write(_pad(self.offset, tarfile.RECORDSIZE))
+        return f"sha256:{self._sha.finish().hexdigest()}"
+
+    def abort(self) -> None:
+        self._sha.abort()
+
+
+def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
+                compression: Compression = Compression.GZIP, written: WrittenEif | None = None,
+                threads: int | None = None) -> OutputLayer:
+    """Write `enclave/` with the EIF and the small files, compressed (gzip with no name or time, or zstd) so that
+    equal inputs give equal digests whatever the thread count.
+
+    One sequential read of the EIF feeds everything at once: the EIF's sha256, the tar's (the diff_id), the
+    parallel compressor and its output's sha256, each hash in a thread of its own. The EIF is read back
+    rather than teed from its writer because its header (CRC, and with a signer the signature section) is
+    final only after the last section, while every digest here needs the bytes in file order; the read
+    comes from the page cache, and it is what makes the pushed layer exactly the file that was checked.
+
+    With `written` (what `write_eif_record` reported), the file's size must be the writer's and its CRC,
+    recomputed from the bytes read here, the writer's: a torn, short or since-changed file fails with
+    `InvalidEif` before anything is pushed (see `common.eif.check_written` for the rest of that check).
+    """
+    size = eif.stat().st_size
+    if written is not None and size != written.size:
+        raise InvalidEif(f"the EIF is {size} bytes, its writer wrote {written.size}",
+                         details={"reason": "truncated" if size < written.size else "trailing_bytes"})
+    crc = CrcOfStream()
+    eif_sha = HashPipe(hashlib.sha256(), name="nitroconv-eifsha")
+    try:
+        with out_path.open("wb") as raw:
+            compressor = open_compressor(compression, raw, threads=threads)
+            plain = _PlainTar(compressor)
+            try:
+                plain.write(_tar_header("enclave", 0, 0o755, tarfile.DIRTYPE))
+                plain.write(_tar_header("enclave/app.eif", size, 0o644))
                 with eif.open("rb") as src:
-                    reader = _HashingReader(src)
-                    tar.addfile(_tarinfo("enclave/app.eif", eif.stat().st_size, 0o644), cast(BinaryIO, reader))
+                    remaining = size
+                    while remaining:
+                        # Pieces end on the compressor's block boundaries (the tar headers come first), so
+                        # whole blocks reach it without being copied through its buffer.
+                        chunk = src.read(min(_CHUNK - plain.offset % _CHUNK, remaining))
+                        if not chunk:
+                            raise InvalidEif("the EIF ended while it was read into the layer",
+                                             details={"reason": "truncated", "offset": size - remaining})
+                        remaining -= len(chunk)
+                        eif_sha.update(chunk)
+                        crc.update(chunk)
+                        plain.write(chunk)
+                plain.write(_pad(size))
                 for name in sorted(files):
-                    data = files[name]
-                    mode = 0o755 if name == "run" else 0o644
-                    tar.addfile(_tarinfo(f"enclave/{name}", len(data), mode), io.BytesIO(data))
-    blob = Blob(f"sha256:{compressed.sha.hexdigest()}", compressed.size, LAYER_MEDIA_TYPE)
-    return OutputLayer(out_path, blob, f"sha256:{plain.sha.hexdigest()}", reader.sha.hexdigest())
+                    plain.member(f"enclave/{name}", files[name], 0o755 if name == "run" else 0o644)
+                diff_id = plain.finish()
+                blob = compressor.close()
+            except BaseException:
+                plain.abort()
+                compressor.abort()
+                raise
+        eif_sha256 = eif_sha.finish().hexdigest()
+    finally:
+        eif_sha.abort()  # a no-op once finished
+    if written is not None and crc.value != written.crc:
+        raise InvalidEif("the EIF read back does not have the CRC its writer computed: the file changed or was "
+                         "torn after it was written", details={"reason": "crc_mismatch"})
+    return OutputLayer(out_path, Blob(f"sha256:{blob.sha256}", blob.size, MEDIA_TYPES[compression]), diff_id,
+                       eif_sha256)
 
 
 def labels(measurements: Measurements, input_digest: str) -> dict[str, str]:

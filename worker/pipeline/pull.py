@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import TracebackType
 from typing import BinaryIO, cast
 
 from common.blobstore import BlobStore, open_layer
@@ -15,11 +18,17 @@ from common.errors import DigestMismatch, InvalidManifest, RegistryError
 from common.filetree import Tree
 from common.hostpolicy import HostPolicy
 from common.layers import ApplyState, Limits, apply_layer
-from common.oci import load_json_object, parse_image_config
+from common.oci import Descriptor, load_json_object, parse_image_config
 from common.reference import DaemonImage, Reference, parse_image_source
 from common.registry import Credentials, RegistryClient
 
 Progress = Callable[[float], None]
+
+# Layers downloading at once ahead of the one being applied: enough to keep a link busy while a layer
+# is unpacked, few enough that one conversion does not hog the registry or the disk.
+PREFETCH_THREADS = 3
+# How long a failed pull waits for downloads already running before it lets them end on their own.
+ABORT_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -71,15 +80,14 @@ def _pull_registry(
         image = client.resolve(ref)
         total = max(image.compressed_size, 1)
         done = 0
-        for descriptor, diff_id in zip(image.layers, image.diff_ids, strict=True):
-            # The cache holds only verified blobs; the registry has just authorised this caller for the
-            # manifest that names them, so a hit never lends one tenant's private layer to another.
-            path = cache.get(descriptor) or client.fetch_blob(image.repository, descriptor,
-                                                              cache.path(descriptor.digest))
-            with open_layer(path, descriptor.media_type, diff_id, max_bytes=limits.max_total_bytes) as layer:
-                apply_layer(tree, cast(BinaryIO, layer), spool_dir=spool_dir, limits=limits, state=state)
-            done += descriptor.size
-            progress(done / total)
+        with _Prefetch(client, image.repository, cache, image.layers) as prefetch:
+            for index, (descriptor, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=True)):
+                # Downloads run ahead; applying stays strictly in order (a later layer's deletions must win).
+                path = prefetch.wait(index)
+                with open_layer(path, descriptor.media_type, diff_id, max_bytes=limits.max_total_bytes) as layer:
+                    apply_layer(tree, cast(BinaryIO, layer), spool_dir=spool_dir, limits=limits, state=state)
+                done += descriptor.size
+                progress(done / total)
     config = load_json_object(image.config_bytes, what="image config")
     return PulledImage(
         name=ref.repository,
@@ -89,6 +97,60 @@ def _pull_registry(
         size=image.compressed_size,
         layers=len(image.layers),
     )
+
+
+class _Prefetch:
+    """Downloads an image's layers into the blob cache in background threads, at most PREFETCH_THREADS at once.
+
+    `wait(i)` returns layer i's verified file, or raises what its download raised: a failure shows at
+    that layer's turn, after the layers before it were applied. Leaving the block cancels downloads not
+    yet started; a normal exit finds the rest done, while an abort (cancel, time limit, a cold shutdown's
+    SIGTERM) waits for running ones at most ABORT_GRACE_SECONDS, then lets them end at their own
+    timeouts: a hung registry must not hold the worker's shutdown for minutes of read timeouts and
+    retries. The threads share the caller's `RegistryClient`, which supports concurrent blob downloads
+    (one token cache, one pool).
+    """
+
+    def __init__(self, client: RegistryClient, repository: str, cache: BlobStore,
+                 layers: Sequence[Descriptor]) -> None:
+        self._client, self._repository, self._cache = client, repository, cache
+        self._layers = layers
+        self._pool = ThreadPoolExecutor(max_workers=PREFETCH_THREADS, thread_name_prefix="nitroconv-prefetch")
+        self._futures: list[Future[Path]] = []
+
+    def __enter__(self) -> _Prefetch:
+        # One download per digest: an image may list the same blob twice, and two writers of one
+        # cache path would only race to the same verified bytes.
+        by_digest: dict[str, Future[Path]] = {}
+        try:
+            for descriptor in self._layers:
+                key = str(descriptor.digest)
+                if key not in by_digest:
+                    by_digest[key] = self._pool.submit(self._fetch, descriptor)
+                self._futures.append(by_digest[key])
+        except BaseException:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        return self
+
+    def _fetch(self, descriptor: Descriptor) -> Path:
+        # The cache holds only verified blobs; the registry has just authorised this caller for the
+        # manifest that names them, so a hit never lends one tenant's private layer to another.
+        return self._cache.get(descriptor) or self._client.fetch_blob(
+            self._repository, descriptor, self._cache.path(descriptor.digest))
+
+    def wait(self, index: int) -> Path:
+        return self._futures[index].result()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self._pool.shutdown(wait=True)
+            return
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        # A download that is about to end is let end, so an ordinary failure leaves no thread behind;
+        # a hung one is not waited for beyond the grace.
+        wait_futures([f for f in self._futures if not f.done()], timeout=ABORT_GRACE_SECONDS)
 
 
 def _pull_daemon(

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import IO
 
 from common.blobstore import BlobStore
 from common.digest import Digest
@@ -50,9 +51,15 @@ def push(
     base: BaseImage | None = None,
     cache: BlobStore | None = None,
     base_credentials: Credentials | None = None,
+    layer_opener: Callable[[], IO[bytes]] | None = None,
+    mount_from: str | None = None,
 ) -> Pushed:
     """Upload the base's layers (if any), ours, the config and the manifest. Re-running after a crash
-    re-uploads nothing that landed. `cache` keeps base layers fetched from another registry."""
+    re-uploads nothing that landed. `cache` keeps base layers fetched from another registry.
+
+    `layer_opener` reads our layer from elsewhere than `layer.path` (a held cache file); `mount_from`
+    (a repository on the same registry that already holds our layer) is tried as a cross-repository
+    mount first, and a registry that declines gets a normal upload."""
     # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
     policy = HostPolicy.allowing(insecure_registries)
     config_blob = blob_of(config, CONFIG_MEDIA_TYPE)
@@ -64,7 +71,7 @@ def push(
                 raise ValueError("pushing onto a base image needs a blob cache")
             copy_base_layers(client, ref, base, cache=cache, base_credentials=base_credentials, policy=policy)
         client.upload_blob(ref.repository, Digest.parse(layer.blob.digest), layer.blob.size,
-                           lambda: layer.path.open("rb"))
+                           layer_opener or (lambda: layer.path.open("rb")), mount_from=mount_from)
         client.upload_blob(ref.repository, Digest.parse(config_blob.digest), config_blob.size,
                            lambda: io.BytesIO(config))
         digest = client.put_manifest(ref.repository, ref.tag or "latest", MANIFEST_MEDIA_TYPE, manifest)

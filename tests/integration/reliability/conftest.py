@@ -21,6 +21,7 @@ from common import db as database
 from common.db import create_database_if_missing, drop_database, migrate, session_scope
 from common.models import Build, BuildEvent
 from common.settings import Settings
+from common.tasknames import QUEUES
 from tests.fixtures.registries import free_port
 from tests.fixtures.require import skip_or_fail
 from tests.integration.service.conftest import PG_BASE, REPO, Tenant, new_tenant, worker_env
@@ -172,7 +173,7 @@ class Stack:
 
     def worker(self, name: str | None = None, **env: str) -> Proc:
         name = name or f"w{uuid.uuid4().hex[:6]}"
-        return self.celery_process(name, ["worker", "-Q", "conversions,maintenance", "-c", "1", "-n", f"{name}@%h",
+        return self.celery_process(name, ["worker", "-Q", ",".join(QUEUES), "-c", "1", "-n", f"{name}@%h",
                                    "--without-gossip", "--without-mingle", "-l", "info"], "ready.", env)
 
     def beat(self) -> Proc:

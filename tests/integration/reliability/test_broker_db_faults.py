@@ -52,10 +52,10 @@ def test_broker_redis_killed_with_jobs_queued_loses_none(registry, rel_settings,
     src = _image(registry)
     ids = [api.submit(src, _out(registry)) for _ in range(2)]
     redis = own_redis.client()
-    assert redis.llen("conversions") == 2
+    assert redis.llen(QUEUE) == 2
     own_redis.kill()  # SIGKILL, no shutdown save: only the AOF keeps the queue
     own_redis.start()
-    assert redis.llen("conversions") == 2
+    assert redis.llen(QUEUE) == 2
     assert redis.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
     procs = stack(s)
     procs.worker()  # no beat: the sweeper must not be what saves these

@@ -22,6 +22,7 @@ from common.accounts import create_account, create_user
 from common.db import create_database_if_missing, drop_database, migrate, session_scope
 from common.models import Membership
 from common.settings import Settings
+from common.tasknames import QUEUES
 
 REPO = Path(__file__).resolve().parents[3]
 PG_BASE = os.environ.get("NITROCONV_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -175,8 +176,8 @@ def start_celery(s: Settings, name: str, *extra: str, ready_marker: str = "ready
     raise RuntimeError(f"celery {name} not ready: {log.read_text()[-3000:]}")
 
 
-def start_worker(s: Settings, name: str) -> CeleryProcess:
-    return start_celery(s, name, "worker", "-Q", "conversions,maintenance", "-c", "1", "-n", f"{name}@%h",
+def start_worker(s: Settings, name: str, queues: str = ",".join(QUEUES)) -> CeleryProcess:
+    return start_celery(s, name, "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h",
                         "--without-gossip", "--without-mingle", "-l", "info")
 
 

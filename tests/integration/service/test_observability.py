@@ -149,7 +149,7 @@ def test_observability_metrics_and_json_logs_without_secrets(obs, metered_worker
     assert pulled >= sum(len(layer.blob) for layer in public.layers)  # a unique layer: no cache hit
     assert pushed > 0
     depth = _samples(exported, "nitroconv_queue_depth")
-    assert set(depth) == {'{queue="conversions"}', '{queue="maintenance"}'}
+    assert set(depth) == {'{queue="convert"}', '{queue="maintenance"}'}
 
     # API metrics: by route template and status.
     api_metrics = requests.get(f"{url}/metrics", timeout=10).text

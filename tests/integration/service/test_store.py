@@ -34,6 +34,15 @@ def _submit(client, tenant, **app_fields) -> uuid.UUID:  # noqa: ANN001
     return uuid.UUID(ok(resp, BuildSchema, 202)["build_id"])
 
 
+@pytest.fixture(autouse=True)
+def _only_this_tests_builds_queued(service_settings):  # noqa: ANN001, ANN202
+    # The runner claims the fairest QUEUED build of the whole database, not its message's: builds other
+    # tests left QUEUED (API-only tests) would be claimed first.
+    with session_scope(service_settings.database_url) as session:
+        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
+                             "WHERE conversion_state='QUEUED'"))
+
+
 def _row(s, build_id) -> Build:  # noqa: ANN001
     with session_scope(s.database_url) as session:
         row = session.get(Build, build_id)
@@ -142,6 +151,10 @@ def test_runner_retryable_error_requeues_until_attempts_run_out(client, tenant, 
     flaky = FakeEngine(error=RegistryUnavailable("503 from registry"))
     first = runner.run(build_id, s, flaky)
     assert first.outcome == "requeued" and first.retry_in and _row(s, build_id).conversion_state == "QUEUED"
+    early = runner.run(build_id, s, flaky)  # within the backoff: nothing claimed, the token comes back later
+    assert early.outcome == "skipped" and early.retry_in and 0 < early.retry_in <= first.retry_in + 1
+    with session_scope(s.database_url) as session:  # the backoff has passed
+        session.execute(update(Build).where(Build.id == build_id).values(not_before=text("now()")))
     assert runner.run(build_id, s, flaky).outcome == "failed"
     row = _row(s, build_id)
     assert (row.conversion_state, row.error_code, row.attempts) == ("FAILED", "registry_unavailable", 2)

@@ -32,3 +32,37 @@ def test_tasks_are_registered_under_their_stable_names():
     import worker.tasks  # noqa: F401
     from worker.celery_app import app
     assert {CONVERT, SWEEP} <= set(app.tasks)
+
+
+def test_tasks_config_queue_per_host_class():
+    from common.tasknames import MAINTENANCE, QUEUE
+
+    conf = celery_config(Settings())
+    assert QUEUE == "convert" and conf["task_default_queue"] == "convert"
+    assert [q.name for q in conf["task_queues"]] == ["convert", "maintenance"]
+    assert conf["task_routes"][SWEEP] == {"queue": MAINTENANCE}
+    maintenance_only = celery_config(Settings.from_env({"NITROCONV_WORKER_QUEUES": "maintenance"}))
+    assert [q.name for q in maintenance_only["task_queues"]] == ["maintenance"]
+
+
+def test_tasks_config_worker_queues_are_parsed_strictly():
+    import pytest
+
+    from common.errors import InvalidOptions
+
+    assert Settings.from_env({"NITROCONV_WORKER_QUEUES": " convert , convert"}).worker_queues == ("convert",)
+    for bad in ("conversions", "convert,typo", ","):
+        with pytest.raises(InvalidOptions, match="NITROCONV_WORKER_QUEUES"):
+            Settings.from_env({"NITROCONV_WORKER_QUEUES": bad})
+
+
+def test_tasks_worker_preloads_the_pipeline_before_forking():
+    import subprocess
+    import sys
+
+    # A fresh interpreter: whether the worker_init handler imports every pipeline module.
+    code = ("import sys; from worker import celery_app; celery_app._preload_pipeline(); "
+            "print(all(m in sys.modules for m in ('worker.pipeline.convert', 'worker.pipeline.pull', "
+            "'worker.pipeline.push', 'worker.pipeline.build')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -1,0 +1,99 @@
+"""The pull step downloads layers ahead in background threads while applying them strictly in order."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from common.blobstore import BlobStore
+from common.errors import BlobUnknown, DigestMismatch
+from common.filetree import Tree
+from tests.fixtures.images import PushedImage, PushSession, make_layer, push_test_image, sha256
+from tests.fixtures.registries import RunningRegistry
+from tests.layertar import LayerTar
+from worker.pipeline.convert import DEFAULT_LIMITS
+from worker.pipeline.pull import ABORT_GRACE_SECONDS, PREFETCH_THREADS, PulledImage, pull
+
+pytestmark = pytest.mark.integration
+
+
+def prefetch_threads(within: float = 0.0) -> list[str]:
+    """The prefetch threads alive, waiting up to `within` seconds for them to end (after a failure the pull
+    does not join them; they end once their download has, within ABORT_GRACE_SECONDS for a live registry)."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("nitroconv-prefetch")]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def layered_image(registry: RunningRegistry, repo: str, count: int) -> PushedImage:
+    """`count` layers, each replacing /data and deleting the previous layer's own file: only the last one's
+    content survives when they are applied in order."""
+    layers = []
+    for i in range(count):
+        tar = LayerTar().file("data", f"layer {i}\n".encode()).file(f"only-{i}", b"x" * (1000 * (i + 1)))
+        if i:
+            tar = tar.whiteout("", f"only-{i - 1}")
+        layers.append(make_layer(tar.bytes()))
+    return push_test_image(registry, repo, "v1", layers)
+
+
+def do_pull(registry: RunningRegistry, ref: str, work: Path, progress: list[float]) -> tuple[Tree, PulledImage]:
+    tree = Tree()
+    image = pull(ref, tree, credentials=None, insecure_registries=frozenset({registry.host}),
+                 cache=BlobStore(work / "cache"), spool_dir=work / "spool", limits=DEFAULT_LIMITS,
+                 progress=progress.append)
+    return tree, image
+
+
+def test_pull_prefetch_applies_in_order_and_fills_the_cache(registry: RunningRegistry, repo_name: str,
+                                                            tmp_path: Path) -> None:
+    count = 2 * PREFETCH_THREADS + 1
+    pushed = layered_image(registry, repo_name, count)
+    progress: list[float] = []
+    tree, image = do_pull(registry, pushed.ref, tmp_path, progress)
+    assert image.layers == count
+    data = tree.lookup(b"data")
+    assert data is not None and data.content is not None
+    with data.content.open() as f:
+        assert f.read() == f"layer {count - 1}\n".encode()
+    assert [name for name in tree.root.children] == [b"data", f"only-{count - 1}".encode()]
+    assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) == count
+    cache = BlobStore(tmp_path / "cache")
+    assert all(cache.path(layer.digest).is_file() for layer in pushed.layers)
+    assert prefetch_threads() == []
+
+
+def test_pull_prefetch_failure_surfaces_at_the_layers_turn(registry: RunningRegistry, repo_name: str,
+                                                           tmp_path: Path) -> None:
+    pushed = layered_image(registry, repo_name, 4)
+    broken = pushed.layers[2]
+    resp = PushSession(registry).request("DELETE", f"/v2/{repo_name}/blobs/{broken.digest}", repo_name)
+    assert resp.status_code == 202, resp.text
+    progress: list[float] = []
+    with pytest.raises(BlobUnknown):
+        do_pull(registry, pushed.ref, tmp_path, progress)
+    assert len(progress) == 2, "layers 0 and 1 were applied before layer 2's download error was raised"
+    assert prefetch_threads(within=ABORT_GRACE_SECONDS) == []
+    # Layer 3 was downloaded ahead (a thread freed by layer 0 took it), although the pull failed before it.
+    assert registry.log_lines(rf"GET /v2/{repo_name}/blobs/{pushed.layers[3].digest}")
+    cache = BlobStore(tmp_path / "cache")
+    assert not cache.path(broken.digest).exists()
+
+
+def test_pull_prefetch_apply_failure_stops_cleanly(registry: RunningRegistry, repo_name: str,
+                                                   tmp_path: Path) -> None:
+    """The first layer lies about its DiffID: the pull fails there, and the downloads running ahead end."""
+    good = [make_layer(LayerTar().file(f"f{i}", bytes(200_000)).bytes()) for i in range(5)]
+    liar = make_layer(LayerTar().file("a", b"a").bytes())
+    pushed = push_test_image(registry, repo_name, "lie", [liar, *good],
+                             diff_ids=[sha256(b"not the tar"), *(g.diff_id for g in good)])
+    progress: list[float] = []
+    with pytest.raises(DigestMismatch):
+        do_pull(registry, pushed.ref, tmp_path, progress)
+    assert progress == []
+    assert prefetch_threads(within=ABORT_GRACE_SECONDS) == []

@@ -1,0 +1,399 @@
+"""Whole-conversion reuse: the same input digest, options and blobs give the same EIF, so its layer is pushed again.
+
+A conversion is keyed by everything that decides its output bytes (see `conversion_key`); the record of
+a finished one lives at `<cache>/conversions/<key>.json`, its output layer in the blob store. A hit
+still resolves the input with the caller's own credentials (that proves the caller may read it, so a
+hit never lends one tenant's image to another), then builds the config and manifest for the requested
+output name as `convert()` does and pushes them, mounting the layer from a repository the same owner
+pushed it to when the registry allows (RELIABILITY.md §D73: never from someone else's repository).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tarfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+
+from common.atomicfile import atomic_file
+from common.blobstore import DEFAULT_MAX_BYTES, BlobStore, open_layer
+from common.digest import Digest
+from common.eif import Measurements
+from common.errors import Cancelled, InvalidManifest, NitroconvError
+from common.hostpolicy import HostPolicy
+from common.launch import parse_env
+from common.layers import Limits
+from common.oci import Descriptor
+from common.options import check_java_mode
+from common.reference import Reference, parse_image_source
+from common.registry import RegistryClient
+from common.signing import load_signer
+from worker.pipeline.convert import (
+    BLOB_FILES,
+    ConvertResult,
+    ConvertSpec,
+    Stage,
+    convert,
+    default_runtime_dir,
+)
+from worker.pipeline.outputbase import base_reference, resolve_base
+from worker.pipeline.outputimage import ENTRYPOINT, Blob, OutputLayer, config_json, labels
+from worker.pipeline.push import output_reference, push
+
+log = logging.getLogger(__name__)
+
+RECORD_VERSION = 1
+# bzImage.config is not in the EIF, but nitro-cli's kernel config names the kernel build: a new one is a new blob set.
+KEY_BLOB_FILES = (*BLOB_FILES, "bzImage.config")
+RUNTIME_FILES = ("shim", "run")
+# Pushes remembered per record, for mounts; the oldest are forgotten first.
+_MAX_PUSHES = 32
+
+
+@dataclass(frozen=True)
+class Push:
+    """One output the layer was pushed as, and whose push it was (an account id; "" for the CLI)."""
+
+    owner: str
+    registry: str  # api host
+    repository: str
+    reference: str
+    build_id: str | None
+
+
+def _file_sha256(path: Path, memo: dict[tuple[str, int, int, int], str] = {}) -> str | None:  # noqa: B006
+    """sha256 of a file, or None if absent; remembered per (path, inode, size, mtime) for the process's life."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    found = memo.get(key)
+    if found is None:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        found = memo[key] = h.hexdigest()
+    return found
+
+
+def resolve_input_digest(spec: ConvertSpec) -> tuple[Reference, str] | None:
+    """The input's manifest digest as its registry serves it to this caller; None for a local engine image.
+
+    Asked every time with the caller's credentials: a caller who cannot read the input fails here
+    exactly as the pull would have.
+    """
+    ref = parse_image_source(spec.input_ref)
+    if not isinstance(ref, Reference):
+        return None
+    policy = HostPolicy.allowing(spec.insecure_registries)
+    with RegistryClient.for_reference(ref, credentials=spec.input_credentials, policy=policy) as client:
+        fetched = client.fetch_manifest(ref.repository, ref.digest or ref.manifest_reference)
+    return ref, str(fetched.digest)
+
+
+def conversion_key(spec: ConvertSpec, input_ref: Reference, input_digest: str, *, blobs_dir: Path,
+                   runtime_dir: Path, output_base: str, boot_check: bool | float, limits: Limits | None,
+                   extra: Mapping[str, object]) -> str | None:
+    """sha256 over a canonical JSON of everything the output bytes depend on; None when a file is missing
+    (then `convert()` runs and names what is missing)."""
+    blobs = {name: _file_sha256(blobs_dir / name) for name in KEY_BLOB_FILES}
+    runtime = {name: _file_sha256(runtime_dir / name) for name in RUNTIME_FILES}
+    if any(blobs[name] is None for name in BLOB_FILES) or any(v is None for v in runtime.values()):
+        return None
+    signing = None
+    if spec.signing_key is not None or spec.signing_cert is not None:
+        cert = _file_sha256(spec.signing_cert) if spec.signing_cert else None
+        key = _file_sha256(spec.signing_key) if spec.signing_key else None
+        if cert is None or key is None:
+            return None
+        signing = hashlib.sha256(f"{cert}:{key}".encode()).hexdigest()
+    ca_bundle = None
+    if spec.ca_bundle is not None:
+        ca_bundle = _file_sha256(spec.ca_bundle)
+        if ca_bundle is None:
+            return None
+    doc = {
+        "record_version": RECORD_VERSION,
+        "nitroconv": _version(),
+        # The EIF's metadata names the input repository, so the same digest elsewhere is another EIF.
+        "input": {"registry": input_ref.api_host, "repository": input_ref.repository, "digest": input_digest},
+        "options": asdict(spec.options),
+        "cpu_count": spec.cpu_count,
+        "mem_size": spec.mem_size_mib,
+        "blobs": blobs,
+        "runtime": runtime,
+        "signing": signing,
+        "ca_bundle": ca_bundle,
+        "output_base": output_base.strip(),
+        "output_compression": os.environ.get("NITROCONV_OUTPUT_COMPRESSION", ""),
+        "boot_check": boot_check is not False,
+        "limits": repr(limits),
+        "extra": {k: repr(v) for k, v in sorted(extra.items())},
+    }
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _precheck(spec: ConvertSpec, blobs_dir: Path, runtime_dir: Path, output_base: str) -> bool:
+    """convert()'s checks that need no network. False when one fails: then convert() runs at once and fails
+    as it always did (a malformed request before any registry is asked, a missing blob by name)."""
+    if any(not (blobs_dir / name).is_file() for name in BLOB_FILES) or \
+            any(not (runtime_dir / name).is_file() for name in RUNTIME_FILES):
+        return False
+    if spec.cpu_count < 1 or (spec.mem_size_mib is not None and spec.mem_size_mib < 1):
+        return False
+    try:
+        parse_env(spec.options.env_vars, field="env_vars")
+        parse_env(spec.options.mutable_env_vars, field="mutable_env_vars")
+        output_reference(spec.output_ref)
+        base_reference(output_base)
+        check_java_mode(spec.options.java_mode)
+        if spec.signing_key is not None or spec.signing_cert is not None:
+            if spec.signing_key is None or spec.signing_cert is None:
+                return False
+            load_signer(spec.signing_key, spec.signing_cert)
+    except NitroconvError:
+        return False
+    return True
+
+
+def _version() -> str:
+    try:
+        return metadata.version("nitroconv")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class ConversionCache:
+    """Records of finished conversions (`<cache>/conversions/<key>.json`) over the shared blob store."""
+
+    def __init__(self, cache_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.dir = Path(cache_dir) / "conversions"
+        self.blobs = BlobStore(Path(cache_dir) / "blobs", max_bytes=max_bytes)
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        try:
+            doc = json.loads((self.dir / f"{key}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("record_version") != RECORD_VERSION or doc.get("key") != key:
+            return None
+        # A record damaged on disk is a miss, never a half-reused conversion.
+        try:
+            self.layer_descriptor(doc)
+            Digest.parse(doc["layer"]["diff_id"])
+            measurements = doc["measurements"]
+            well_formed = (all(isinstance(measurements[k], str) for k in ("pcr0", "pcr1", "pcr2"))
+                           and isinstance(doc["eif_sha256"], str) and isinstance(doc["input_digest"], str)
+                           and isinstance(doc["eif_size"], int) and isinstance(doc["mem_size_mib"], int))
+        except (KeyError, TypeError, ValueError, NitroconvError):
+            return None
+        return doc if well_formed else None
+
+    def save(self, key: str, record: Mapping[str, object]) -> None:
+        with atomic_file(self.dir / f"{key}.json") as f:
+            f.write(json.dumps({**record, "key": key, "record_version": RECORD_VERSION}, sort_keys=True).encode())
+
+    def layer_descriptor(self, record: Mapping[str, Any]) -> Descriptor:
+        layer = record["layer"]
+        return Descriptor(str(layer["media_type"]), Digest.parse(layer["digest"]), int(layer["size"]))
+
+
+def convert_reusing(
+    spec: ConvertSpec,
+    *,
+    scratch: Path,
+    blobs_dir: Path,
+    cache_dir: Path,
+    on_stage: Callable[[Stage, float], None],
+    should_cancel: Callable[[], bool] = lambda: False,
+    eif_out: Path | None = None,
+    limits: Limits | None = None,
+    runtime_dir: Path | None = None,
+    boot_check: bool | float = False,
+    output_base: str = "",
+    owner: str = "",
+    build_id: str | None = None,
+    reuse: bool = True,
+    cache_max_bytes: int = DEFAULT_MAX_BYTES,
+    **extra: Any,
+) -> ConvertResult:
+    """`convert()`, or the reuse of an identical earlier conversion (then `reused_from` is set).
+
+    `owner` is whose conversion this is (the account id; "" for the CLI), `build_id` the service's build.
+    `reuse=False` converts afresh (and still records the result for later hits).
+    """
+    cache = ConversionCache(cache_dir, max_bytes=cache_max_bytes)
+    runtime = runtime_dir or default_runtime_dir()
+    key = None
+    resolved = resolve_input_digest(spec) if _precheck(spec, blobs_dir, runtime, output_base) else None
+    if resolved is not None:
+        key = conversion_key(spec, resolved[0], resolved[1], blobs_dir=blobs_dir, runtime_dir=runtime,
+                             output_base=output_base, boot_check=boot_check, limits=limits, extra=extra)
+    try:
+        if key is not None and reuse:
+            record = cache.load(key)
+            if record is not None:
+                held = cache.blobs.open(cache.layer_descriptor(record))
+                if held is not None:
+                    with held:
+                        return _reuse(spec, record, held, cache, key, on_stage=on_stage, should_cancel=should_cancel,
+                                      eif_out=eif_out, output_base=output_base, owner=owner, build_id=build_id)
+                log.info("conversion cache: layer of %s was evicted, converting again", key[:16])
+        if key is None:
+            return convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
+                           should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
+                           boot_check=boot_check, output_base=output_base, **extra)
+        staged = _staging(cache)
+        try:
+            result = convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
+                             should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
+                             boot_check=boot_check, output_base=output_base, keep_layer=staged, **extra)
+            if result.layer_blob is not None and staged is not None and staged.exists():
+                try:
+                    _store(cache, key, result, staged, owner=owner, build_id=build_id)
+                except (OSError, NitroconvError) as exc:
+                    # The conversion was pushed: a cache that cannot keep it (a full disk) costs a later hit only.
+                    log.warning("conversion cache: could not record %s: %s", key[:16], exc)
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+        return result
+    finally:
+        # convert()'s pull adds input blobs without trimming; one pass at the end keeps the host's bound.
+        try:
+            cache.blobs.trim()
+        except OSError as exc:
+            log.warning("blob cache: eviction pass failed: %s", exc)
+
+
+def _staging(cache: ConversionCache) -> Path | None:
+    try:
+        return cache.blobs.staging_path()
+    except OSError as exc:
+        log.warning("conversion cache: no staging dir, converting without recording: %s", exc)
+        return None
+
+
+def _store(cache: ConversionCache, key: str, result: ConvertResult, staged: Path, *, owner: str,
+           build_id: str | None) -> None:
+    blob = result.layer_blob
+    assert blob is not None
+    cache.blobs.add_file(staged, Descriptor(blob.media_type, Digest.parse(blob.digest), blob.size))
+    ref = output_reference(result.output_reference.rpartition("@")[0] or result.output_reference)
+    m = result.measurements
+    cache.save(key, {
+        "created_at": time.time(),
+        "layer": {"digest": blob.digest, "size": blob.size, "media_type": blob.media_type,
+                  "diff_id": result.layer_diff_id},
+        "input_digest": result.input_digest,
+        "eif_size": result.eif_size,
+        "eif_sha256": result.eif_sha256,
+        "measurements": {"pcr0": m.pcr0, "pcr1": m.pcr1, "pcr2": m.pcr2, "pcr8": m.pcr8},
+        "mem_size_mib": result.mem_size_mib,
+        "exposed_ports": [list(p) for p in result.exposed_ports],
+        "warnings": list(result.warnings),
+        "docker_version": result.docker_version,
+        "boot_check": result.boot_check,
+        "origin": {"owner": owner, "build_id": build_id, "reference": result.output_reference},
+        "pushes": [asdict(Push(owner, ref.api_host, ref.repository, result.output_reference, build_id))],
+    })
+
+
+def _reopener(held: IO[bytes]) -> Callable[[], IO[bytes]]:
+    """Fresh readers of a held file, even after an eviction unlinked its name (Linux /proc/self/fd)."""
+    path = f"/proc/self/fd/{held.fileno()}"
+    return lambda: open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _reuse(spec: ConvertSpec, record: dict[str, Any], held: IO[bytes], cache: ConversionCache, key: str, *,
+           on_stage: Callable[[Stage, float], None], should_cancel: Callable[[], bool], eif_out: Path | None,
+           output_base: str, owner: str, build_id: str | None) -> ConvertResult:
+    out_ref = output_reference(spec.output_ref)
+    if spec.signing_key is not None and spec.signing_cert is not None:
+        # As convert() does per build: a certificate can expire while the service runs.
+        load_signer(spec.signing_key, spec.signing_cert)
+    if should_cancel():
+        raise Cancelled("conversion cancelled before pushing")
+    on_stage(Stage.PUSHING, 0.85)
+    base_ref = base_reference(output_base)
+    base = base_credentials = None
+    if base_ref is not None:
+        base_credentials = spec.output_credentials if base_ref.api_host == out_ref.api_host else None
+        base = resolve_base(base_ref, credentials=base_credentials, insecure_registries=spec.insecure_registries)
+    layer_doc = record["layer"]
+    reopen = _reopener(held)
+    layer = OutputLayer(Path(f"/proc/self/fd/{held.fileno()}"),
+                        Blob(str(layer_doc["digest"]), int(layer_doc["size"]), str(layer_doc["media_type"])),
+                        str(layer_doc["diff_id"]), str(record["eif_sha256"]))
+    m = record["measurements"]
+    measurements = Measurements(str(m["pcr0"]), str(m["pcr1"]), str(m["pcr2"]), m.get("pcr8"))
+    input_digest = str(record["input_digest"])
+    pushes = [Push(**p) for p in record.get("pushes", []) if isinstance(p, dict)]
+    mount_from = next((p.repository for p in reversed(pushes)
+                       if p.owner == owner and p.registry == out_ref.api_host and p.repository != out_ref.repository),
+                      None)
+    pushed = push(out_ref, layer, config_json(layer, labels(measurements, input_digest), ENTRYPOINT, base), {},
+                  credentials=spec.output_credentials, insecure_registries=spec.insecure_registries, base=base,
+                  cache=cache.blobs if base is not None else None, base_credentials=base_credentials,
+                  layer_opener=reopen, mount_from=mount_from)
+    if eif_out is not None:
+        _extract_eif(Path(f"/proc/self/fd/{held.fileno()}"), layer, eif_out)
+    on_stage(Stage.PUSHING, 1.0)
+    origin = record.get("origin") or {}
+    # Another owner's build id or output name is theirs to know: a cross-account hit names only the cache entry.
+    if origin.get("owner") == owner:
+        reused_from = str(origin.get("build_id") or origin.get("reference"))
+    else:
+        reused_from = f"cache:{key[:32]}"
+    record["pushes"] = [asdict(p) for p in pushes][-(_MAX_PUSHES - 1):] + [
+        asdict(Push(owner, out_ref.api_host, out_ref.repository, pushed.reference, build_id))]
+    try:
+        cache.save(key, record)
+    except OSError as exc:
+        log.warning("conversion cache: could not record the push to %s: %s", pushed.reference, exc)
+    log.info("conversion cache hit key=%s output=%s mount_from=%s", key[:16], pushed.reference, mount_from)
+    return ConvertResult(
+        input_digest=input_digest,
+        output_digest=pushed.digest,
+        output_reference=pushed.reference,
+        output_size=pushed.size,
+        eif_size=int(record["eif_size"]),
+        eif_sha256=str(record["eif_sha256"]),
+        measurements=measurements,
+        exposed_ports=tuple((int(p), str(proto)) for p, proto in record.get("exposed_ports", [])),
+        warnings=tuple(str(w) for w in record.get("warnings", [])),
+        docker_version=record.get("docker_version"),
+        mem_size_mib=int(record["mem_size_mib"]),
+        boot_check=record.get("boot_check"),
+        layer_blob=layer.blob,
+        layer_diff_id=layer.diff_id,
+        reused_from=reused_from,
+    )
+
+
+def _extract_eif(layer_path: Path, layer: OutputLayer, out: Path) -> None:
+    """Write the cached layer's /enclave/app.eif to `out`, checking it against the recorded sha256."""
+    with open_layer(layer_path, layer.blob.media_type, Digest.parse(layer.diff_id)) as stream, \
+            tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
+        for member in tar:
+            if member.name == "enclave/app.eif" and member.isfile():
+                source = tar.extractfile(member)
+                assert source is not None
+                sha = hashlib.sha256()
+                with atomic_file(out) as sink:
+                    while chunk := source.read(1 << 20):
+                        sha.update(chunk)
+                        sink.write(chunk)
+                    if sha.hexdigest() != layer.eif_sha256:
+                        raise InvalidManifest("the cached layer's app.eif does not hash to the recorded EIF")
+                return
+    raise InvalidManifest("the cached layer has no /enclave/app.eif")
