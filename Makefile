@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	@touch $@
 
 blobs: apt
