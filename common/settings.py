@@ -86,6 +86,11 @@ class Settings:
     max_wait_seconds: int = 600
     # A deploy's cold shutdown waits this long for running conversions before requeueing them.
     soft_shutdown_timeout: int = 30
+    # Pool children are recycled after this many conversions, or after a conversion that left them above
+    # this RSS (MiB). Not after every conversion: Celery hands the next task to a replacement child late
+    # (seconds, celery#9588), which cost more than the conversions themselves; no image code runs in a child.
+    worker_max_tasks_per_child: int = 100
+    worker_max_memory_per_child_mib: int = 1024
     # Uncompressed bytes one image may inflate to (all layers): a gzip bomb stops here, not at a full disk.
     max_image_bytes: int = 8 << 30
     flower_basic_auth: str = field(default="", repr=False)
@@ -160,7 +165,8 @@ class Settings:
         }
         for name in ("token_ttl_seconds", "soft_time_limit", "time_limit", "visibility_timeout",
                      "lease_seconds", "requeue_after_seconds", "sweep_interval_seconds", "max_attempts",
-                     "max_wait_seconds", "boot_check_timeout", "soft_shutdown_timeout", "max_image_bytes"):
+                     "max_wait_seconds", "boot_check_timeout", "soft_shutdown_timeout", "max_image_bytes",
+                     "worker_max_tasks_per_child", "worker_max_memory_per_child_mib"):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = parse_int(raw, minimum=1)

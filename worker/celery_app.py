@@ -32,7 +32,9 @@ def celery_config(s: Settings) -> dict[str, object]:
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_max_tasks_per_child": 1,  # a fresh process per (possibly hostile) image
+        # Recycled by count and by memory (Celery takes KiB): a long conversion's heap does not stay with the child.
+        "worker_max_tasks_per_child": s.worker_max_tasks_per_child,
+        "worker_max_memory_per_child": s.worker_max_memory_per_child_mib * 1024,
         "worker_soft_shutdown_timeout": float(s.soft_shutdown_timeout),
         "worker_enable_soft_shutdown_on_idle": True,
         "task_soft_time_limit": s.soft_time_limit,
@@ -84,8 +86,8 @@ def _logging(loglevel: int | str | None = None, **_: object) -> None:
 
 @worker_init.connect
 def _preload_pipeline(**_: object) -> None:
-    # In the main process, before the pool forks: each task runs in a fresh child (max_tasks_per_child=1),
-    # which then inherits the pipeline already imported instead of paying ~0.1-0.2 s of imports per task.
+    # In the main process, before the pool forks: a child (and each replacement of a recycled child) then
+    # inherits the pipeline already imported instead of paying ~0.1-0.2 s of imports on its first task.
     import worker.pipeline
 
     for module in pkgutil.iter_modules(worker.pipeline.__path__, "worker.pipeline."):

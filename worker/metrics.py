@@ -1,7 +1,8 @@
 """Worker Prometheus metrics: conversions by outcome/code, seconds per step, registry bytes, queue depth.
 
-Why multiprocess mode: the worker runs each conversion in a fresh prefork child (`worker_max_tasks_per_child
-= 1`), so a child's in-memory counters would die with it. Each child writes to mmapped files in a directory
+Why multiprocess mode: conversions run in prefork children that are recycled (after
+NITROCONV_WORKER_MAX_TASKS_PER_CHILD conversions, after a memory peak, at a hard time limit), so a child's
+in-memory counters would die with it. Each child writes to mmapped files in a directory
 owned by its worker instance (`<state_dir>/metrics/<node>`, wiped at start), and the instance's MainProcess
 serves them on NITROCONV_WORKER_METRICS_PORT. Several instances on one host each get their own port (the
 systemd template passes port = base + instance index): one exporter per instance keeps its files' lifetime
