@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,14 +19,13 @@ from redis import Redis
 from sqlalchemy import select
 
 from api.app import create_app
-from common import db as database
-from common.db import create_database_if_missing, drop_database, migrate, session_scope
+from common.db import session_scope
 from common.models import Build, BuildEvent
 from common.settings import Settings
 from common.tasknames import QUEUES
 from tests.fixtures.registries import free_port
 from tests.fixtures.require import skip_or_fail
-from tests.integration.service.conftest import PG_BASE, REPO, Tenant, new_tenant, worker_env
+from tests.integration.service.conftest import REPO, Tenant, fresh_database, new_tenant, worker_env
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
@@ -91,12 +92,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def own_db() -> Iterator[str]:
-    url = f"{PG_BASE}/nitroconv_rel_{os.getpid()}_{secrets.token_hex(3)}"
-    create_database_if_missing(url)
-    migrate(url)
-    yield url
-    database.engine_for(url).dispose()
-    drop_database(url)
+    with fresh_database("nitroconv_rel") as url:
+        yield url
 
 
 @pytest.fixture
@@ -262,3 +259,24 @@ def scratch_dirs(s: Settings) -> list[Path]:
 
 def with_hosts(s: Settings, *hosts: str) -> Settings:
     return replace(s, insecure_registries=frozenset(hosts))
+
+
+def with_short_visibility(s: Settings) -> Settings:
+    """A broker visibility timeout of seconds (time limits below it), so the unacked message of a lost worker
+    comes back within the test."""
+    return replace(s, soft_time_limit=12, time_limit=15, visibility_timeout=20)
+
+
+@contextmanager
+def tmpfs_over(path: Path, mib: int) -> Iterator[Path]:
+    """A `mib` MiB tmpfs mounted over `path` (the test box runs tests as root), so a worker's disk can fill."""
+    if shutil.which("mount") is None:
+        skip_or_fail("no mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs (need root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

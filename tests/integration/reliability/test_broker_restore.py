@@ -3,50 +3,41 @@ more. The sweeper alerts (an ERROR log line `ALERT broker unacked_mutex ...`) an
 delivery is restored again; meanwhile Postgres (lease expiry, sweeper requeue) already saved the build."""
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from dataclasses import replace
 from typing import cast
 
 import pytest
 
 from common.queue import UNACKED_MUTEX_KEY
-from tests.fixtures.hostile import Reply, Seen
-from tests.fixtures.images import push_test_image
 
 from .brokerview import drained, queued_conversions, unacked_conversions, wait_restorable
-from .conftest import TERMINAL, RedisServer, api_for, events, row, wait_for, wait_terminal, with_hosts
+from .conftest import (
+    TERMINAL,
+    RedisServer,
+    api_for,
+    events,
+    row,
+    wait_for,
+    wait_terminal,
+    with_short_visibility,
+)
+from .gate import gated_pull
 
 pytestmark = pytest.mark.integration
 
 
-class Gate:
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.held = 0
-
-    def __call__(self, seen: Seen, forward):  # noqa: ANN001, ANN204
-        self.held += 1
-        self.open.wait(120)
-        return forward() if self.open.is_set() else Reply(503)
-
-
 def test_broker_stuck_unacked_mutex_alerts_is_broken_and_the_lost_delivery_comes_back(
         registry, hostile_front, rel_settings, own_redis: RedisServer, stack):
-    image = push_test_image(registry, f"rel/mutex-{uuid.uuid4().hex[:6]}", "1")
-    front = hostile_front(registry.host)
-    gate = Gate()
-    front.on("GET", f"/blobs/{image.layers[0].digest}", gate, times=1)
-    s = replace(with_hosts(rel_settings, registry.host, front.host), soft_time_limit=12, time_limit=15,
-                visibility_timeout=20)
+    pull = gated_pull(registry, hostile_front, rel_settings, "mutex")
+    s, gate = with_short_visibility(pull.settings), pull.gate
     api = api_for(s)
     redis = own_redis.client()
     # What a restorer that crashed between SETNX and EXPIRE leaves behind: the lock, forever.
     redis.set(UNACKED_MUTEX_KEY, "crashed-restorer")
     procs = stack(s)
     victim = procs.worker("victim")
-    build_id = api.submit(f"{front.host}/{image.repo}:1", f"{registry.host}/rel/mutex-out-{uuid.uuid4().hex[:6]}:1")
+    build_id = api.submit(pull.src, f"{registry.host}/rel/mutex-out-{uuid.uuid4().hex[:6]}:1")
     try:
         wait_for(lambda: gate.held == 1 and row(s, build_id).conversion_state == "PULLING", 60, "the pull to hang")
         victim.kill()

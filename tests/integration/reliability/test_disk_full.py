@@ -2,8 +2,6 @@
 small tmpfs, and the image inflates past it. Expected: FAILED `resource_limit`, scratch removed, not retried."""
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,9 +11,8 @@ import pytest
 
 from common.settings import Settings
 from tests.fixtures.images import make_tar, push_test_image
-from tests.fixtures.require import skip_or_fail
 
-from .conftest import api_for, events, row, scratch_dirs, wait_terminal, with_hosts
+from .conftest import api_for, events, row, scratch_dirs, tmpfs_over, wait_terminal, with_hosts
 
 pytestmark = pytest.mark.integration
 DISK_MIB = 24
@@ -23,16 +20,9 @@ DISK_MIB = 24
 
 @pytest.fixture
 def small_disk(rel_settings: Settings) -> Iterator[Path]:
-    """Mount a DISK_MIB tmpfs over the workers' state dir (we are root on the test box)."""
-    if shutil.which("mount") is None:
-        skip_or_fail("no mount(8)")
-    state = rel_settings.state_dir
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_MIB}m,mode=0700", "tmpfs", str(state)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        skip_or_fail(f"cannot mount a tmpfs (need root): {done.stderr.strip()}")
-    yield state
-    subprocess.run(["umount", "-l", str(state)], check=False)
+    """The workers' state dir, a DISK_MIB tmpfs."""
+    with tmpfs_over(rel_settings.state_dir, DISK_MIB) as state:
+        yield state
 
 
 @pytest.mark.parametrize("megabytes", [

@@ -3,7 +3,6 @@ Postgres (a finished build still shows STARTED, a build converted while it was d
 reads Postgres only, so what users see is right regardless."""
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections import Counter
@@ -12,24 +11,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fixtures.hostile import Reply, Seen
-from tests.fixtures.images import push_test_image
 from tests.fixtures.registries import free_port
 
-from .conftest import Proc, Stack, api_for, row, wait_for, wait_terminal, with_hosts
+from .conftest import Proc, Stack, api_for, row, wait_for, wait_terminal
+from .gate import gated_pull
 
 pytestmark = pytest.mark.integration
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.held = 0
-
-    def __call__(self, seen: Seen, forward):  # noqa: ANN001, ANN204
-        self.held += 1
-        self.open.wait(120)
-        return forward() if self.open.is_set() else Reply(503)
 
 
 def _flower(procs: Stack, port: int, db: Path) -> Proc:
@@ -54,24 +41,21 @@ def _flower_counts(port: int) -> Counter[str]:
 
 def test_flower_restart_drifts_from_postgres_and_the_api_follows_postgres(
         registry, hostile_front, rel_settings, stack, tmp_path):
-    first = push_test_image(registry, f"rel/flower-{uuid.uuid4().hex[:6]}", "1")
-    front = hostile_front(registry.host)
-    gate = Gate()
-    front.on("GET", f"/blobs/{first.layers[0].digest}", gate, times=1)
-    s = with_hosts(rel_settings, registry.host, front.host)
+    pull = gated_pull(registry, hostile_front, rel_settings, "flower")
+    s, gate = pull.settings, pull.gate
     api = api_for(s)
     procs = stack(s)
     port, db = free_port(), tmp_path / "flower.db"
     flower = _flower(procs, port, db)
     procs.worker()
-    running = api.submit(f"{front.host}/{first.repo}:1", f"{registry.host}/rel/flower-out-{uuid.uuid4().hex[:6]}:1")
+    running = api.submit(pull.src, f"{registry.host}/rel/flower-out-{uuid.uuid4().hex[:6]}:1")
     try:
         wait_for(lambda: _flower_state(port, running) == "STARTED", 60, "Flower to see the conversion start")
         time.sleep(1.5)  # a few snapshots (every 0.3 s) with the conversion STARTED
         flower.kill()  # a crash or redeploy: the events emitted while it is gone are lost to it
         gate.open.set()
         finished = wait_terminal(s, running)
-        unseen = api.submit(f"{registry.host}/{first.repo}:1", f"{registry.host}/rel/flower-out2-{uuid.uuid4().hex[:6]}:1")
+        unseen = api.submit(f"{registry.host}/{pull.image.repo}:1", f"{registry.host}/rel/flower-out2-{uuid.uuid4().hex[:6]}:1")
         converted_blind = wait_terminal(s, unseen)
     finally:
         gate.open.set()

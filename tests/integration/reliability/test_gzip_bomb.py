@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import tarfile
 import threading
 import time
@@ -18,9 +17,8 @@ import pytest
 
 from common.settings import Settings
 from tests.fixtures.images import LAYER_TYPES, LayerBlob, push_test_image
-from tests.fixtures.require import skip_or_fail
 
-from .conftest import Proc, api_for, events, row, scratch_dirs, wait_terminal, with_hosts
+from .conftest import Proc, api_for, events, row, scratch_dirs, tmpfs_over, wait_terminal, with_hosts
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20
@@ -63,15 +61,8 @@ def gzip_bomb() -> LayerBlob:
 
 @pytest.fixture
 def bounded_state(rel_settings: Settings) -> Iterator[Path]:
-    if shutil.which("mount") is None:
-        skip_or_fail("no mount(8)")
-    state = rel_settings.state_dir
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK // MiB}m,mode=0700", "tmpfs", str(state)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        skip_or_fail(f"cannot mount a tmpfs (need root): {done.stderr.strip()}")
-    yield state
-    subprocess.run(["umount", "-l", str(state)], check=False)
+    with tmpfs_over(rel_settings.state_dir, DISK // MiB) as state:
+        yield state
 
 
 class Peaks:

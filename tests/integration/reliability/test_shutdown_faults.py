@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import uuid
-from dataclasses import replace
+from dataclasses import dataclass
 
 import psycopg2
 import pytest
@@ -18,26 +17,27 @@ from sqlalchemy import func, select
 
 from common.db import session_scope
 from common.models import Task
-from tests.fixtures.hostile import Reply, Seen
+from common.settings import Settings
+from tests.fixtures.hostile import HostileRegistry
 from tests.fixtures.images import push_test_image
 
 from .brokerview import drained, queued_conversions, unacked_conversions, wait_restorable
-from .conftest import TERMINAL, api_for, events, row, scratch_dirs, wait_for, wait_terminal, with_hosts
+from .conftest import (
+    TERMINAL,
+    Proc,
+    Stack,
+    api_for,
+    events,
+    row,
+    scratch_dirs,
+    wait_for,
+    wait_terminal,
+    with_hosts,
+    with_short_visibility,
+)
+from .gate import Gate, gated_pull
 
 pytestmark = pytest.mark.integration
-
-
-class Gate:
-    """A registry rule that holds matching requests until released (the worker stays inside that step)."""
-
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.held = 0
-
-    def __call__(self, seen: Seen, forward):  # noqa: ANN001, ANN204
-        self.held += 1
-        self.open.wait(120)
-        return forward() if self.open.is_set() else Reply(503)
 
 
 def _terminal_count(s, build_id: str) -> int:  # noqa: ANN001
@@ -60,15 +60,12 @@ def _tag_digest(registry, ref: str) -> str | None:  # noqa: ANN001
 
 def test_worker_cold_shutdown_mid_build_restores_the_message_and_ends_once(
         registry, hostile_front, rel_settings, own_redis, stack):
-    image = push_test_image(registry, f"rel/cold-{uuid.uuid4().hex[:6]}", "1")
-    front = hostile_front(registry.host)
-    gate = Gate()
-    front.on("GET", f"/blobs/{image.layers[0].digest}", gate, times=1)
-    s = with_hosts(rel_settings, registry.host, front.host)
+    pull = gated_pull(registry, hostile_front, rel_settings, "cold")
+    s, gate = pull.settings, pull.gate
     api = api_for(s)
     procs = stack(s)
     leaving = procs.worker("leaving", NITROCONV_SOFT_SHUTDOWN_TIMEOUT="2")
-    build_id = api.submit(f"{front.host}/{image.repo}:1", f"{registry.host}/rel/cold-out-{uuid.uuid4().hex[:6]}:1")
+    build_id = api.submit(pull.src, f"{registry.host}/rel/cold-out-{uuid.uuid4().hex[:6]}:1")
     try:
         wait_for(lambda: gate.held == 1 and row(s, build_id).conversion_state == "PULLING", 60, "the pull to hang")
         redis = own_redis.client()
@@ -93,17 +90,34 @@ def test_worker_cold_shutdown_mid_build_restores_the_message_and_ends_once(
     wait_for(lambda: scratch_dirs(s) == [], 30, "the cancelled attempt's scratch dir to be reaped")
 
 
-def _pushing_setup(registry, hostile_front, rel_settings):  # noqa: ANN001, ANN202
-    """A build whose worker hangs in PUSHING at the manifest PUT of the output (sent through a front)."""
+@dataclass(frozen=True)
+class _Push:
+    """A build whose worker ("victim") hangs in PUSHING at the manifest PUT of the output (sent through a front),
+    with a broker visibility short enough for its unacked message to come back within the test."""
+
+    s: Settings
+    out: HostileRegistry
+    gate: Gate
+    dst: str
+    procs: Stack
+    victim: Proc
+    build_id: str
+
+    def hanging(self) -> bool:
+        return self.gate.held == 1 and row(self.s, self.build_id).conversion_state == "PUSHING"
+
+
+def _push_that_hangs(registry, hostile_front, rel_settings, stack) -> _Push:  # noqa: ANN001
     image = push_test_image(registry, f"rel/commit-{uuid.uuid4().hex[:6]}", "1")
     out = hostile_front(registry.host)
     gate = Gate()
     out.on("PUT", "/manifests/", gate, times=1)
-    # Short broker visibility, so the unacked message of the lost worker comes back within the test.
-    s = replace(with_hosts(rel_settings, registry.host, out.host), soft_time_limit=12, time_limit=15,
-                visibility_timeout=20)
+    s = with_short_visibility(with_hosts(rel_settings, registry.host, out.host))
     dst = f"{out.host}/rel/commit-out-{uuid.uuid4().hex[:6]}:1"
-    return s, api_for(s), f"{registry.host}/{image.repo}:1", dst, out, gate
+    api = api_for(s)
+    procs = stack(s)
+    victim = procs.worker("victim")
+    return _Push(s, out, gate, dst, procs, victim, api.submit(f"{registry.host}/{image.repo}:1", dst))
 
 
 def _lock_waiters(s) -> int:  # noqa: ANN001
@@ -115,25 +129,22 @@ def _lock_waiters(s) -> int:  # noqa: ANN001
 
 def test_worker_lost_while_success_commit_waits_redoes_the_build_once(
         registry, hostile_front, rel_settings, own_redis, stack):
-    s, api, src, dst, out, gate = _pushing_setup(registry, hostile_front, rel_settings)
-    procs = stack(s)
-    victim = procs.worker("victim")
-    build_id = api.submit(src, dst)
+    push = _push_that_hangs(registry, hostile_front, rel_settings, stack)
+    s, gate, build_id = push.s, push.gate, push.build_id
     blocker = psycopg2.connect(s.database_url)
     try:
-        wait_for(lambda: gate.held == 1 and row(s, build_id).conversion_state == "PUSHING", 60,
-                 "the worker to hang in the push")
+        wait_for(push.hanging, 60, "the worker to hang in the push")
         # The test's transaction holds the build row: the worker's PUSHING -> SUCCEEDED UPDATE queues behind it.
         with blocker.cursor() as cur:
             cur.execute("SELECT id FROM builds WHERE id = %s FOR UPDATE", (build_id,))
         gate.open.set()
         wait_for(lambda: _lock_waiters(s) >= 1, 30, "the worker's final UPDATE to wait on the row lock")
-        victim.kill()  # lost mid-commit: its transaction can never commit now
+        push.victim.kill()  # lost mid-commit: its transaction can never commit now
         blocker.rollback()
         wait_for(lambda: _lock_waiters(s) == 0, 30, "the dead worker's transaction to be gone")
         assert row(s, build_id).conversion_state == "PUSHING"  # the transition did not land
-        procs.worker("next")
-        procs.beat()
+        push.procs.worker("next")
+        push.procs.beat()
         build = wait_terminal(s, build_id, timeout=90)
     finally:
         gate.open.set()
@@ -142,34 +153,31 @@ def test_worker_lost_while_success_commit_waits_redoes_the_build_once(
     assert build.attempts == 2
     assert _terminal_count(s, build_id) == 1 and _tasks_of(s, build_id) == 1
     # Both attempts pushed the same reproducible manifest: the tag names the digest the build recorded.
-    assert _tag_digest(registry, f"{registry.host}/{dst.split('/', 1)[1]}") == build.output_digest
+    assert _tag_digest(registry, f"{registry.host}/{push.dst.split('/', 1)[1]}") == build.output_digest
     trail = events(s, build_id)
     assert ("PUSHING", "QUEUED", "sweeper") in trail
 
 
 def test_worker_lost_after_success_commit_before_ack_does_nothing_on_redelivery(
         registry, hostile_front, rel_settings, own_redis, stack):
-    s, api, src, dst, out, gate = _pushing_setup(registry, hostile_front, rel_settings)
-    procs = stack(s)
-    victim = procs.worker("victim")
-    build_id = api.submit(src, dst)
+    push = _push_that_hangs(registry, hostile_front, rel_settings, stack)
+    s, gate, build_id = push.s, push.gate, push.build_id
     try:
-        wait_for(lambda: gate.held == 1 and row(s, build_id).conversion_state == "PUSHING", 60,
-                 "the worker to hang in the push")
+        wait_for(push.hanging, 60, "the worker to hang in the push")
         # Freeze the main process (it holds the broker connection and would ack): the pool child still
         # finishes the push and commits SUCCEEDED, but the ack can never be sent.
-        os.kill(victim.proc.pid, signal.SIGSTOP)
+        os.kill(push.victim.proc.pid, signal.SIGSTOP)
         gate.open.set()
         wait_for(lambda: row(s, build_id).conversion_state == "SUCCEEDED", 60, "the commit to land")
-        victim.kill()
+        push.victim.kill()
     finally:
         gate.open.set()
     done = row(s, build_id)
-    trail, pushes = events(s, build_id), out.count("PUT", "/manifests/")
+    trail, pushes = events(s, build_id), push.out.count("PUT", "/manifests/")
     redis = own_redis.client()
     assert len(unacked_conversions(redis)) == 1  # the delivery was never acked
     wait_restorable(redis, s.visibility_timeout)
-    again = procs.worker("again")  # restores the expired delivery at start and runs it
+    again = push.procs.worker("again")  # restores the expired delivery at start and runs it
     wait_for(lambda: f"conversion build_id={build_id} outcome=skipped" in again.text(), 60,
              "the redelivered message to run")
     wait_for(lambda: drained(redis), 30,
@@ -177,5 +185,5 @@ def test_worker_lost_after_success_commit_before_ack_does_nothing_on_redelivery(
     after = row(s, build_id)
     assert (after.conversion_state, after.attempts, after.output_digest) == ("SUCCEEDED", 1, done.output_digest)
     assert events(s, build_id) == trail  # no second transition...
-    assert out.count("PUT", "/manifests/") == pushes == 1  # ...no second push...
+    assert push.out.count("PUT", "/manifests/") == pushes == 1  # ...no second push...
     assert _tasks_of(s, build_id) == 1  # ...and no second approval task

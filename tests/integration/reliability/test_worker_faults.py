@@ -4,41 +4,23 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import uuid
 from dataclasses import replace
 
 import pytest
 
-from tests.fixtures.hostile import Reply, Seen
-from tests.fixtures.images import push_test_image
-
-from .conftest import api_for, events, row, scratch_dirs, wait_for, wait_terminal, with_hosts
+from .conftest import api_for, events, row, scratch_dirs, wait_for, wait_terminal
+from .gate import gated_pull
 
 pytestmark = pytest.mark.integration
 
 
-class Gate:
-    """A registry rule that holds blob downloads until released: the worker is "mid-pull" for as long as
-    the test wants. `times` limits how many requests are held (the rest are forwarded at once)."""
-
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.held = 0
-
-    def __call__(self, seen: Seen, forward):  # noqa: ANN001, ANN204
-        self.held += 1
-        self.open.wait(120)
-        return forward() if self.open.is_set() else Reply(503)
-
-
 def _setup(registry, hostile_front, rel_settings, *, times: int | None):  # noqa: ANN001, ANN202
-    image = push_test_image(registry, f"rel/app-{uuid.uuid4().hex[:6]}", "1")
-    front = hostile_front(registry.host)
-    gate = Gate()
-    front.on("GET", f"/blobs/{image.layers[0].digest}", gate, times=times)
-    s = with_hosts(rel_settings, registry.host, front.host)
-    return s, api_for(s), f"{front.host}/{image.repo}:1", f"{registry.host}/rel/out-{uuid.uuid4().hex[:6]}:1", gate
+    """A build whose first layer's download, through a front, waits on the returned gate (the first `times`
+    requests for it; None: every one), so the worker is "mid-pull" for as long as the test wants."""
+    pull = gated_pull(registry, hostile_front, rel_settings, "app", times=times)
+    dst = f"{registry.host}/rel/out-{uuid.uuid4().hex[:6]}:1"
+    return pull.settings, api_for(pull.settings), pull.src, dst, pull.gate
 
 
 def _pulling(s, build_id: str, attempt: int):  # noqa: ANN001, ANN202

@@ -10,11 +10,14 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 from redis import Redis
+from sqlalchemy import text
 
 from api.app import create_app
 from common import db as database
@@ -23,6 +26,7 @@ from common.db import create_database_if_missing, drop_database, migrate, sessio
 from common.models import Membership
 from common.settings import Settings
 from common.tasknames import QUEUES
+from tests.e2e.conftest import build_dev_blobs, build_shim
 
 REPO = Path(__file__).resolve().parents[3]
 PG_BASE = os.environ.get("NITROCONV_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -31,14 +35,39 @@ REDIS_DB = int(os.environ.get("NITROCONV_TEST_REDIS_DB", "11"))
 PASSWORD = "correct horse battery"
 
 
-@pytest.fixture(scope="session")
-def service_db() -> Iterator[str]:
-    url = f"{PG_BASE}/nitroconv_test_{os.getpid()}_{secrets.token_hex(3)}"
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A migrated database of its own (named `<prefix>_…`), dropped afterwards with its pooled connections."""
+    url = f"{PG_BASE}/{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
     create_database_if_missing(url)
     migrate(url)
-    yield url
-    database.engine_for(url).dispose()
-    drop_database(url)
+    try:
+        yield url
+    finally:
+        database.engine_for(url).dispose()
+        drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def service_db() -> Iterator[str]:
+    with fresh_database("nitroconv_test") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def own_queue_db() -> Iterator[str]:
+    """A database for this module alone: the claim looks at every QUEUED build, so other tests' builds must not
+    be there."""
+    with fresh_database("nitroconv_fair") as url:
+        yield url
+
+
+@pytest.fixture
+def queue_db(own_queue_db: str) -> str:
+    """The module's own database with no builds in it (each test starts from an empty queue)."""
+    with session_scope(own_queue_db) as session:
+        session.execute(text("DELETE FROM builds"))
+    return own_queue_db
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +216,49 @@ def celery_worker(service_settings: Settings) -> Iterator[CeleryProcess]:
     worker = start_worker(service_settings, f"w{os.getpid()}")
     yield worker
     worker.stop()
+
+
+def settings_for_own_worker(service_settings: Settings, *hosts: str) -> Settings:
+    """Settings for a module that runs its own worker: the dev blobs and shim built, `hosts` trusted, and no work of
+    other modules left to it (the worker would consume their broker messages, and claim or sweep their QUEUED
+    rows). Call it before the module's app exists: kombu remembers the queue bindings it declared, and a flush
+    after that would leave its messages routed nowhere."""
+    build_dev_blobs(service_settings.blobs_dir)
+    build_shim(service_settings.runtime_dir)
+    s = replace(service_settings, insecure_registries=frozenset(hosts))
+    Redis.from_url(s.redis_url).flushdb()
+    cancel_queued(s.database_url)
+    return s
+
+
+def cancel_queued(database_url: str) -> None:
+    """End every build other tests left QUEUED (API-only tests submit and never convert): a claim takes the fairest
+    QUEUED build of the whole database, not the one its message names."""
+    with session_scope(database_url) as session:
+        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
+                             "WHERE conversion_state='QUEUED'"))
+
+
+class Flow(NamedTuple):
+    """A module's own real worker process and the API app, on settings that trust the test registries."""
+
+    s: Settings
+    client: Any
+    worker: CeleryProcess
+
+    def tenant(self) -> Tenant:
+        """A fresh tenant whose calls go to this flow's app."""
+        return new_tenant(self.s, self.client)
+
+
+@pytest.fixture(scope="module")
+def flow(service_settings: Settings, registry, basic_registry) -> Iterator[Flow]:  # noqa: ANN001
+    s = settings_for_own_worker(service_settings, registry.host, basic_registry.host)
+    worker = start_worker(s, f"flow{uuid.uuid4().hex[:6]}")
+    try:
+        yield Flow(s, create_app(s).test_client(), worker)
+    finally:
+        worker.stop()
 
 
 @pytest.fixture

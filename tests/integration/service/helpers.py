@@ -1,13 +1,21 @@
-"""Response checks against the API's own schemas, and a driver that walks a build as a worker would."""
+"""Response checks against the API's own schemas, a driver that walks a build as a worker would, rows written
+straight through the store, and threads started at once for races."""
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from marshmallow import Schema
 
+from api.schemas.builds import BuildSchema
 from api.schemas.common import ErrorSchema
 from common import buildstore
 from common.db import session_scope
+from common.models import Account, App
 from common.settings import Settings
 from common.status import ConversionState
 
@@ -40,6 +48,26 @@ def body(app_id: str, **over: object) -> dict:
     return {"request": request, "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
 
 
+def convert_request(app_id: str, src: str, dst: str, auth: dict | None = None, env: str = "GREETING=hi") -> dict:
+    """A conversion request of `src` into `dst` with one environment variable (and input credentials)."""
+    return {"request": {"app_id": app_id, "input_image": {"name": src, "auth_config": auth},
+                        "output_image": {"name": dst}, "converter_options": {"env_vars": [env]}},
+            "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
+
+
+def wait_ended(client, headers: dict[str, str], build_id: str, timeout: float = 240.0,  # noqa: ANN001
+               every: float = 0.5) -> dict:
+    """The Build, read through the API every `every` seconds until its conversion ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        build = ok(client.get(f"/v1/builds/{build_id}", headers=headers), BuildSchema)
+        if build["conversion"]["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
+            return build
+        if time.monotonic() > deadline:
+            raise AssertionError(f"conversion {build_id} did not end: {build['conversion']}")
+        time.sleep(every)
+
+
 def drive_to_success(s: Settings, build_id: str) -> None:
     """What a worker records, through the real store: claim, every stage, success and task."""
     bid = uuid.UUID(build_id)
@@ -56,3 +84,33 @@ def drive_to_success(s: Settings, build_id: str) -> None:
             docker_version=None, **PCRS))
         assert task_id is not None
         buildstore.auto_approve_if_enabled(session, bid, task_id)
+
+
+def new_account(url: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """An account with one app (no users: the store does not need them), as (account id, app id)."""
+    with session_scope(url) as session:
+        account = Account(id=uuid.uuid4(), name=f"acct-{uuid.uuid4().hex[:6]}")
+        session.add(account)
+        session.flush()
+        app = App(id=uuid.uuid4(), account_id=account.id, name="app", description="", default_build_settings={},
+                  auto_approve=False)
+        session.add(app)
+        return account.id, app.id
+
+
+def new_build(account: tuple[uuid.UUID, uuid.UUID], **over: Any) -> buildstore.NewBuild:
+    """A submission of `account`'s app as the API would insert it; `over` changes fields."""
+    return replace(buildstore.NewBuild(
+        build_id=uuid.uuid4(), account_id=account[0], app_id=account[1], created_by=None,
+        input_image_name="127.0.0.1:5000/in:1", output_image_name="127.0.0.1:5000/out:1", input_username=None,
+        output_username=None, input_credentials=None, output_credentials=None, converter_options={},
+        cpu_count=2, mem_size=512, enable_overlay_filesystem_persistence=True, request_fingerprint="f" * 64), **over)
+
+
+def race(target: Callable[[], None], threads: int, timeout: float = 60) -> None:
+    """Run `target` in `threads` threads at once and wait for them all."""
+    started = [threading.Thread(target=target) for _ in range(threads)]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join(timeout=timeout)

@@ -10,24 +10,20 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from redis import Redis
-from sqlalchemy import text
 from werkzeug.serving import make_server
 
 from api.app import create_app
 from common.apiclient import Client
-from common.db import session_scope
 from common.errors import WaitTimedOut
 from common.settings import Settings
-from tests.e2e.conftest import build_dev_blobs, build_shim
 from tests.fixtures.images import push_test_image
 from tests.fixtures.registries import free_port
 
-from .conftest import PASSWORD, REPO, CeleryProcess, start_worker
+from .conftest import PASSWORD, REPO, CeleryProcess, settings_for_own_worker, start_worker
 
 pytestmark = pytest.mark.integration
 CANARY = "canary-cli-Pw-4b1d"
@@ -58,16 +54,7 @@ class Cli:
 
 @pytest.fixture(scope="module")
 def cli_settings(service_settings: Settings, registry, basic_registry) -> Settings:  # noqa: ANN001
-    build_dev_blobs(service_settings.blobs_dir)
-    build_shim(service_settings.runtime_dir)
-    s = replace(service_settings, insecure_registries=frozenset({registry.host, basic_registry.host}))
-    # Before the app exists: kombu remembers the queue bindings it declared, and a flush after that would
-    # leave its messages routed nowhere. Other modules' messages and QUEUED rows are not ours to run.
-    Redis.from_url(s.redis_url).flushdb()
-    with session_scope(s.database_url) as session:
-        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
-                             "WHERE conversion_state='QUEUED'"))
-    return s
+    return settings_for_own_worker(service_settings, registry.host, basic_registry.host)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from redis import Redis
-from sqlalchemy import text
 
-from api.app import create_app
 from api.schemas.builds import BuildSchema
-from common.db import session_scope
 from common.errors import Unauthorized
 from common.registry import Credentials
-from tests.e2e.conftest import build_dev_blobs, build_shim
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.require import skip_or_fail
@@ -28,43 +23,19 @@ from worker.pipeline.convert import ConverterOptions, ConvertSpec
 from worker.pipeline.outputimage import fetch_eif
 from worker.pipeline.reuse import ConversionCache, convert_reusing
 
-from .conftest import start_worker
-from .helpers import ok
+from .conftest import Flow
+from .helpers import convert_request, ok, wait_ended
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def flow(service_settings, registry, basic_registry):  # noqa: ANN001, ANN201
-    build_dev_blobs(service_settings.blobs_dir)
-    build_shim(service_settings.runtime_dir)
-    s = replace(service_settings, insecure_registries=frozenset({registry.host, basic_registry.host}))
-    Redis.from_url(s.redis_url).flushdb()
-    with session_scope(s.database_url) as session:
-        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
-                             "WHERE conversion_state='QUEUED'"))
-    worker = start_worker(s, f"reuse{uuid.uuid4().hex[:6]}")
-    yield s, create_app(s).test_client(), worker
-    worker.stop()
-
-
-def _request(app_id: str, src: str, dst: str, auth: dict | None = None, env: str = "GREETING=hi") -> dict:
-    return {"request": {"app_id": app_id, "input_image": {"name": src, "auth_config": auth},
-                        "output_image": {"name": dst}, "converter_options": {"env_vars": [env]}},
-            "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
-
-
-def _submit_and_wait(client, tenant, body: dict, timeout: float = 240.0) -> tuple[dict, float]:  # noqa: ANN001
+def _submit_and_wait(client, tenant, body: dict) -> tuple[dict, float]:  # noqa: ANN001
     """The Build once it ended, and the seconds from submission until the API showed it ended."""
     start = time.monotonic()
     resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=body, headers=tenant.headers("WRITER"))
-    build_id = ok(resp, BuildSchema, 202)["build_id"]
-    while time.monotonic() - start < timeout:
-        build = ok(client.get(f"/v1/builds/{build_id}", headers=tenant.headers()), BuildSchema)
-        if build["conversion"]["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
-            return build, time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"{build_id} did not end")
+    # Polled often: the time to SUCCEEDED of a reused conversion is a figure this module prints.
+    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"], every=0.02)
+    return build, time.monotonic() - start
 
 
 def _uploads_to(registry, repo: str) -> list[str]:  # noqa: ANN001
@@ -76,20 +47,19 @@ def _mounts_into(registry, repo: str) -> list[str]:  # noqa: ANN001
     return registry.log_lines(rf'"POST /v2/{re.escape(repo)}/blobs/uploads/\?[^"]*mount=')
 
 
-def test_resubmission_reuses_the_conversion_and_mounts_the_layer(flow, make_tenant, registry, tmp_path, capsys):
+def test_resubmission_reuses_the_conversion_and_mounts_the_layer(flow: Flow, registry, tmp_path, capsys):
     s, client, _ = flow
     image = push_test_image(registry, f"reuse/app-{uuid.uuid4().hex[:6]}", "1")
     src = f"{registry.host}/{image.repo}:1"
-    tenant = make_tenant()
-    tenant.client = client
+    tenant = flow.tenant()
     app_id = tenant.create_app()
     out1, out2 = f"reuse/out-{uuid.uuid4().hex[:6]}", f"reuse/other-{uuid.uuid4().hex[:6]}"
 
-    first, fresh_seconds = _submit_and_wait(client, tenant, _request(app_id, src, f"{registry.host}/{out1}:1"))
+    first, fresh_seconds = _submit_and_wait(client, tenant, convert_request(app_id, src, f"{registry.host}/{out1}:1"))
     assert first["conversion"]["state"] == "SUCCEEDED", first["conversion"]
     assert first["conversion"]["reused_from"] is None
 
-    second, reuse_seconds = _submit_and_wait(client, tenant, _request(app_id, src, f"{registry.host}/{out2}:7"))
+    second, reuse_seconds = _submit_and_wait(client, tenant, convert_request(app_id, src, f"{registry.host}/{out2}:7"))
     c1, c2 = first["conversion"], second["conversion"]
     assert c2["state"] == "SUCCEEDED", c2
     assert c2["reused_from"] == first["build_id"]
@@ -108,35 +78,32 @@ def test_resubmission_reuses_the_conversion_and_mounts_the_layer(flow, make_tena
         print(f"\n[reuse] submission -> SUCCEEDED: fresh {fresh_seconds:.2f}s, resubmitted {reuse_seconds:.2f}s")
 
 
-def test_no_hit_without_access_to_the_input(flow, make_tenant, basic_registry, registry):
+def test_no_hit_without_access_to_the_input(flow: Flow, basic_registry, registry):
     s, client, _ = flow
     image = push_test_image(basic_registry, f"reuse/private-{uuid.uuid4().hex[:6]}", "1")
     src = f"{basic_registry.host}/{image.repo}:1"
-    owner = make_tenant()
-    owner.client = client
+    owner = flow.tenant()
     good = {"username": basic_registry.username, "password": basic_registry.password}
-    first, _ = _submit_and_wait(client, owner, _request(owner.create_app(), src, f"{registry.host}/reuse/p1:1",
+    first, _ = _submit_and_wait(client, owner, convert_request(owner.create_app(), src, f"{registry.host}/reuse/p1:1",
                                                         auth=good))
     assert first["conversion"]["state"] == "SUCCEEDED", first["conversion"]
-    stranger = make_tenant()
-    stranger.client = client
+    stranger = flow.tenant()
     app_id = stranger.create_app()
     for auth in ({"username": basic_registry.username, "password": "wrong-password"}, None):
-        build, _ = _submit_and_wait(client, stranger, _request(app_id, src, f"{registry.host}/reuse/p2:1", auth=auth))
+        build, _ = _submit_and_wait(client, stranger, convert_request(app_id, src, f"{registry.host}/reuse/p2:1", auth=auth))
         assert build["conversion"]["state"] == "FAILED", build["conversion"]
         assert build["conversion"]["error"]["code"] == "unauthorized"
         assert build["conversion"]["reused_from"] is None and build["conversion"]["output_digest"] is None
 
 
-def test_a_changed_option_is_a_miss(flow, make_tenant, registry):
+def test_a_changed_option_is_a_miss(flow: Flow, registry):
     s, client, _ = flow
     image = push_test_image(registry, f"reuse/opt-{uuid.uuid4().hex[:6]}", "1")
     src = f"{registry.host}/{image.repo}:1"
-    tenant = make_tenant()
-    tenant.client = client
+    tenant = flow.tenant()
     app_id = tenant.create_app()
-    a, _ = _submit_and_wait(client, tenant, _request(app_id, src, f"{registry.host}/reuse/opt-a:1"))
-    b, _ = _submit_and_wait(client, tenant, _request(app_id, src, f"{registry.host}/reuse/opt-b:1", env="GREETING=ho"))
+    a, _ = _submit_and_wait(client, tenant, convert_request(app_id, src, f"{registry.host}/reuse/opt-a:1"))
+    b, _ = _submit_and_wait(client, tenant, convert_request(app_id, src, f"{registry.host}/reuse/opt-b:1", env="GREETING=ho"))
     assert a["conversion"]["state"] == b["conversion"]["state"] == "SUCCEEDED"
     assert b["conversion"]["reused_from"] is None
     assert a["attributes"]["nitro_enclave"]["pcr2"] != b["attributes"]["nitro_enclave"]["pcr2"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pytest
 from redis import Redis
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from api.app import create_app
 from api.schemas.builds import BuildSchema
@@ -17,10 +16,9 @@ from common.models import Build
 from common.queue import producer
 from common.settings import Settings
 from common.tasknames import CONVERT, MAINTENANCE, QUEUE, SWEEP
-from tests.e2e.conftest import build_dev_blobs, build_shim
 from tests.fixtures.images import push_test_image
 
-from .conftest import CeleryProcess, start_worker
+from .conftest import CeleryProcess, settings_for_own_worker, start_worker
 from .helpers import ok
 
 pytestmark = pytest.mark.integration
@@ -29,13 +27,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 @pytest.fixture(scope="module")
 def scale(service_settings, registry) -> Iterator[Settings]:  # noqa: ANN001
-    build_dev_blobs(service_settings.blobs_dir)
-    build_shim(service_settings.runtime_dir)
-    s = replace(service_settings, insecure_registries=frozenset({registry.host}))
-    Redis.from_url(s.redis_url).flushdb()
-    with session_scope(s.database_url) as session:  # a worker claims any QUEUED build: only ours may be
-        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
-                             "WHERE conversion_state='QUEUED'"))
+    s = settings_for_own_worker(service_settings, registry.host)  # a worker claims any QUEUED build: only ours
     yield s
     Redis.from_url(s.redis_url).flushdb()
 

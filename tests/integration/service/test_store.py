@@ -17,6 +17,7 @@ from common.status import ConversionState
 from worker import runner
 from worker.sweeper import sweep
 
+from .conftest import cancel_queued
 from .helpers import PCRS, body, ok
 
 pytestmark = pytest.mark.integration
@@ -36,11 +37,7 @@ def _submit(client, tenant, **app_fields) -> uuid.UUID:  # noqa: ANN001
 
 @pytest.fixture(autouse=True)
 def _only_this_tests_builds_queued(service_settings):  # noqa: ANN001, ANN202
-    # The runner claims the fairest QUEUED build of the whole database, not its message's: builds other
-    # tests left QUEUED (API-only tests) would be claimed first.
-    with session_scope(service_settings.database_url) as session:
-        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
-                             "WHERE conversion_state='QUEUED'"))
+    cancel_queued(service_settings.database_url)  # the runner would claim other tests' QUEUED builds first
 
 
 def _row(s, build_id) -> Build:  # noqa: ANN001

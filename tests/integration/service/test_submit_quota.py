@@ -11,18 +11,14 @@ from common import buildstore
 from common.db import session_scope
 from common.errors import QuotaExceeded
 
-from .test_fair_claim import _account, _empty_queue, fair_db  # noqa: F401 - fixtures of this module too
+from .helpers import new_account, new_build, race
 
 pytestmark = pytest.mark.integration
 
 
 def _new(account: tuple[uuid.UUID, uuid.UUID], key: str | None = None) -> buildstore.NewBuild:
-    return buildstore.NewBuild(
-        build_id=uuid.uuid4(), account_id=account[0], app_id=account[1], created_by=None,
-        input_image_name="127.0.0.1:5000/in:1", output_image_name="127.0.0.1:5000/out:1", input_username=None,
-        output_username=None, input_credentials=b"sealed", output_credentials=None, converter_options={"a": [1]},
-        cpu_count=2, mem_size=None, enable_overlay_filesystem_persistence=True, request_fingerprint="f" * 64,
-        idempotency_key=key)
+    return new_build(account, input_credentials=b"sealed", converter_options={"a": [1]}, mem_size=None,
+                     idempotency_key=key)
 
 
 def _submit(url: str, account: tuple[uuid.UUID, uuid.UUID], quota: int, key: str | None = None) -> bool:
@@ -37,32 +33,28 @@ def _submit(url: str, account: tuple[uuid.UUID, uuid.UUID], quota: int, key: str
         return created
 
 
-def test_submit_quota_races_take_exactly_the_free_slots(fair_db):  # noqa: F811
-    account = _account(fair_db)
-    other = _account(fair_db)
-    assert _submit(fair_db, other, quota=3)  # another account's builds do not count
+def test_submit_quota_races_take_exactly_the_free_slots(queue_db):
+    account = new_account(queue_db)
+    other = new_account(queue_db)
+    assert _submit(queue_db, other, quota=3)  # another account's builds do not count
     results: list[bool] = []
     lock = threading.Lock()
 
     def submit() -> None:
-        ok = _submit(fair_db, account, quota=5)
+        ok = _submit(queue_db, account, quota=5)
         with lock:
             results.append(ok)
 
-    threads = [threading.Thread(target=submit) for _ in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    race(submit, threads=12)
     assert sorted(results) == [False] * 7 + [True] * 5
-    with session_scope(fair_db) as session:
+    with session_scope(queue_db) as session:
         assert buildstore.count_unfinished(session, account[0], 100) == 5
 
 
-def test_submit_quota_retried_key_returns_the_build_even_at_quota(fair_db):  # noqa: F811
-    account = _account(fair_db)
-    assert _submit(fair_db, account, quota=1, key="k1")
-    assert not _submit(fair_db, account, quota=1, key="k2")  # a new request at the quota: refused
-    with session_scope(fair_db) as session:  # the API passes no quota for a retry of a used key
+def test_submit_quota_retried_key_returns_the_build_even_at_quota(queue_db):
+    account = new_account(queue_db)
+    assert _submit(queue_db, account, quota=1, key="k1")
+    assert not _submit(queue_db, account, quota=1, key="k2")  # a new request at the quota: refused
+    with session_scope(queue_db) as session:  # the API passes no quota for a retry of a used key
         build, created = buildstore.insert_build(session, _new(account, "k1"), quota=None)
     assert not created and build.idempotency_key == "k1"

@@ -1,71 +1,35 @@
 """Submit -> real Celery worker process -> real pipeline -> real registry -> poll, and what the record says."""
 from __future__ import annotations
 
-import time
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from redis import Redis
 from sqlalchemy import text
 
-from api.app import create_app
 from api.schemas.builds import BuildSchema
 from api.schemas.tasks import TaskSchema
 from common.db import session_scope
-from tests.e2e.conftest import build_dev_blobs, build_shim
 from tests.fixtures.images import push_test_image
 from worker.pipeline import convert as convert_module
 
-from .conftest import start_worker
-from .helpers import ok
+from .conftest import Flow
+from .helpers import convert_request, ok, wait_ended
 
 pytestmark = pytest.mark.integration
 CANARY = "canary-Pw-7f3e91"
 
 
-@pytest.fixture(scope="module")
-def flow(service_settings, registry, basic_registry):  # noqa: ANN001, ANN201
-    """Settings that trust the test registries, the API on them, and one real worker process."""
-    build_dev_blobs(service_settings.blobs_dir)
-    build_shim(service_settings.runtime_dir)
-    s = replace(service_settings, insecure_registries=frozenset({registry.host, basic_registry.host}))
-    Redis.from_url(s.redis_url).flushdb()  # messages of API-only tests would otherwise be consumed here
-    with session_scope(s.database_url) as session:  # ...and so would their QUEUED rows, via the sweeper
-        session.execute(text("UPDATE builds SET conversion_state='CANCELLED', approval_status='REJECTED' "
-                             "WHERE conversion_state='QUEUED'"))
-    worker = start_worker(s, f"flow{uuid.uuid4().hex[:6]}")
-    yield s, create_app(s).test_client(), worker
-    worker.stop()
-
-
-def _poll(client, headers, build_id: str, timeout: float = 240.0) -> dict:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        build = ok(client.get(f"/v1/builds/{build_id}", headers=headers), BuildSchema)
-        if build["conversion"]["state"] in {"SUCCEEDED", "FAILED", "CANCELLED"}:
-            return build
-        time.sleep(0.5)
-    raise AssertionError(f"conversion {build_id} did not end: {build['conversion']}")
-
-
-def _request(app_id: str, src: str, dst: str, auth: dict | None = None) -> dict:
-    return {"request": {"app_id": app_id, "input_image": {"name": src, "auth_config": auth},
-                        "output_image": {"name": dst}, "converter_options": {"env_vars": ["GREETING=hi"]}},
-            "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
-
-
-def test_worker_converts_and_records_the_engines_pcrs(flow, make_tenant, registry, tmp_path: Path):
+def test_worker_converts_and_records_the_engines_pcrs(flow: Flow, registry, tmp_path: Path):
     s, client, _ = flow
     image = push_test_image(registry, f"svc/app-{uuid.uuid4().hex[:6]}", "1")
     src = f"{registry.host}/{image.repo}:1"
-    tenant = make_tenant()
-    tenant.client = client
+    tenant = flow.tenant()
     app_id = tenant.create_app()
-    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=_request(app_id, src, f"{registry.host}/svc/out:1"),
-                       headers=tenant.headers("WRITER"))
-    build = _poll(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
+    resp = client.post("/v1/builds/convert-app/nitro-enclaves",
+                       json=convert_request(app_id, src, f"{registry.host}/svc/out:1"), headers=tenant.headers("WRITER"))
+    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
     conv = build["conversion"]
     assert conv["state"] == "SUCCEEDED", conv
     assert conv["progress"] == 1.0 and conv["attempts"] == 1 and conv["error"] is None
@@ -93,18 +57,17 @@ def test_worker_converts_and_records_the_engines_pcrs(flow, make_tenant, registr
     assert build["status"]["status"] == "WHITELISTED"
 
 
-def test_worker_auto_approve_and_denial(flow, make_tenant, registry):
+def test_worker_auto_approve_and_denial(flow: Flow, registry):
     s, client, _ = flow
     image = push_test_image(registry, f"svc/auto-{uuid.uuid4().hex[:6]}", "1")
     src = f"{registry.host}/{image.repo}:1"
-    tenant = make_tenant()
-    tenant.client = client
+    tenant = flow.tenant()
     auto, manual = tenant.create_app(auto_approve=True), tenant.create_app()
     ids = [ok(client.post("/v1/builds/convert-app/nitro-enclaves",
-                          json=_request(app, src, f"{registry.host}/svc/auto-out-{i}:1"),
+                          json=convert_request(app, src, f"{registry.host}/svc/auto-out-{i}:1"),
                           headers=tenant.headers("WRITER")), BuildSchema, 202)["build_id"]
            for i, app in enumerate((auto, manual))]
-    auto_build, manual_build = (_poll(client, tenant.headers(), i) for i in ids)
+    auto_build, manual_build = (wait_ended(client, tenant.headers(), i) for i in ids)
     assert auto_build["conversion"]["state"] == "SUCCEEDED" and auto_build["status"]["status"] == "WHITELISTED"
     assert manual_build["status"]["status"] == "PENDING"
     ok(client.patch(f"/v1/tasks/{manual_build['pending_task_id']}", json={"status": "DENIED", "denial_reason": "no"},
@@ -113,17 +76,16 @@ def test_worker_auto_approve_and_denial(flow, make_tenant, registry):
         "REJECTED"
 
 
-def test_worker_wrong_credentials_fail_unauthorized_and_leak_nowhere(flow, make_tenant, basic_registry, registry):
+def test_worker_wrong_credentials_fail_unauthorized_and_leak_nowhere(flow: Flow, basic_registry, registry):
     s, client, worker = flow
     image = push_test_image(basic_registry, f"svc/private-{uuid.uuid4().hex[:6]}", "1")
-    tenant = make_tenant()
-    tenant.client = client
+    tenant = flow.tenant()
     app_id = tenant.create_app()
-    req = _request(app_id, f"{basic_registry.host}/{image.repo}:1", f"{registry.host}/svc/private-out:1",
+    req = convert_request(app_id, f"{basic_registry.host}/{image.repo}:1", f"{registry.host}/svc/private-out:1",
                    auth={"username": basic_registry.username, "password": CANARY})
     resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=req, headers=tenant.headers("WRITER"))
     assert CANARY not in resp.get_data(as_text=True)
-    build = _poll(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
+    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
     assert build["conversion"]["state"] == "FAILED"
     assert build["conversion"]["error"]["code"] == "unauthorized"
     assert build["status"]["status"] == "REJECTED"

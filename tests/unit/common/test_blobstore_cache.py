@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +30,19 @@ def age(store: BlobStore, desc: Descriptor, seconds_ago: float) -> None:
     os.utime(store.path(desc.digest), (t, t))
 
 
+def add_in_order(store: BlobStore, count: int) -> Iterator[Descriptor]:
+    """Add blobs 0 … count-1, each one more recently used than the one before; yields each once it is in."""
+    for i in range(count):
+        data, desc = blob(i)
+        store.add_bytes(data, desc.digest)
+        age(store, desc, 100 - i)
+        yield desc
+
+
 def test_bound_is_respected_and_oldest_go_first(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, max_bytes=3 * 64 * KIB, recent_seconds=0)
     descs = []
-    for i in range(6):
-        data, desc = blob(i)
-        store.add_bytes(data, desc.digest)
-        age(store, desc, 100 - i)  # added in order, each one more recently used
+    for desc in add_in_order(store, 6):
         descs.append(desc)
         assert store.usage() <= 3 * 64 * KIB
     assert [store.get(d) is not None for d in descs] == [False, False, False, True, True, True]
@@ -43,12 +50,7 @@ def test_bound_is_respected_and_oldest_go_first(tmp_path: Path) -> None:
 
 def test_a_hit_refreshes_recency(tmp_path: Path) -> None:
     store = BlobStore(tmp_path, max_bytes=3 * 64 * KIB, recent_seconds=0)
-    descs = []
-    for i in range(3):
-        data, desc = blob(i)
-        store.add_bytes(data, desc.digest)
-        age(store, desc, 100 - i)
-        descs.append(desc)
+    descs = list(add_in_order(store, 3))
     assert store.get(descs[0]) is not None  # the oldest, used now
     data, new = blob(99)
     store.add_bytes(data, new.digest)
