@@ -29,7 +29,7 @@ _CHUNK = 1024 * 1024
 # zstd lets the producer pick the window; past 128 MiB a frame is a memory bomb rather than a layer.
 _ZSTD_MAX_WINDOW = 1 << 27
 _DECOMPRESSION_ERRORS: tuple[type[BaseException], ...] = (
-    gzip.BadGzipFile, EOFError, zlib.error, isal_zlib.error, zstandard.ZstdError, OSError,
+    gzip.BadGzipFile, EOFError, zlib.error, cast(type[Exception], isal_zlib.error), zstandard.ZstdError, OSError,
 )
 DEFAULT_MAX_BYTES = 20 << 30
 # `get()` hands out a path that its caller opens a moment later: a blob used (or written) this recently

@@ -73,7 +73,7 @@ from common.registryauth import (
 )
 
 __all__ = [
-    "Credentials", "FetchedManifest", "HostPolicy", "RegistryClient", "ResolvedImage", "RetryPolicy", "Timeouts",
+    "BlobUpload", "Credentials", "FetchedManifest", "HostPolicy", "RegistryClient", "ResolvedImage", "RetryPolicy", "Timeouts",
 ]
 
 log = logging.getLogger(__name__)
@@ -495,23 +495,42 @@ class RegistryClient:
                 data = stream.read(min(chunk_size, size - offset))
                 if not data:
                     raise SizeMismatch(f"blob {digest} stream ended at {offset} of {size} bytes")
-                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data)),
-                           "Content-Range": f"{offset}-{offset + len(data) - 1}"}
-                with self._call("PATCH", location, scopes=scopes, body=data, headers=headers, retry=False) as resp:
-                    if resp.status_code == 416:
-                        resyncs += 1
-                        if resyncs > 3:
-                            raise RegistryError(f"chunk upload of {digest} keeps getting 416",
-                                                details={"status": 416})
-                        location, offset = self._upload_status(location, scopes)
-                        continue
-                    if resp.status_code != 202:
-                        raise self._error(resp, f"chunk upload of {digest}")
-                    location = urljoin(resp.url, resp.headers.get("Location", location))
-                    offset += len(data)
+                moved = self._patch_chunk(location, scopes, offset, data, f"chunk upload of {digest}")
+                if moved is None:
+                    resyncs += 1
+                    if resyncs > 3:
+                        raise RegistryError(f"chunk upload of {digest} keeps getting 416", details={"status": 416})
+                    location, offset = self._upload_status(location, scopes)
+                    continue
+                location = moved
+                offset += len(data)
         finally:
             stream.close()
         return location
+
+    def _patch_chunk(self, location: str, scopes: tuple[str, ...], offset: int, data: bytes, what: str
+                     ) -> str | None:
+        """PATCH one chunk at `offset`: the Location to continue at, or None when the registry answered 416."""
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data)),
+                   "Content-Range": f"{offset}-{offset + len(data) - 1}"}
+        with self._call("PATCH", location, scopes=scopes, body=data, headers=headers, retry=False) as resp:
+            if resp.status_code == 416:
+                return None
+            if resp.status_code != 202:
+                raise self._error(resp, what)
+            return urljoin(resp.url, resp.headers.get("Location", location))
+
+    def open_upload(self, repository: str) -> BlobUpload:
+        """Open an upload session for a blob whose digest is not known yet (it is being produced): the
+        caller appends its bytes in order and names the digest only at `BlobUpload.commit`."""
+        repo = check_repository(repository)
+        scopes = self._scopes(repo, True)
+        with self._call("POST", f"{self.base_url}/v2/{repo}/blobs/uploads/", scopes=scopes, body=b"",
+                        headers={"Content-Length": "0"}) as resp:
+            if resp.status_code != 202 or "Location" not in resp.headers:
+                raise self._error(resp, f"upload session in {repo}")
+            return BlobUpload(self, repo, scopes, urljoin(resp.url, resp.headers["Location"]),
+                              _int_header(resp, "OCI-Chunk-Min-Length"))
 
     def _upload_status(self, location: str, scopes: tuple[str, ...]) -> tuple[str, int]:
         """GET the upload session: where to continue and how many bytes the registry holds."""
@@ -759,6 +778,48 @@ class RegistryClient:
         if status >= 500 or status == 429:
             return RegistryUnavailable(f"{what}: {self.host} answered {status}{suffix}", details=details)
         return RegistryError(f"{what}: {self.host} answered {status}{suffix}", details=details)
+
+
+class BlobUpload:
+    """A chunked upload (POST, PATCH…, PUT ?digest=) driven piece by piece, from one thread at a time.
+
+    Nothing is retried here: a chunk the registry did not take leaves the session in an unknown state,
+    and its owner is expected to `cancel()` it and upload the whole blob another way.
+    """
+
+    def __init__(self, client: RegistryClient, repository: str, scopes: tuple[str, ...], location: str,
+                 min_chunk: int) -> None:
+        self._client, self.repository, self._scopes = client, repository, scopes
+        self.location = location
+        # OCI-Chunk-Min-Length: every chunk but the last must be at least this long.
+        self.min_chunk = min_chunk
+        self.offset = 0
+
+    def append(self, data: bytes) -> None:
+        moved = self._client._patch_chunk(self.location, self._scopes, self.offset, data,
+                                          f"chunk upload in {self.repository}")
+        if moved is None:
+            raise RegistryError(f"chunk at {self.offset} refused with 416 in {self.repository}",
+                                details={"status": 416, "offset": self.offset})
+        self.location = moved
+        self.offset += len(data)
+
+    def commit(self, digest: Digest) -> None:
+        """Close the session as `digest`; the registry checks that the bytes received hash to it."""
+        url = _with_query(self.location, digest=str(digest))
+        with self._client._call("PUT", url, scopes=self._scopes, body=b"", retry=False,
+                                headers={"Content-Length": "0", "Content-Type": "application/octet-stream"}) as resp:
+            if resp.status_code != 201:
+                raise self._client._error(resp, f"upload of {digest}")
+            _check_digest_header(resp, digest)
+
+    def cancel(self) -> None:
+        """DELETE the session, best effort: a registry that cannot also expires it by itself."""
+        try:
+            with self._client._call("DELETE", self.location, scopes=self._scopes, retry=False):
+                pass
+        except NitroconvError as exc:
+            log.info("upload session in %s not deleted: %s", self.repository, exc.code)
 
 
 # --- helpers ----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from worker.pipeline.outputbase import BaseImage, base_reference, resolve_base
 from worker.pipeline.outputimage import ENTRYPOINT, Blob, config_json, labels, write_layer
 from worker.pipeline.pull import PulledImage, pull
 from worker.pipeline.push import output_reference, push
+from worker.pipeline.streamupload import LayerStream, open_layer_stream
 
 BLOB_FILES = ("bzImage", "cmdline", "init", "nsm.ko")
 # The kernel's initramfs unpacker drops names of PATH_MAX (4096 with the NUL) or more, and the app
@@ -189,6 +190,7 @@ def convert(
     output_base: str = "",
     keep_layer: Path | None = None,
     output_compression: Compression | str = Compression.GZIP,
+    stream_push: bool = True,
 ) -> ConvertResult:
     """Convert one image. Everything written goes under `scratch` (emptied at the end) or the blob cache.
 
@@ -204,6 +206,9 @@ def convert(
 
     `output_compression` (NITROCONV_OUTPUT_COMPRESSION): the output layer's `gzip` (any client) or `zstd`
     (smaller and faster, for registries and clients that accept it; Docker 20.10 cannot pull it).
+
+    `stream_push`: without a boot check, the output layer is uploaded while it is compressed and the session
+    is closed only at push, after every check passed (worker.pipeline.streamupload); False uploads it at push.
     """
     _check_blobs(blobs_dir)
     runtime = runtime_dir or default_runtime_dir()
@@ -229,6 +234,7 @@ def convert(
         on_stage(s, _STAGE_START[s] + (_STAGE_END[s] - _STAGE_START[s]) * within)
 
     scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stream: LayerStream | None = None
     try:
         stage(Stage.PULLING)
         base: BaseImage | None = None
@@ -298,8 +304,12 @@ def convert(
         assert built.written is not None
         check_written(eif_path, built.written)
         files = {**_enclave_files(spec, built.measurements, mem_size_mib), "run": launcher}
+        if stream_push and boot_check is False:
+            # With a boot check nothing may reach the registry before the boot passed.
+            stream = open_layer_stream(out_ref, credentials=spec.output_credentials,
+                                       insecure_registries=spec.insecure_registries, should_cancel=should_cancel)
         layer = write_layer(eif_path, files, scratch / "layer.blob", compression=output_compression,
-                            written=built.written)
+                            written=built.written, sink=stream.write if stream is not None else None)
         boot = _boot_check(eif_path, boot_check, scratch) if boot_check is not False else None
 
         stage(Stage.PUSHING)
@@ -307,7 +317,7 @@ def convert(
         image_labels = labels(built.measurements, input_digest)
         pushed = push(out_ref, layer, config_json(layer, image_labels, ENTRYPOINT, base), {},
                       credentials=spec.output_credentials, insecure_registries=spec.insecure_registries,
-                      base=base, cache=cache, base_credentials=base_credentials)
+                      base=base, cache=cache, base_credentials=base_credentials, streamed=stream)
         if eif_out is not None:
             shutil.copyfile(eif_path, eif_out)
         if keep_layer is not None:
@@ -330,6 +340,8 @@ def convert(
             layer_diff_id=layer.diff_id,
         )
     finally:
+        if stream is not None:
+            stream.close()  # deletes an uncommitted session: a failed or cancelled conversion leaves nothing
         shutil.rmtree(scratch, ignore_errors=True)
 
 

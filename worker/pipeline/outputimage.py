@@ -5,7 +5,7 @@ import hashlib
 import json
 import tarfile
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -90,9 +90,21 @@ class _PlainTar:
         self._sha.abort()
 
 
+class _Tee:
+    """The layer file, whose every compressed byte is also handed to a sink (a streamed upload) in file order."""
+
+    def __init__(self, out: BinaryIO, sink: Callable[[bytes], None]) -> None:
+        self._out, self._sink = out, sink
+
+    def write(self, data: bytes) -> int:
+        written = self._out.write(data)
+        self._sink(data)
+        return written
+
+
 def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
                 compression: Compression = Compression.GZIP, written: WrittenEif | None = None,
-                threads: int | None = None) -> OutputLayer:
+                threads: int | None = None, sink: Callable[[bytes], None] | None = None) -> OutputLayer:
     """Write `enclave/` with the EIF and the small files, compressed (gzip with no name or time, or zstd) so that
     equal inputs give equal digests whatever the thread count.
 
@@ -105,6 +117,9 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
     With `written` (what `write_eif_record` reported), the file's size must be the writer's and its CRC,
     recomputed from the bytes read here, the writer's: a torn, short or since-changed file fails with
     `InvalidEif` before anything is pushed (see `common.eif.check_written` for the rest of that check).
+
+    `sink` receives the compressed bytes as they are written to `out_path`, in order (a streamed upload, which
+    commits nothing: the caller decides after every check whether what it received is pushed).
     """
     size = eif.stat().st_size
     if written is not None and size != written.size:
@@ -114,7 +129,8 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
     eif_sha = HashPipe(hashlib.sha256(), name="nitroconv-eifsha")
     try:
         with out_path.open("wb") as raw:
-            compressor = open_compressor(compression, raw, threads=threads)
+            target = raw if sink is None else cast(BinaryIO, _Tee(raw, sink))
+            compressor = open_compressor(compression, target, threads=threads)
             plain = _PlainTar(compressor)
             try:
                 plain.write(_tar_header("enclave", 0, 0o755, tarfile.DIRTYPE))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from common.blobstore import BlobStore
 from common.digest import Digest
@@ -21,6 +21,9 @@ from worker.pipeline.outputimage import (
     blob_of,
     manifest_json,
 )
+
+if TYPE_CHECKING:
+    from worker.pipeline.streamupload import LayerStream
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,18 @@ def push(
     base_credentials: Credentials | None = None,
     layer_opener: Callable[[], IO[bytes]] | None = None,
     mount_from: str | None = None,
+    streamed: LayerStream | None = None,
 ) -> Pushed:
     """Upload the base's layers (if any), ours, the config and the manifest. Re-running after a crash
     re-uploads nothing that landed. `cache` keeps base layers fetched from another registry.
 
     `layer_opener` reads our layer from elsewhere than `layer.path` (a held cache file); `mount_from`
     (a repository on the same registry that already holds our layer) is tried as a cross-repository
-    mount first, and a registry that declines gets a normal upload."""
+    mount first, and a registry that declines gets a normal upload.
+
+    `streamed`: our layer, already sent into an open upload session while it was compressed; the session
+    is closed here (PUT ?digest=) unless the registry has the blob already (then it is deleted). A stream
+    that failed, or does not commit, leaves the normal upload to run as without it."""
     # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
     policy = HostPolicy.allowing(insecure_registries)
     config_blob = blob_of(config, CONFIG_MEDIA_TYPE)
@@ -70,8 +78,16 @@ def push(
             if cache is None:
                 raise ValueError("pushing onto a base image needs a blob cache")
             copy_base_layers(client, ref, base, cache=cache, base_credentials=base_credentials, policy=policy)
-        client.upload_blob(ref.repository, Digest.parse(layer.blob.digest), layer.blob.size,
-                           layer_opener or (lambda: layer.path.open("rb")), mount_from=mount_from)
+        layer_digest = Digest.parse(layer.blob.digest)
+        committed = False
+        if streamed is not None:
+            if client.blob_exists(ref.repository, layer_digest, push=True):
+                streamed.abandon()
+            else:
+                committed = streamed.commit(layer.blob.digest, layer.blob.size)
+        if not committed:
+            client.upload_blob(ref.repository, layer_digest, layer.blob.size,
+                               layer_opener or (lambda: layer.path.open("rb")), mount_from=mount_from)
         client.upload_blob(ref.repository, Digest.parse(config_blob.digest), config_blob.size,
                            lambda: io.BytesIO(config))
         digest = client.put_manifest(ref.repository, ref.tag or "latest", MANIFEST_MEDIA_TYPE, manifest)
