@@ -90,6 +90,7 @@ class Batch:
     seconds: float
     conversions: list[Conversion]
     busy_seconds: float = 0.0  # summed over the conversions: time out of QUEUED, per build_events
+    machine_busy: float = 0.0  # share of all CPUs busy during the batch (every process: API, Postgres, registry…)
 
     @property
     def utilisation(self) -> float:
@@ -294,24 +295,41 @@ class Bench:
                     started = [self.stack.start_worker(f"bench-{workers}w{i}-r{r}", state) for i in range(workers)]
                     _log(f"round {r + 1}/{rounds}: {count} small conversions with {label}")
                     pairs = [(src, self.out(f"small{workers}w", src.rsplit(":", 1)[1])) for src in subset]
+                    before = _cpu_jiffies()
                     seconds, conversions = self.api.convert_all(pairs)
+                    machine_busy = _busy_share(before, _cpu_jiffies())
                     _log(f"  {seconds:.2f}s, {sum(c.ok for c in conversions)}/{count} SUCCEEDED")
                     for worker in started:
                         self.stack.stop_worker(worker)
                 busy = sum(sec for c in conversions for state, sec in self.spans(c) if state != "QUEUED")
-                results.append(Batch(workers, seconds, conversions, busy))
+                results.append(Batch(workers, seconds, conversions, busy, machine_busy))
         self.raw.batches = results
         failed = [c for b in results for c in b.conversions if not c.ok]
         one = _figures.median([b.seconds for b in results if b.workers == 1])
         two = _figures.median([b.seconds for b in results if b.workers == 2])
         use = {n: _figures.median([b.utilisation for b in results if b.workers == n]) for n in (1, 2)}
+        cpu = {n: _figures.median([b.machine_busy for b in results if b.workers == n]) for n in (1, 2)}
         return Figure(5, f"{count} small conversions: 1 worker / 2 workers", None if failed else
                       _figures.ratio(one, two), "×", SPEEDUP_TARGET, "at least",
                       detail=f"1 worker {one:.2f} s, 2 workers {two:.2f} s (two `celery worker` processes, -c 1 "
                              f"each, sharing one blob cache); first submit → all SUCCEEDED; medians of {rounds}; "
-                             f"workers busy converting {use[1]:.0%} (1) and {use[2]:.0%} (2) of their wall time",
+                             f"workers busy converting {use[1]:.0%} (1) and {use[2]:.0%} (2) of their wall time; "
+                             f"the machine's {os.cpu_count()} CPUs {cpu[1]:.0%} (1) and {cpu[2]:.0%} (2) busy: the "
+                             f"speed-up cannot exceed what one worker leaves idle ({_figures.ratio(1.0, cpu[1]):.2f}× "
+                             f"at most)",
                       error="; ".join(c.why() for c in failed[:3]) + (f" (+{len(failed) - 3} more)"
                                                                        if len(failed) > 3 else ""))
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat's first line."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return _figures.ratio(after[0] - before[0], after[1] - before[1])
 
 
 def _remove_unless_failed(path: Path, failure: type[BaseException] | None) -> bool:
