@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from common.atomicfile import atomic_file
 from common.blobstore import open_layer
+from common.digest import Digest
 from common.eif import CrcOfStream, Measurements, WrittenEif
 from common.errors import InvalidEif, InvalidManifest
 from common.hashpipe import HashPipe
@@ -237,16 +239,26 @@ def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecur
         # Ours is the last layer; any before it are the output base's (NITROCONV_OUTPUT_BASE_IMAGE).
         descriptor, diff_id = resolved.layers[-1], resolved.diff_ids[-1]
         blob = client.fetch_blob(resolved.repository, descriptor, Path(tmp) / "layer")
-        with open_layer(blob, descriptor.media_type, diff_id) as layer, \
-                tarfile.open(fileobj=cast(BinaryIO, layer), mode="r|") as tar:
-            for member in tar:
-                if member.name == "enclave/app.eif" and member.isfile():
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    sha = hashlib.sha256()
-                    with out.open("wb") as sink:
-                        while chunk := source.read(1 << 20):
-                            sha.update(chunk)
-                            sink.write(chunk)
-                    return sha.hexdigest()
-    raise InvalidManifest(f"{ref} has no /enclave/app.eif")
+        found = extract_eif(blob, descriptor.media_type, diff_id, out)
+    if found is None:
+        raise InvalidManifest(f"{ref} has no /enclave/app.eif")
+    return found
+
+
+def extract_eif(layer: Path, media_type: str, diff_id: Digest, out: Path) -> str | None:
+    """Write the `/enclave/app.eif` of an output layer blob to `out` (atomically); its sha256 hex, None if absent.
+
+    The whole layer is read, so its DiffID is checked too."""
+    with open_layer(layer, media_type, diff_id) as stream, \
+            tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
+        for member in tar:
+            if member.name == "enclave/app.eif" and member.isfile():
+                source = tar.extractfile(member)
+                assert source is not None
+                sha = hashlib.sha256()
+                with atomic_file(out) as sink:
+                    while chunk := source.read(1 << 20):
+                        sha.update(chunk)
+                        sink.write(chunk)
+                return sha.hexdigest()
+    return None

@@ -13,16 +13,15 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, Any
 
 from common.atomicfile import atomic_file
-from common.blobstore import DEFAULT_MAX_BYTES, BlobStore, open_layer
+from common.blobstore import DEFAULT_MAX_BYTES, BlobStore
 from common.digest import Digest
 from common.eif import Measurements
 from common.errors import Cancelled, InvalidManifest, NitroconvError
@@ -43,7 +42,7 @@ from worker.pipeline.convert import (
     default_runtime_dir,
 )
 from worker.pipeline.outputbase import base_reference, resolve_base
-from worker.pipeline.outputimage import ENTRYPOINT, Blob, OutputLayer, config_json, labels
+from worker.pipeline.outputimage import ENTRYPOINT, Blob, OutputLayer, config_json, extract_eif, labels
 from worker.pipeline.push import output_reference, push
 
 log = logging.getLogger(__name__)
@@ -382,18 +381,9 @@ def _reuse(spec: ConvertSpec, record: dict[str, Any], held: IO[bytes], cache: Co
 
 def _extract_eif(layer_path: Path, layer: OutputLayer, out: Path) -> None:
     """Write the cached layer's /enclave/app.eif to `out`, checking it against the recorded sha256."""
-    with open_layer(layer_path, layer.blob.media_type, Digest.parse(layer.diff_id)) as stream, \
-            tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
-        for member in tar:
-            if member.name == "enclave/app.eif" and member.isfile():
-                source = tar.extractfile(member)
-                assert source is not None
-                sha = hashlib.sha256()
-                with atomic_file(out) as sink:
-                    while chunk := source.read(1 << 20):
-                        sha.update(chunk)
-                        sink.write(chunk)
-                    if sha.hexdigest() != layer.eif_sha256:
-                        raise InvalidManifest("the cached layer's app.eif does not hash to the recorded EIF")
-                return
-    raise InvalidManifest("the cached layer has no /enclave/app.eif")
+    found = extract_eif(layer_path, layer.blob.media_type, Digest.parse(layer.diff_id), out)
+    if found is None:
+        raise InvalidManifest("the cached layer has no /enclave/app.eif")
+    if found != layer.eif_sha256:
+        out.unlink(missing_ok=True)
+        raise InvalidManifest("the cached layer's app.eif does not hash to the recorded EIF")
