@@ -285,23 +285,6 @@ def _pack_header(*, flags: int, default_mem: int, default_cpus: int, sizes: Sequ
                         *offsets, *pad, *sizes, *pad, 0, crc)
 
 
-def write_eif(
-    out: BinaryIO,
-    *,
-    kernel: Section,
-    cmdline: bytes,
-    metadata: bytes,
-    ramdisks: Sequence[Section],
-    flags: int = 0,
-    default_mem: int = DEFAULT_MEM,
-    default_cpus: int = DEFAULT_CPUS,
-    signer: EifSigner | None = None,
-) -> Measurements:
-    """Write an EIF v4 exactly as nitro-cli's EifBuilder lays it out, and return its PCRs (see `write_eif_record`)."""
-    return write_eif_record(out, kernel=kernel, cmdline=cmdline, metadata=metadata, ramdisks=ramdisks, flags=flags,
-                            default_mem=default_mem, default_cpus=default_cpus, signer=signer).measurements
-
-
 @dataclass(frozen=True)
 class WrittenEif:
     """What the writer wrote: enough to check the file later without measuring it again (`check_written`)."""
@@ -312,7 +295,7 @@ class WrittenEif:
     crc: int
 
 
-def write_eif_record(
+def write_eif(
     out: BinaryIO,
     *,
     kernel: Section,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from common.oci import MANIFEST_ACCEPT
 from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import LayerBlob, PushSession, image_config, make_layer, make_tar, push_test_image
@@ -23,11 +24,7 @@ pytestmark = pytest.mark.integration
 
 NITROCONV = REPO / ".venv" / "bin" / "nitroconv"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MANIFEST_TYPES = ", ".join([
-    "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-])
+MANIFEST_TYPES = ", ".join(MANIFEST_ACCEPT)  # what our registry client asks for
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from common.eif import (
     build_metadata,
     eif_size,
     kernel_info_from_config,
-    write_eif_record,
+    write_eif,
 )
 from common.filetree import Tree
 from common.launch import LaunchSpec
@@ -97,7 +97,7 @@ def build_eif(
                                                 metadata=len(metadata), ramdisks=[boot.size, app.size],
                                                 signature=signer.max_section_size() if signer else None))
     with out_path.open("wb") as out:
-        written = write_eif_record(
+        written = write_eif(
             out,
             kernel=Section.of_file(kernel),
             cmdline=cmdline,

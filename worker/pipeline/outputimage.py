@@ -116,7 +116,7 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
     final only after the last section, while every digest here needs the bytes in file order; the read
     comes from the page cache, and it is what makes the pushed layer exactly the file that was checked.
 
-    With `written` (what `write_eif_record` reported), the file's size must be the writer's and its CRC,
+    With `written` (what `write_eif` reported), the file's size must be the writer's and its CRC,
     recomputed from the bytes read here, the writer's: a torn, short or since-changed file fails with
     `InvalidEif` before anything is pushed (see `common.eif.check_written` for the rest of that check).
 

@@ -247,16 +247,12 @@ def convert_reusing(
                         return _reuse(spec, record, held, cache, key, on_stage=on_stage, should_cancel=should_cancel,
                                       eif_out=eif_out, output_base=output_base, owner=owner, build_id=build_id)
                 log.info("conversion cache: layer of %s was evicted, converting again", key[:16])
-        if key is None:
-            return convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
-                           should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
-                           boot_check=boot_check, output_base=output_base, **extra)
-        staged = _staging(cache)
+        staged = _staging(cache) if key is not None else None
         try:
             result = convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
                              should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
                              boot_check=boot_check, output_base=output_base, keep_layer=staged, **extra)
-            if result.layer_blob is not None and staged is not None and staged.exists():
+            if key is not None and result.layer_blob is not None and staged is not None and staged.exists():
                 try:
                     _store(cache, key, result, staged, owner=owner, build_id=build_id)
                 except (OSError, NitroconvError) as exc:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -189,11 +189,14 @@ class CeleryProcess:
                 self.proc.wait()
 
 
-def start_celery(s: Settings, name: str, *extra: str, ready_marker: str = "ready.") -> CeleryProcess:
+def start_celery(s: Settings, name: str, *extra: str, ready_marker: str = "ready.",
+                 env: Mapping[str, str] | None = None) -> CeleryProcess:
+    """A `celery` process with `worker_env(s)`, plus `env` for settings Settings does not carry."""
     log = s.state_dir / f"{name}.log"
     cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *extra]
     out = log.open("wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(s), stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**worker_env(s), **(env or {})}, stdout=out,
+                            stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -205,9 +208,10 @@ def start_celery(s: Settings, name: str, *extra: str, ready_marker: str = "ready
     raise RuntimeError(f"celery {name} not ready: {log.read_text()[-3000:]}")
 
 
-def start_worker(s: Settings, name: str, queues: str = ",".join(QUEUES)) -> CeleryProcess:
+def start_worker(s: Settings, name: str, queues: str = ",".join(QUEUES),
+                 env: Mapping[str, str] | None = None) -> CeleryProcess:
     return start_celery(s, name, "worker", "-Q", queues, "-c", "1", "-n", f"{name}@%h",
-                        "--without-gossip", "--without-mingle", "-l", "info")
+                        "--without-gossip", "--without-mingle", "-l", "info", env=env)
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from common.accounts import create_account, create_user
 from common.db import session_scope
 from common.eif import read_eif
 from common.models import Membership
+from common.oci import MANIFEST_ACCEPT
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.require import skip_or_fail
@@ -34,8 +35,7 @@ from .helpers import ok
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]
 GREETING = "hello from the enclave 4d1c"
-MANIFEST_TYPES = ", ".join(("application/vnd.oci.image.manifest.v1+json",
-                            "application/vnd.docker.distribution.manifest.v2+json"))
+MANIFEST_TYPES = ", ".join(MANIFEST_ACCEPT)  # what our registry client asks for
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Flower and the API docs as an operator sees them: headless Chromium (Debian `chromium`) against real processes."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
@@ -64,19 +63,10 @@ def browser_stack(service_settings: Settings, registry) -> Iterator[tuple[Settin
     flower_port = free_port()
     extra = {"NITROCONV_FLOWER_ADDR": f"127.0.0.1:{flower_port}",
              "NITROCONV_FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{FLOWER_PASSWORD}"}
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)  # worker_env() starts from os.environ
-    try:
-        # Flower first: it builds its view from events, so it must be listening before the task runs.
-        flower = start_celery(s, f"flower{uuid.uuid4().hex[:6]}", "flower", f"--conf={REPO}/deploy/flowerconfig.py",
-                              ready_marker="Visit me at")
-        worker = start_worker(s, f"web{uuid.uuid4().hex[:6]}")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # Flower first: it builds its view from events, so it must be listening before the task runs.
+    flower = start_celery(s, f"flower{uuid.uuid4().hex[:6]}", "flower", f"--conf={REPO}/deploy/flowerconfig.py",
+                          ready_marker="Visit me at", env=extra)
+    worker = start_worker(s, f"web{uuid.uuid4().hex[:6]}", env=extra)
     try:
         yield s, f"http://127.0.0.1:{server.server_port}", flower_port, worker
     finally:

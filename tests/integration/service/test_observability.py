@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -64,16 +63,7 @@ def metered_worker(obs) -> Iterator[tuple[CeleryProcess, int]]:  # noqa: ANN001
     s = obs[0]
     port = free_port()
     extra = {"NITROCONV_WORKER_METRICS_PORT": str(port), "NITROCONV_LOG_FORMAT": "json"}
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)  # worker_env() starts from os.environ
-    try:
-        worker = start_worker(s, f"obs{uuid.uuid4().hex[:6]}")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    worker = start_worker(s, f"obs{uuid.uuid4().hex[:6]}", env=extra)
     yield worker, port
     worker.stop()
 

@@ -29,6 +29,7 @@ from api.schemas.builds import BuildSchema
 from common.cpio import iter_cpio
 from common.db import session_scope
 from common.eif import iter_section_data, read_eif
+from common.oci import MANIFEST_ACCEPT
 from tests.e2e.conftest import build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
@@ -39,8 +40,7 @@ from .conftest import start_worker
 from .helpers import ok
 
 pytestmark = pytest.mark.integration
-MANIFEST_TYPES = ", ".join(("application/vnd.oci.image.manifest.v1+json",
-                            "application/vnd.docker.distribution.manifest.v2+json"))
+MANIFEST_TYPES = ", ".join(MANIFEST_ACCEPT)  # what our registry client asks for
 
 
 @dataclass

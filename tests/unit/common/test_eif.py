@@ -53,7 +53,7 @@ EMPTY_PCR = "21b9efbc184807662e966d34f390821309eeac6802309798826296bf3e8bec7c10e
 
 def _write_tv1(out: io.BytesIO) -> Measurements:
     return write_eif(out, kernel=Section.of_bytes(b"KERNEL"), cmdline=b"console=ttyS0", metadata=TV1_METADATA,
-                     ramdisks=[Section.of_bytes(b"RAMDISK0"), Section.of_bytes(b"RAMDISK1")])
+                     ramdisks=[Section.of_bytes(b"RAMDISK0"), Section.of_bytes(b"RAMDISK1")]).measurements
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_write_eif_measures_kernel_cmdline_and_ramdisks_as_nitro_cli() -> None:
     out = io.BytesIO()
     chunked = Section(len(rd0), lambda: [rd0[:7], b"", rd0[7:250], rd0[250:]])  # chunking must not matter
     measurements = write_eif(out, kernel=Section.of_bytes(kernel), cmdline=cmdline, metadata=TV1_METADATA,
-                             ramdisks=[chunked, Section.of_bytes(rd1), Section.of_bytes(rd2)])
+                             ramdisks=[chunked, Section.of_bytes(rd1), Section.of_bytes(rd2)]).measurements
     assert measurements == Measurements(
         pcr0=_expected_pcr(kernel + cmdline + rd0 + rd1 + rd2),
         pcr1=_expected_pcr(kernel + cmdline + rd0),
@@ -177,7 +177,7 @@ def test_write_eif_measures_kernel_cmdline_and_ramdisks_as_nitro_cli() -> None:
 def test_write_eif_with_one_ramdisk_has_empty_pcr2() -> None:
     out = io.BytesIO()
     measurements = write_eif(out, kernel=Section.of_bytes(b"k"), cmdline=b"c", metadata=TV1_METADATA,
-                             ramdisks=[Section.of_bytes(b"only")])
+                             ramdisks=[Section.of_bytes(b"only")]).measurements
     assert measurements.pcr2 == EMPTY_PCR
     assert measurements.pcr1 == measurements.pcr0 == _expected_pcr(b"kconly")
 
@@ -200,7 +200,7 @@ def test_write_eif_streams_cpio_archive_and_file_sections(tmp_path: Path) -> Non
     eif_path = tmp_path / "app.eif"
     with eif_path.open("wb") as out:
         measurements = write_eif(out, kernel=Section.of_file(kernel_path, chunk_size=4096), cmdline=b"console=ttyS0",
-                                 metadata=TV1_METADATA, ramdisks=[Section(archive.size, archive.chunks)])
+                                 metadata=TV1_METADATA, ramdisks=[Section(archive.size, archive.chunks)]).measurements
 
     info = read_eif(eif_path)
     assert info.measurements == measurements

@@ -17,7 +17,7 @@ from common.eif import (
     WrittenEif,
     check_written,
     read_eif,
-    write_eif_record,
+    write_eif,
 )
 from common.errors import InvalidEif
 from tests.unit.common.test_eif import TV1_CRC, TV1_METADATA, TV1_PCRS, TV1_SHA256
@@ -25,7 +25,7 @@ from tests.unit.common.test_eif import TV1_CRC, TV1_METADATA, TV1_PCRS, TV1_SHA2
 
 def write(path: Path, ramdisk1: bytes = b"RAMDISK1") -> WrittenEif:
     with path.open("wb") as out:
-        return write_eif_record(out, kernel=Section.of_bytes(b"KERNEL"), cmdline=b"console=ttyS0",
+        return write_eif(out, kernel=Section.of_bytes(b"KERNEL"), cmdline=b"console=ttyS0",
                                 metadata=TV1_METADATA,
                                 ramdisks=[Section.of_bytes(b"RAMDISK0"), Section.of_bytes(ramdisk1)])
 

@@ -335,7 +335,7 @@ def test_write_eif_signed_measures_pcr8_from_certificate_der(tmp_path: Path) -> 
     out = io.BytesIO()
     measurements = write_eif(out, kernel=Section.of_bytes(b"KERNEL"), cmdline=b"console=ttyS0",
                              metadata=TV1_METADATA, ramdisks=[Section.of_bytes(b"RAMDISK0"),
-                                                              Section.of_bytes(b"RAMDISK1")], signer=signer)
+                                                              Section.of_bytes(b"RAMDISK1")], signer=signer).measurements
     der = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes()).public_bytes(
         serialization.Encoding.DER)
     assert measurements.pcr8 == _expected_pcr(der)

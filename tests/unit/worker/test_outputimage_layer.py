@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from common.eif import Section, WrittenEif, write_eif_record
+from common.eif import Section, WrittenEif, write_eif
 from common.errors import InvalidEif
 from common.layercompress import Compression
 from tests.unit.common.test_eif import TV1_METADATA
@@ -25,7 +25,7 @@ def eif(tmp_path: Path) -> tuple[Path, WrittenEif]:
     path = tmp_path / "app.eif"
     ramdisk = random.Random(9).randbytes(2 << 20) + b"cpio-like " * 200_000
     with path.open("wb") as out:
-        written = write_eif_record(out, kernel=Section.of_bytes(b"KERNEL"), cmdline=b"console=ttyS0",
+        written = write_eif(out, kernel=Section.of_bytes(b"KERNEL"), cmdline=b"console=ttyS0",
                                    metadata=TV1_METADATA,
                                    ramdisks=[Section.of_bytes(b"RAMDISK0"), Section.of_bytes(ramdisk)])
     return path, written
