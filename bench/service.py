@@ -42,6 +42,7 @@ from types import FrameType
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
+import _cpu  # noqa: E402
 import _figures  # noqa: E402
 import _image  # noqa: E402
 import _small  # noqa: E402
@@ -91,6 +92,7 @@ class Batch:
     conversions: list[Conversion]
     busy_seconds: float = 0.0  # summed over the conversions: time out of QUEUED, per build_events
     machine_busy: float = 0.0  # share of all CPUs busy during the batch (every process: API, Postgres, registry…)
+    cpu_per_conversion: dict[str, float] = field(default_factory=dict)  # CPU seconds by role (bench/_cpu.py)
 
     @property
     def utilisation(self) -> float:
@@ -295,14 +297,17 @@ class Bench:
                     started = [self.stack.start_worker(f"bench-{workers}w{i}-r{r}", state) for i in range(workers)]
                     _log(f"round {r + 1}/{rounds}: {count} small conversions with {label}")
                     pairs = [(src, self.out(f"small{workers}w", src.rsplit(":", 1)[1])) for src in subset]
-                    before = _cpu_jiffies()
+                    before, roles_before = _cpu_jiffies(), _cpu.snapshot()
                     seconds, conversions = self.api.convert_all(pairs)
                     machine_busy = _busy_share(before, _cpu_jiffies())
-                    _log(f"  {seconds:.2f}s, {sum(c.ok for c in conversions)}/{count} SUCCEEDED")
+                    roles = _cpu.by_role(roles_before, _cpu.snapshot())
+                    _log(f"  {seconds:.2f}s, {sum(c.ok for c in conversions)}/{count} SUCCEEDED; CPU per conversion: "
+                         + ", ".join(f"{role} {1000 * cpu / count:.0f} ms" for role, cpu in roles.items()))
                     for worker in started:
                         self.stack.stop_worker(worker)
                 busy = sum(sec for c in conversions for state, sec in self.spans(c) if state != "QUEUED")
-                results.append(Batch(workers, seconds, conversions, busy, machine_busy))
+                results.append(Batch(workers, seconds, conversions, busy, machine_busy,
+                                     {role: cpu / count for role, cpu in roles.items()}))
         self.raw.batches = results
         failed = [c for b in results for c in b.conversions if not c.ok]
         one = _figures.median([b.seconds for b in results if b.workers == 1])

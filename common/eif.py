@@ -9,15 +9,17 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from isal import isal_zlib
 
+from common.eifprefix import PREFIXES, MeasuredPrefix
 from common.errors import InvalidBlobs, InvalidEif, InvalidOptions
 from common.exactread import ExactReader
 from common.hashpipe import HashPipe
+from common.memo import file_identity
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -136,18 +138,20 @@ class _Measurer:
     threads on an error path; `finish()` ends them with the result.
     """
 
-    def __init__(self) -> None:
-        self._image = HashPipe(hashlib.sha384(), name="nitroconv-pcr0")
+    def __init__(self, prefix: MeasuredPrefix | None = None) -> None:
+        # From a prefix (kernel, cmdline and ramdisk 0 measured by an earlier EIF) the image hash goes on from
+        # its state, and PCR1 is that state: the next section fed is ramdisk 1.
+        self._image = HashPipe(prefix.state() if prefix else hashlib.sha384(), name="nitroconv-pcr0")
         self._app = HashPipe(hashlib.sha384(), name="nitroconv-pcr2")
-        self._bootstrap: list[Any] = []
-        self._ramdisks = 0
+        self._bootstrap: list[Any] = [prefix.state()] if prefix else []
+        self._ramdisks = 1 if prefix else 0
         self._kind = SectionType.INVALID
         self._digests: tuple[str, str, str] | None = None
         self.pcr8: str | None = None
 
     def begin(self, kind: SectionType) -> None:
         if kind == SectionType.RAMDISK:
-            if self._ramdisks == 1:
+            if self._ramdisks == 1 and not self._bootstrap:
                 self._image.call(lambda h: self._bootstrap.append(h.copy()))
             self._ramdisks += 1
         self._kind = kind
@@ -162,6 +166,10 @@ class _Measurer:
             self._image.update(data)
             if self._ramdisks > 1:
                 self._app.update(data)
+
+    def bootstrap_state(self) -> Any | None:
+        """The hash of kernel, cmdline and ramdisk 0 (PCR1's content) once `finish()` ran; None with one ramdisk."""
+        return self._bootstrap[0] if self._bootstrap else None
 
     def finish(self) -> Measurements:
         if self._digests is None:
@@ -200,19 +208,26 @@ class Section:
     """Section content for the writer: its exact size up front, and a callable giving its bytes when written.
 
     A `CpioArchive` adapts as `Section(archive.size, archive.chunks)`.
+
+    `key`, when given, names the content: equal keys promise equal bytes (a blob file's identity, say). When
+    the kernel, the cmdline and ramdisk 0 all have one, the writer measures them once per process and then
+    reuses that (common.eifprefix), and `WrittenEif.spans` tells later passes where such content lies.
     """
 
     size: int
     chunks: Callable[[], Iterable[bytes]]
+    key: Hashable | None = None
 
     @classmethod
-    def of_bytes(cls, data: bytes) -> Section:
-        return cls(len(data), _bytes_chunks(bytes(data)))
+    def of_bytes(cls, data: bytes, *, key: Hashable | None = None) -> Section:
+        return cls(len(data), _bytes_chunks(bytes(data)), key)
 
     @classmethod
     def of_file(cls, path: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> Section:
-        """The file's current size; the writer fails if the file has changed size when it is read."""
-        return cls(os.stat(path).st_size, _file_chunks(path, chunk_size))
+        """The file's current size; the writer fails if the file has changed size when it is read. Keyed by the
+        file's identity (device, inode, size, change times), which any rewrite of the file changes."""
+        identity = file_identity(path)
+        return cls(identity[2], _file_chunks(path, chunk_size), ("file", identity))
 
 
 def eif_size(*, kernel: int, cmdline: int, metadata: int, ramdisks: Sequence[int],
@@ -234,45 +249,10 @@ def _writer_error(message: str, reason: str) -> InvalidEif:
     return InvalidEif(message, details={"reason": reason, "stage": "write"})
 
 
-def _gf2_times(matrix: Sequence[int], vector: int) -> int:
-    result, row = 0, 0
-    while vector:
-        if vector & 1:
-            result ^= matrix[row]
-        vector >>= 1
-        row += 1
-    return result
-
-
-def _gf2_square(matrix: Sequence[int]) -> list[int]:
-    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """`zlib.crc32(a + b)` from `crc32(a)`, `crc32(b)` and `len(b)` (zlib's crc32_combine, O(log len2)).
-
-    The signature section's size is known only once PCR0 is, after the ramdisks; so the header, first
-    in the file and first in the CRC's input, is packed last and its CRC joined to the sections' CRC.
-    """
-    if len2 <= 0:
-        return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+# `zlib.crc32(a + b)` from `crc32(a)`, `crc32(b)` and `len(b)`: the signature section's size is known only once
+# PCR0 is, after the ramdisks; so the header, first in the file and first in the CRC's input, is packed last and
+# its CRC joined to the sections' CRC.
+crc32_combine = isal_zlib.crc32_combine
 
 
 def _pack_header(*, flags: int, default_mem: int, default_cpus: int, sizes: Sequence[int], crc: int) -> bytes:
@@ -286,6 +266,15 @@ def _pack_header(*, flags: int, default_mem: int, default_cpus: int, sizes: Sequ
 
 
 @dataclass(frozen=True)
+class KnownSpan:
+    """A keyed section's data in the written file: `size` bytes at `offset` whose content `key` names."""
+
+    offset: int
+    size: int
+    key: Hashable
+
+
+@dataclass(frozen=True)
 class WrittenEif:
     """What the writer wrote: enough to check the file later without measuring it again (`check_written`)."""
 
@@ -293,6 +282,8 @@ class WrittenEif:
     header: bytes  # the final 548 header bytes (section table and CRC included)
     size: int
     crc: int
+    # Where sections with a key (`Section.key`) lie, so a later pass can reuse work done on the same content.
+    spans: tuple[KnownSpan, ...] = ()
 
 
 def write_eif(
@@ -324,7 +315,7 @@ def write_eif(
     if len(cmdline) > CMDLINE_MAX_SIZE:
         raise _writer_error(f"kernel command line longer than {CMDLINE_MAX_SIZE} bytes", "section_too_large")
     _parse_metadata(metadata, stage="write")  # never write what the strict reader would refuse
-    planned = [(SectionType.KERNEL, kernel), (SectionType.CMDLINE, Section.of_bytes(cmdline)),
+    planned = [(SectionType.KERNEL, kernel), (SectionType.CMDLINE, Section.of_bytes(cmdline, key=("bytes", cmdline))),
                (SectionType.METADATA, Section.of_bytes(metadata)),
                *((SectionType.RAMDISK, ramdisk) for ramdisk in ramdisks)]
     return _write_sections(out, planned, flags=flags, default_mem=default_mem, default_cpus=default_cpus,
@@ -351,28 +342,46 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
     start = out.tell()
     _write_all(out, b"\0" * HEADER_SIZE)  # the real header once every size, and so the CRC, is known
     crc, length = 0, 0  # CRC and length of everything after the header
-    measurer = _Measurer()
+    prefix_key = _prefix_key(planned)
+    prefix = PREFIXES.get(prefix_key) if prefix_key is not None else None
+    measurer = _Measurer(prefix)
+    known_crcs = dict(zip(_PREFIX_INDEXES, prefix.crcs, strict=True)) if prefix is not None else {}
+    prefix_crcs: list[int] = []  # measured here, for the memo
     sizes: list[int] = []
+    spans: list[KnownSpan] = []
 
     def emit(index: int, kind: SectionType, section: Section) -> None:
         nonlocal crc, length
         section_header = _SECTION_HEADER.pack(kind, 0, section.size)
         crc = _crc32(section_header, crc)
         _write_all(out, section_header)
-        measurer.begin(kind)
-        written = 0
+        if section.key is not None:
+            spans.append(KnownSpan(HEADER_SIZE + length + SECTION_HEADER_SIZE, section.size, section.key))
+        known = known_crcs.get(index)
+        # A section of the prefix is measured (and its CRC kept) only while the memo does not hold it.
+        track = prefix_key is not None and known is None and index in _PREFIX_INDEXES
+        if known is None:
+            measurer.begin(kind)
+        written, data_crc = 0, 0
         for chunk in section.chunks():
             written += len(chunk)
             if written > section.size:
                 raise _writer_error(f"section {index} ({kind.label}) yields more than its size {section.size}",
                                     "size_mismatch")
-            # The PCR threads hash this chunk while it is written and the next one is produced.
-            measurer.update(chunk)
-            crc = _crc32(chunk, crc)
+            if known is None:
+                # The PCR threads hash this chunk while it is written and the next one is produced.
+                measurer.update(chunk)
+                crc = _crc32(chunk, crc)
+                if track:
+                    data_crc = _crc32(chunk, data_crc)
             _write_all(out, chunk)
         if written != section.size:
             raise _writer_error(f"section {index} ({kind.label}) yields {written} bytes, declared {section.size}",
                                 "size_mismatch")
+        if known is not None:
+            crc = crc32_combine(crc, known, section.size)
+        elif track:
+            prefix_crcs.append(data_crc)
         sizes.append(section.size)
         length += SECTION_HEADER_SIZE + section.size
 
@@ -388,6 +397,9 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
             emit(len(planned), SectionType.SIGNATURE, Section.of_bytes(signature))
             measurer.pcr8 = pcr_of(signer.certificate_der)
         measurements = measurer.finish()
+        state = measurer.bootstrap_state()
+        if prefix_key is not None and prefix is None and state is not None:
+            PREFIXES.put(prefix_key, MeasuredPrefix(state.copy(), tuple(prefix_crcs)))
     finally:
         measurer.close()
     end = out.tell()
@@ -397,7 +409,23 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
     out.seek(start)
     _write_all(out, header)
     out.seek(end)
-    return WrittenEif(measurements, header, end - start, crc)
+    return WrittenEif(measurements, header, end - start, crc, tuple(spans))
+
+
+# PCR1's sections in `write_eif`'s plan: kernel, cmdline and ramdisk 0 (the metadata between them is not measured).
+_PREFIX_INDEXES = (0, 1, 3)
+
+
+def _prefix_key(planned: Sequence[tuple[SectionType, Section]]) -> Hashable | None:
+    """The memo key of the plan's measured prefix, when every section of it has a key and ramdisks follow it."""
+    if len(planned) <= max(_PREFIX_INDEXES) + 1:
+        return None
+    parts = [planned[i] for i in _PREFIX_INDEXES]
+    if [kind for kind, _ in parts] != [SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK]:
+        return None
+    if any(section.key is None for _, section in parts):
+        return None
+    return tuple((kind, section.size, section.key) for kind, section in parts)
 
 
 class CrcOfStream:

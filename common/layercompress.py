@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import hashlib
 import os
 import struct
 import zlib
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -17,6 +19,7 @@ from isal import isal_zlib
 
 from common.errors import InvalidOptions
 from common.hashpipe import HashPipe
+from common.memo import ProcessMemo
 
 
 class Compression(enum.StrEnum):
@@ -85,6 +88,21 @@ class _Sink:
         self._sha.abort()
 
 
+@dataclass(frozen=True)
+class KnownRange:
+    """Stream bytes [start, start + size) are the content `key` names, the same in every stream that says so
+    (the EIF's kernel in an output layer): their deflated blocks can be reused from an earlier stream."""
+
+    start: int
+    size: int
+    key: Hashable
+
+
+# Deflated blocks of known ranges, by (key, block offset in the range, lengths): the kernel's ~12 MiB, once.
+DEFLATED: ProcessMemo[tuple[bytes, int]] = ProcessMemo(capacity=256, max_weight=48 << 20,
+                                                       weigh=lambda entry: len(entry[0]))
+
+
 def _deflate_block(block: bytes, dictionary: bytes) -> tuple[bytes, int]:
     """One block as raw deflate ending in a sync flush, and the block's CRC-32 (ISA-L releases the GIL)."""
     compressor = (isal_zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15, zdict=dictionary) if dictionary
@@ -93,13 +111,27 @@ def _deflate_block(block: bytes, dictionary: bytes) -> tuple[bytes, int]:
     return data, isal_zlib.crc32(block)
 
 
+def _deflate_known(key: Hashable, block: bytes, dictionary: bytes) -> tuple[bytes, int]:
+    """`_deflate_block` for a block of a known range: reused when the memo holds it with this very CRC-32 (a
+    range whose content changed behind its key is deflated again, and the layer's own checks see the rest)."""
+    crc = isal_zlib.crc32(block)
+    found = DEFLATED.get(key)
+    if found is not None and found[1] == crc:
+        return found
+    result = _deflate_block(block, dictionary)
+    DEFLATED.put(key, result)
+    return result
+
+
 class GzipBlocks:
     """A gzip member written in GZIP_BLOCK blocks deflated by `threads` threads, in order.
 
     At most 2 x threads blocks are in flight, so memory stays a few MiB whatever the stream's length.
+    A block that lies, with its dictionary, inside one of `known` is taken from the memo of earlier streams
+    when there (`_deflate_known`): the same bytes, deflated once per process.
     """
 
-    def __init__(self, out: BinaryIO, *, threads: int) -> None:
+    def __init__(self, out: BinaryIO, *, threads: int, known: Sequence[KnownRange] = ()) -> None:
         self._sink = _Sink(out)
         self._sink.write(_GZIP_HEADER)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nitroconv-gzip")
@@ -109,6 +141,8 @@ class GzipBlocks:
         self._previous = b""
         self._crc = 0
         self._length = 0
+        self._known = tuple(known)
+        self._submitted = 0  # stream offset of the next block
 
     def write(self, data: bytes) -> None:
         if not self._buffer and len(data) == GZIP_BLOCK:
@@ -119,10 +153,19 @@ class GzipBlocks:
             self._submit(bytes(self._buffer[:GZIP_BLOCK]))
             del self._buffer[:GZIP_BLOCK]
 
+    def _memo_key(self, offset: int, length: int, window: int) -> Hashable | None:
+        for known in self._known:
+            if known.start <= offset - window and offset + length <= known.start + known.size:
+                return known.key, offset - known.start, length, window, GZIP_LEVEL
+        return None
+
     def _submit(self, block: bytes) -> None:
         dictionary = self._previous[-DEFLATE_WINDOW:]
         self._previous = block
-        self._pending.append((self._pool.submit(_deflate_block, block, dictionary), len(block)))
+        key = self._memo_key(self._submitted, len(block), len(dictionary))
+        self._submitted += len(block)
+        deflate = _deflate_block if key is None else functools.partial(_deflate_known, key)
+        self._pending.append((self._pool.submit(deflate, block, dictionary), len(block)))
         while len(self._pending) > self._limit:
             self._drain_one()
 
@@ -173,8 +216,10 @@ class ZstdFrames:
         self._sink.abort()  # libzstd's workers belong to the compression context, freed with it
 
 
-def open_compressor(kind: Compression, out: BinaryIO, *, threads: int | None = None) -> StreamCompressor:
+def open_compressor(kind: Compression, out: BinaryIO, *, threads: int | None = None,
+                    known: Sequence[KnownRange] = ()) -> StreamCompressor:
+    """`known`: ranges of the stream whose deflated blocks gzip may reuse (zstd compresses one frame: none)."""
     count = default_threads() if threads is None else threads
     if kind is Compression.ZSTD:
         return ZstdFrames(out, threads=count)
-    return GzipBlocks(out, threads=count)
+    return GzipBlocks(out, threads=count, known=known)

@@ -125,3 +125,32 @@ def test_convert_repro_one_core_gives_the_same_output_digest(twins, registry, bl
                           prefix=["taskset", "-c", "0"]), tmp_path / "pinned", registry, "pinned")
     assert pinned.eif == base.eif
     assert pinned.output_digest == base.output_digest
+
+
+def test_convert_repro_warm_worker_process_gives_the_same_output(twins, registry, blobs_dir, input_ref,
+                                                                 tmp_path) -> None:
+    """A worker process keeps the measured kernel/cmdline/ramdisk 0 and the kernel's deflated blocks between
+    conversions (common.eifprefix, common.layercompress): its next conversion is the same as a fresh process's."""
+    from common.eifprefix import PREFIXES
+    from common.layercompress import DEFLATED
+    from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
+
+    base, _ = twins
+    PREFIXES.clear()
+    DEFLATED.clear()
+
+    def once(tag: str) -> tuple[str, bytes]:
+        spec = ConvertSpec(input_ref=input_ref, output_ref=f"{registry.host}/repro/app-enclave:{tag}",
+                           input_credentials=None, output_credentials=None, options=ConverterOptions(), cpu_count=2,
+                           mem_size_mib=None, insecure_registries=frozenset({registry.host}))
+        eif = tmp_path / f"{tag}.eif"
+        result = convert(spec, scratch=tmp_path / f"scratch-{tag}", blobs_dir=blobs_dir, cache_dir=tmp_path / "cache",
+                         on_stage=lambda *_: None, runtime_dir=build_shim(runtime_target()).parent, eif_out=eif)
+        return result.output_digest, eif.read_bytes()
+
+    assert once("cold") == (base.output_digest, base.eif)
+    assert len(PREFIXES) == 1 and len(DEFLATED) > 0 and PREFIXES.hits == DEFLATED.hits == 0
+    assert once("warm") == (base.output_digest, base.eif)
+    assert PREFIXES.hits == 1 and DEFLATED.hits == len(DEFLATED)
+    PREFIXES.clear()
+    DEFLATED.clear()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from common.eif import (
 )
 from common.filetree import Tree
 from common.launch import LaunchSpec
+from common.memo import file_identity
 from common.ramdisk import app_archive, bootstrap_archive
 from common.signing import EifSigner
 from worker.pipeline.memory import default_mem_mib
@@ -102,12 +103,17 @@ def build_eif(
             kernel=Section.of_file(kernel),
             cmdline=cmdline,
             metadata=metadata,
-            ramdisks=[Section(boot.size, boot.chunks), Section(app.size, app.chunks)],
+            ramdisks=[Section(boot.size, boot.chunks, bootstrap_key(blobs_dir)), Section(app.size, app.chunks)],
             default_mem=mem_size_mib * MIB,
             default_cpus=cpu_count,
             signer=signer,
         )
     return BuiltEif(out_path, out_path.stat().st_size, written.measurements, mem_size_mib, written)
+
+
+def bootstrap_key(blobs_dir: Path) -> Hashable:
+    """What ramdisk 0's bytes depend on: the two blob files it holds (the rest is fixed by common.ramdisk)."""
+    return ("bootstrap", file_identity(blobs_dir / "init"), file_identity(blobs_dir / "nsm.ko"))
 
 
 def docker_info(config: Mapping[str, object], config_digest: str, repo_digest: str | None) -> dict[str, object]:

@@ -17,7 +17,14 @@ from common.eif import CrcOfStream, Measurements, WrittenEif
 from common.errors import InvalidEif, InvalidManifest
 from common.hashpipe import HashPipe
 from common.hostpolicy import HostPolicy
-from common.layercompress import GZIP_BLOCK, MEDIA_TYPES, Compression, StreamCompressor, open_compressor
+from common.layercompress import (
+    GZIP_BLOCK,
+    MEDIA_TYPES,
+    Compression,
+    KnownRange,
+    StreamCompressor,
+    open_compressor,
+)
 from common.reference import parse_reference
 from common.registry import Credentials, RegistryClient
 from worker.pipeline.outputbase import BaseImage
@@ -129,14 +136,17 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
                          details={"reason": "truncated" if size < written.size else "trailing_bytes"})
     crc = CrcOfStream()
     eif_sha = HashPipe(hashlib.sha256(), name="nitroconv-eifsha")
+    heads = _tar_header("enclave", 0, 0o755, tarfile.DIRTYPE) + _tar_header("enclave/app.eif", size, 0o644)
+    # The EIF's keyed sections (its kernel above all) sit at the same stream offsets in every layer: their
+    # deflated blocks are reused (common.layercompress.KnownRange); the CRC check below covers the bytes.
+    known = [KnownRange(len(heads) + span.offset, span.size, span.key) for span in written.spans] if written else []
     try:
         with out_path.open("wb") as raw:
             target = raw if sink is None else cast(BinaryIO, _Tee(raw, sink))
-            compressor = open_compressor(compression, target, threads=threads)
+            compressor = open_compressor(compression, target, threads=threads, known=known)
             plain = _PlainTar(compressor)
             try:
-                plain.write(_tar_header("enclave", 0, 0o755, tarfile.DIRTYPE))
-                plain.write(_tar_header("enclave/app.eif", size, 0o644))
+                plain.write(heads)
                 with eif.open("rb") as src:
                     remaining = size
                     while remaining:

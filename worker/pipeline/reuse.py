@@ -28,6 +28,7 @@ from common.errors import Cancelled, InvalidManifest, NitroconvError
 from common.hostpolicy import HostPolicy
 from common.launch import parse_env
 from common.layers import Limits
+from common.memo import ProcessMemo, file_identity
 from common.oci import Descriptor
 from common.options import check_java_mode
 from common.reference import Reference, parse_image_source
@@ -66,20 +67,24 @@ class Push:
     build_id: str | None
 
 
-def _file_sha256(path: Path, memo: dict[tuple[str, int, int, int], str] = {}) -> str | None:  # noqa: B006
-    """sha256 of a file, or None if absent; remembered per (path, inode, size, mtime) for the process's life."""
+# Blobs, runtime binaries, signing and CA files of this host: a few, read once per process each.
+_FILE_DIGESTS: ProcessMemo[str] = ProcessMemo(capacity=64)
+
+
+def _file_sha256(path: Path) -> str | None:
+    """sha256 of a file, or None if absent; remembered under the file's identity for the process's life."""
     try:
-        st = path.stat()
+        key = (str(path), file_identity(path))
     except FileNotFoundError:
         return None
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    found = memo.get(key)
+    found = _FILE_DIGESTS.get(key)
     if found is None:
         h = hashlib.sha256()
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        found = memo[key] = h.hexdigest()
+        found = h.hexdigest()
+        _FILE_DIGESTS.put(key, found)
     return found
 
 
@@ -252,7 +257,10 @@ def convert_reusing(
             result = convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
                              should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
                              boot_check=boot_check, output_base=output_base, keep_layer=staged, **extra)
-            if key is not None and result.layer_blob is not None and staged is not None and staged.exists():
+            # A tag moved between the key's resolution and the pull: the result is not the key's input.
+            same_input = resolved is not None and result.input_digest == resolved[1]
+            if key is not None and same_input and result.layer_blob is not None and staged is not None \
+                    and staged.exists():
                 try:
                     _store(cache, key, result, staged, owner=owner, build_id=build_id)
                 except (OSError, NitroconvError) as exc:
