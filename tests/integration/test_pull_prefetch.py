@@ -97,3 +97,29 @@ def test_pull_prefetch_apply_failure_stops_cleanly(registry: RunningRegistry, re
         do_pull(registry, pushed.ref, tmp_path, progress)
     assert progress == []
     assert prefetch_threads(within=ABORT_GRACE_SECONDS) == []
+
+
+def test_pull_evicts_older_blobs_as_it_adds_layers(registry: RunningRegistry, repo_name: str, tmp_path: Path) -> None:
+    """A bounded cache makes room while the pull adds layers (not only after the conversion), never evicting
+    the layers this pull uses."""
+    import os
+
+    from common.digest import Digest
+    from common.oci import Descriptor
+
+    cache = BlobStore(tmp_path / "cache", max_bytes=64 * 1024)
+    old = []
+    for _ in range(8):  # 8 x 16 KiB used an hour ago: already twice the bound
+        data = os.urandom(16 * 1024)
+        path = cache.path(Digest.of(data))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+        old.append(path)
+    pushed = layered_image(registry, repo_name, 3)
+    tree = Tree()
+    pull(pushed.ref, tree, credentials=None, insecure_registries=frozenset({registry.host}), cache=cache,
+         spool_dir=tmp_path / "spool", limits=DEFAULT_LIMITS, progress=lambda _: None)
+    assert all(cache.get(Descriptor(layer.media_type, Digest.parse(layer.digest), len(layer.blob))) is not None
+               for layer in pushed.layers)
+    assert cache.usage() <= 64 * 1024 and sum(p.exists() for p in old) < len(old)

@@ -191,6 +191,7 @@ def convert(
     keep_layer: Path | None = None,
     output_compression: Compression | str = Compression.GZIP,
     stream_push: bool = True,
+    cache_max_bytes: int = 0,
 ) -> ConvertResult:
     """Convert one image. Everything written goes under `scratch` (emptied at the end) or the blob cache.
 
@@ -209,13 +210,16 @@ def convert(
 
     `stream_push`: without a boot check, the output layer is uploaded while it is compressed and the session
     is closed only at push, after every check passed (worker.pipeline.streamupload); False uploads it at push.
+
+    `cache_max_bytes` bounds the blob cache (0: unbounded): each layer the pull adds evicts the least recently
+    used blobs beyond it, so the host's disk holds at most the bound or the image being converted.
     """
     _check_blobs(blobs_dir)
     runtime = runtime_dir or default_runtime_dir()
     shim, launcher = _shim(runtime), _launcher(runtime)
     base_ref = base_reference(output_base)
     base_credentials = _base_credentials(spec, base_ref.api_host) if base_ref is not None else None
-    cache = BlobStore(cache_dir / "blobs")
+    cache = BlobStore(cache_dir / "blobs", max_bytes=cache_max_bytes)
     # Malformed options fail before any network I/O.
     parse_env(spec.options.env_vars, field="env_vars")
     parse_env(spec.options.mutable_env_vars, field="mutable_env_vars")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Callable, Sequence
@@ -29,6 +30,8 @@ Progress = Callable[[float], None]
 PREFETCH_THREADS = 3
 # How long a failed pull waits for downloads already running before it lets them end on their own.
 ABORT_GRACE_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,16 @@ class _Prefetch:
     def _fetch(self, descriptor: Descriptor) -> Path:
         # The cache holds only verified blobs; the registry has just authorised this caller for the
         # manifest that names them, so a hit never lends one tenant's private layer to another.
-        return self._cache.get(descriptor) or self._client.fetch_blob(
-            self._repository, descriptor, self._cache.path(descriptor.digest))
+        found = self._cache.get(descriptor)
+        if found is not None:
+            return found
+        path = self._client.fetch_blob(self._repository, descriptor, self._cache.path(descriptor.digest))
+        # Older blobs make room now, not after the conversion: this image's are in use, so never evicted.
+        try:
+            self._cache.trim()
+        except OSError as exc:  # the layer is here and verified: a failed eviction pass costs disk only
+            log.warning("blob cache: eviction pass failed: %s", exc)
+        return path
 
     def wait(self, index: int) -> Path:
         return self._futures[index].result()

@@ -256,7 +256,8 @@ def convert_reusing(
         try:
             result = convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
                              should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
-                             boot_check=boot_check, output_base=output_base, keep_layer=staged, **extra)
+                             boot_check=boot_check, output_base=output_base, keep_layer=staged,
+                             cache_max_bytes=cache_max_bytes, **extra)
             # A tag moved between the key's resolution and the pull: the result is not the key's input.
             same_input = resolved is not None and result.input_digest == resolved[1]
             if key is not None and same_input and result.layer_blob is not None and staged is not None \
@@ -271,7 +272,7 @@ def convert_reusing(
                 staged.unlink(missing_ok=True)
         return result
     finally:
-        # convert()'s pull adds input blobs without trimming; one pass at the end keeps the host's bound.
+        # The pull trims as it adds, but never a blob used in the last minutes; those may have aged since.
         try:
             cache.blobs.trim()
         except OSError as exc:
