@@ -314,6 +314,7 @@ class Bench:
         two = _figures.median([b.seconds for b in results if b.workers == 2])
         use = {n: _figures.median([b.utilisation for b in results if b.workers == n]) for n in (1, 2)}
         cpu = {n: _figures.median([b.machine_busy for b in results if b.workers == n]) for n in (1, 2)}
+        roles = _cpu_per_role([b for b in results if b.workers == 1])
         return Figure(5, f"{count} small conversions: 1 worker / 2 workers", None if failed else
                       _figures.ratio(one, two), "×", SPEEDUP_TARGET, "at least",
                       detail=f"1 worker {one:.2f} s, 2 workers {two:.2f} s (two `celery worker` processes, -c 1 "
@@ -321,9 +322,18 @@ class Bench:
                              f"workers busy converting {use[1]:.0%} (1) and {use[2]:.0%} (2) of their wall time; "
                              f"the machine's {os.cpu_count()} CPUs {cpu[1]:.0%} (1) and {cpu[2]:.0%} (2) busy: the "
                              f"speed-up cannot exceed what one worker leaves idle ({_figures.ratio(1.0, cpu[1]):.2f}× "
-                             f"at most)",
+                             f"at most); CPU per conversion with 1 worker: "
+                             + ", ".join(f"{role} {1000 * sec:.0f} ms" for role, sec in roles.items())
+                             + f" = {1000 * sum(roles.values()):.0f} ms for {1000 * one / count:.0f} ms of wall time",
                       error="; ".join(c.why() for c in failed[:3]) + (f" (+{len(failed) - 3} more)"
                                                                        if len(failed) > 3 else ""))
+
+
+def _cpu_per_role(batches: Sequence[Batch]) -> dict[str, float]:
+    """Median CPU seconds per conversion of each role over these batches, largest first."""
+    names = {role for b in batches for role in b.cpu_per_conversion}
+    medians = {role: _figures.median([b.cpu_per_conversion.get(role, 0.0) for b in batches]) for role in names}
+    return dict(sorted(medians.items(), key=lambda item: -item[1]))
 
 
 def _cpu_jiffies() -> tuple[int, int]:
