@@ -6,7 +6,13 @@ import logging
 import pkgutil
 
 from celery import Celery
-from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    celeryd_after_setup,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from kombu import Exchange, Queue
 
 from common import db, logs
@@ -92,6 +98,18 @@ def _preload_pipeline(**_: object) -> None:
 
     for module in pkgutil.iter_modules(worker.pipeline.__path__, "worker.pipeline."):
         importlib.import_module(module.name)
+
+
+@celeryd_after_setup.connect
+def _warm_memos(instance: object = None, **_: object) -> None:
+    # Also before the pool forks (Celery sends this just before its bootsteps start), and after logging is set
+    # up; only where conversions run (a maintenance-only worker never builds an EIF).
+    queues = getattr(getattr(getattr(instance, "app", None), "amqp", None), "queues", None)
+    consumed = getattr(queues, "consume_from", None) or queues or {}
+    if QUEUE in consumed:
+        from worker.pipeline.warm import warm
+
+        warm(get_settings().blobs_dir)
 
 
 @worker_init.connect

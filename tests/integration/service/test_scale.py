@@ -89,11 +89,14 @@ def test_scale_maintenance_worker_never_converts_and_a_convert_worker_does(scale
     assert _rows(s, [build_id])[build_id].conversion_state == "QUEUED"
     assert redis.llen("convert") == 1
     assert f"Task {CONVERT}[" not in maintenance.log.read_text(errors="replace")
+    # Nor does it spend memory on the conversion memos (worker.pipeline.warm), which a convert worker fills.
+    assert "conversion memos warmed" not in maintenance.log.read_text(errors="replace")
 
     workers.append(start_worker(s, f"conv{uuid.uuid4().hex[:6]}", queues=QUEUE))
     row = _wait_terminal(s, [build_id], timeout=180)[build_id]
     assert row.conversion_state == "SUCCEEDED", (row.error_code, row.error_message)
     assert redis.llen("convert") == 0
+    assert "conversion memos warmed" in workers[-1].log.read_text(errors="replace")
 
 
 def test_scale_one_accounts_backlog_does_not_starve_another(scale, make_tenant, registry, workers):

@@ -49,6 +49,9 @@ def test_worker_converts_and_records_the_engines_pcrs(flow: Flow, registry, tmp_
     assert (nitro["pcr0"], nitro["pcr1"], nitro["pcr2"]) == (
         direct.measurements.pcr0, direct.measurements.pcr1, direct.measurements.pcr2)
     assert conv["eif_sha256"] == direct.eif_sha256
+    # The worker measured its host's kernel/cmdline/ramdisk 0 and deflated the kernel before its pool forked
+    # (worker.pipeline.warm): what it built from those memos is what a fresh process builds.
+    assert f"conversion memos warmed from {s.blobs_dir}" in flow.worker.log.read_text(errors="replace")
 
     task = ok(client.patch(f"/v1/tasks/{build['pending_task_id']}", json={"status": "APPROVED"},
                            headers=tenant.headers()), TaskSchema)
