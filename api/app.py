@@ -10,10 +10,16 @@ import uuid
 from flask import Flask, Response, g, request, send_from_directory
 from prometheus_client import Counter, Histogram
 
+from api import prepared
 from api.context import close_db
 from api.errors import EnvelopeApi, envelope, register_error_handlers
+from api.limits import APP_STATEMENTS
 from api.routes import accounts, apps, builds, health, sys, tasks
+from api.services.builds import GET_STATEMENT
 from common import logs
+from common.accounts import ROLE_STATEMENT
+from common.buildstore import INSERT_STATEMENTS
+from common.db import engine_for
 from common.settings import Settings, get_settings
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -21,6 +27,9 @@ REQUESTS = Counter("nitroconv_api_requests_total", "API requests", ["method", "e
 LATENCY = Histogram("nitroconv_api_request_seconds", "API request latency", ["method", "endpoint"])
 _access = logging.getLogger("nitroconv.access")
 SWAGGER_UI_STATIC = "/v1/docs/static"
+# What every submission (the caller's role, its app under the account lock, the insert) and every poll of one
+# build runs: prepared once per connection (api/prepared.py).
+_HOT_STATEMENTS = (ROLE_STATEMENT, *APP_STATEMENTS, *INSERT_STATEMENTS.values(), GET_STATEMENT)
 
 
 def _nul_in(value: object, path: str) -> str | None:
@@ -116,4 +125,5 @@ def create_app(settings: Settings | None = None) -> Flask:
                 logs.unbind(token)
 
     app.teardown_appcontext(close_db)
+    prepared.install(engine_for(app.extensions["nitroconv.settings"].database_url), _HOT_STATEMENTS)
     return app

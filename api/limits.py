@@ -61,6 +61,7 @@ _APP_COLUMNS = (App.id, App.account_id, App.name, App.description, App.default_b
 _APP = (select(*_APP_COLUMNS).join(Account, Account.id == App.account_id)
         .where(App.id == bindparam("app_id"), App.account_id == bindparam("account_id")))
 _APP_LOCKING_ACCOUNT = _APP.with_for_update(of=Account)
+APP_STATEMENTS = (_APP, _APP_LOCKING_ACCOUNT)
 
 
 def lock_account_app(session: Session, account_id: uuid.UUID, app_id: object, *, lock: bool) -> App | None:

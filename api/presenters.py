@@ -1,9 +1,14 @@
-"""Records to response dicts (the seed's Build, Task, App shapes); schemas then dump and document them."""
+"""Records to response dicts (the seed's Build, Task, App shapes); schemas dump (the Build's: see build_view) and
+document them."""
 from __future__ import annotations
 
 import math
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import Row
+
+from api.schemas.builds import BootCheckSchema, ConverterOptionsSchema
 from common.models import App, Build, Task
 from common.status import ApprovalStatus
 
@@ -24,55 +29,86 @@ def _auth_echo(username: str | None, sealed: bytes | None) -> dict[str, object] 
     return {"username": username, "password": REDACTED}
 
 
-_BOOT_CHECK_KEYS = ("ok", "seconds", "exec_seconds", "console_tail", "program_output", "exit_status", "reason")
+def _str(value: object) -> str | None:
+    return str(value) if value is not None else None
+
+
+def _strings(value: object) -> list[str | None]:
+    return [_str(item) for item in value or ()]  # type: ignore[attr-defined]
+
+
+# The parts stored as JSON go through their own schemas: their values are whatever the row holds.
+_BOOT_CHECK = BootCheckSchema()
+_OPTIONS = ConverterOptionsSchema()
+_OPTION_KINDS = {"add_ccm_ca_certificates": bool, "allow_cmdline_args": bool, "debug": bool, "entrypoint": list,
+                 "entrypoint_args": list, "env_vars": list, "mutable_env_vars": list, "java_mode": str}
+
+
+def _is_dumped(key: str, value: object) -> bool:
+    kind = _OPTION_KINDS.get(key)
+    if kind is list:
+        return type(value) is list and all(type(item) is str for item in value)
+    return kind is not None and (type(value) is kind or (kind is str and value is None))
+
+
+def _options(stored: dict[str, object]) -> dict[str, object]:
+    # What the API stored itself is already the dump (declared keys, exact types): skip the schema for it.
+    if all(_is_dumped(key, value) for key, value in stored.items()):
+        return stored
+    return _OPTIONS.dump(stored)
 
 
 def _boot_check(stored: dict[str, object] | None) -> dict[str, object] | None:
     # Only the documented keys: the stored JSON may gain fields the API has not promised.
-    return {k: stored.get(k) for k in _BOOT_CHECK_KEYS} if stored is not None else None
+    if stored is None:
+        return None
+    return _BOOT_CHECK.dump({key: stored.get(key) for key in _BOOT_CHECK.fields})
 
 
-def build_view(build: Build, app: App) -> dict[str, object]:
+def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> dict[str, object]:
+    """The Build exactly as `BuildSchema().dump` gives it (JSON types, ids as strings), so the routes can send
+    it without a dump; tests/unit/api/test_presenters.py holds the two equal."""
     options = dict(build.converter_options)
     attributes: dict[str, object] = {}
     if build.pcr0 is not None:
-        nitro: dict[str, object] = {"hash_algorithm": "Sha384", "pcr0": build.pcr0, "pcr1": build.pcr1,
-                                    "pcr2": build.pcr2}
+        nitro: dict[str, object] = {"hash_algorithm": "Sha384", "pcr0": build.pcr0, "pcr1": _str(build.pcr1),
+                                    "pcr2": _str(build.pcr2)}
         if build.pcr8:
             nitro["pcr8"] = build.pcr8
         attributes["nitro_enclave"] = nitro
     error = ({"code": build.error_code, "message": build.error_message or ""}
              if build.error_code else None)
+    created_at = _epoch(build.created_at)
     return {
-        "build_id": build.id,
+        "build_id": str(build.id),
         "docker_info": {
             "docker_image_name": build.output_image_name,
             "docker_version": build.docker_version,
             "docker_image_sha": build.output_digest,
             "docker_image_size": math.ceil(build.output_size / (1 << 20)) if build.output_size is not None else None,
-            "exposed_ports": [{"port": int(p[0]), "protocol": str(p[1]).capitalize()}  # type: ignore[call-overload]
+            "exposed_ports": [{"port": int(p[0]), "protocol": str(p[1]).capitalize()}  # type: ignore[arg-type]
                               for p in build.exposed_ports],
         },
-        "created_at": _epoch(build.created_at),
+        "created_at": created_at,
         "updated_at": _epoch(build.updated_at),
-        "app_id": build.app_id,
-        "app_name": app.name,
+        "app_id": str(build.app_id),
+        "app_name": app_name,
         "status": {"status": build.approval_status, "status_updated_at": _epoch(build.approval_updated_at)},
-        "deployment_status": {"status": "UNDEPLOYED", "status_updated_at": _epoch(build.created_at)},
+        "deployment_status": {"status": "UNDEPLOYED", "status_updated_at": created_at},
         "enclave_info": None,
         "attributes": attributes,
-        "app_description": app.description,
+        "app_description": app_description,
         "mem_size": build.mem_size,
         "threads": build.cpu_count,
         "advanced_settings": {
-            "entrypoint": list(options.get("entrypoint") or []),  # type: ignore[call-overload]
+            "entrypoint": _strings(options.get("entrypoint")),
             "allowCmdlineArgs": bool(options.get("allow_cmdline_args")),
-            "manifestEnv": list(options.get("env_vars") or []),  # type: ignore[call-overload]
-            "mutableEnv": list(options.get("mutable_env_vars") or []),  # type: ignore[call-overload]
-            "java_runtime": options.get("java_mode"),
+            "manifestEnv": _strings(options.get("env_vars")),
+            "mutableEnv": _strings(options.get("mutable_env_vars")),
+            "java_runtime": _str(options.get("java_mode")),
         },
         "build_name": None,
-        "pending_task_id": build.pending_task_id,
+        "pending_task_id": _str(build.pending_task_id),
         "configs": {},
         "marketplace_build_id": None,
         "launch_hint": None,
@@ -89,7 +125,7 @@ def build_view(build: Build, app: App) -> dict[str, object]:
             "started_at": epoch(build.started_at),
             "finished_at": epoch(build.finished_at),
             "attempts": build.attempts,
-            "warnings": list(build.warnings),
+            "warnings": _strings(build.warnings),
             "cancel_requested": build.cancel_requested,
             "boot_check": _boot_check(build.boot_check),
             "reused_from": build.reused_from,
@@ -98,7 +134,7 @@ def build_view(build: Build, app: App) -> dict[str, object]:
                                 "auth_config": _auth_echo(build.input_username, build.input_credentials)},
                 "output_image": {"name": build.output_image_name,
                                  "auth_config": _auth_echo(build.output_username, build.output_credentials)},
-                "converter_options": options,
+                "converter_options": _options(options),
             },
         },
     }

@@ -49,13 +49,14 @@ def create_account(session: Session, name: str, manager: User) -> Account:
     return account
 
 
-# Built once: every API request runs it, and a prebuilt statement skips SQLAlchemy's per-call cache key work.
-_ROLE = select(Membership.role).where(Membership.user_id == bindparam("user_id"),
-                                      Membership.account_id == bindparam("account_id"))
+# Built once: every API request runs it, and a prebuilt statement skips SQLAlchemy's per-call cache key work
+# (the API also prepares it on each connection: api/prepared.py).
+ROLE_STATEMENT = select(Membership.role).where(Membership.user_id == bindparam("user_id"),
+                                              Membership.account_id == bindparam("account_id"))
 
 
 def role_in(session: Session, user_id: uuid.UUID, account_id: uuid.UUID) -> Role | None:
-    role = session.connection().execute(_ROLE, {"user_id": user_id, "account_id": account_id}).scalar_one_or_none()
+    role = session.connection().execute(ROLE_STATEMENT, {"user_id": user_id, "account_id": account_id}).scalar_one_or_none()
     return Role(role) if role else None
 
 

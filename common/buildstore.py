@@ -168,8 +168,9 @@ def _insert_statement(*, keyed: bool, quota: bool) -> Executable:
     return stmt.returning(*_SERVER_SET)
 
 
-_INSERTS = {(keyed, quota): _insert_statement(keyed=keyed, quota=quota)
-            for keyed in (False, True) for quota in (False, True)}
+# The four forms of the build insert, built once (the API prepares them on each connection: api/prepared.py).
+INSERT_STATEMENTS = {(keyed, quota): _insert_statement(keyed=keyed, quota=quota)
+                     for keyed in (False, True) for quota in (False, True)}
 
 
 def count_unfinished(session: Session, account_id: uuid.UUID, cap: int) -> int:
@@ -200,7 +201,7 @@ def insert_build(session: Session, new: NewBuild, quota: int | None = None) -> t
         "approval_status": ApprovalStatus.PENDING.value, "conversion_state": ConversionState.QUEUED.value,
         "progress": 0.0, "attempts": 0, "cancel_requested": False, "exposed_ports": [], "warnings": [],
     }
-    stmt = _INSERTS[(new.idempotency_key is not None, quota is not None)]
+    stmt = INSERT_STATEMENTS[(new.idempotency_key is not None, quota is not None)]
     stamped = session.connection().execute(stmt, {**row, "quota": quota} if quota is not None else row).one_or_none()
     if stamped is not None:
         created_at, updated_at, approval_updated_at = stamped

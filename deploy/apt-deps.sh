@@ -9,7 +9,8 @@ packages=(
   qemu-system-x86               # boot checks
   docker.io                     # the test oracle (dockerd); never needed to convert
   docker-registry               # local registry for tests and the demo
-  apache2-utils                 # htpasswd for the basic-auth registry in tests
+  apache2-utils                 # htpasswd for the basic-auth registry in tests; ab for bench/api_load.py
+  nghttp2-client                # h2load: bench/api_load.py's paced phase
   skopeo                        # independent OCI client used as a cross-check in tests
   debootstrap                   # bench image
   postgresql redis-server       # the system of record and the broker

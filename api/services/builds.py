@@ -6,10 +6,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import ColumnElement, Row, Table, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from api.limits import lock_account_app
@@ -127,46 +128,54 @@ def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UU
     return Submitted(build, app, created)
 
 
-def get(session: Session, account_id: uuid.UUID, build_id: uuid.UUID) -> tuple[Build, App]:
-    row = session.execute(
-        select(Build, App).join(App, App.id == Build.app_id)
-        .where(Build.id == build_id, Build.account_id == account_id)).one_or_none()
+# A Build as the routes present it: its row and its app's name and description, read with Core (no ORM objects:
+# a poller lists many builds many times a second).
+_BUILDS: Table = Build.__table__  # type: ignore[assignment]
+_UNSHOWN = {"account_id", "created_by", "idempotency_key", "request_fingerprint", "approval_reason", "lease_owner",
+            "lease_expires_at", "enqueued_at", "not_before", "claimed_at"}
+_VIEW = select(*(c for c in _BUILDS.c if c.key not in _UNSHOWN), App.name.label("app_name"),
+               App.description.label("app_description")).join(App, App.id == _BUILDS.c.app_id)
+GET_STATEMENT = _VIEW.where(_BUILDS.c.id == bindparam("build_id"), _BUILDS.c.account_id == bindparam("account_id"))
+
+
+def get(session: Session, account_id: uuid.UUID, build_id: uuid.UUID) -> Row[Any]:
+    """The build's row with `app_name` and `app_description`."""
+    row = session.connection().execute(GET_STATEMENT, {"build_id": build_id, "account_id": account_id}).one_or_none()
     if row is None:
         raise NotFound("no such build")
-    return row[0], row[1]
+    return row
 
 
-_SORT = {"created_at": Build.created_at, "updated_at": Build.updated_at, "status": Build.approval_status,
-         "app_name": App.name}
+_SORT = {"created_at": _BUILDS.c.created_at, "updated_at": _BUILDS.c.updated_at,
+         "status": _BUILDS.c.approval_status, "app_name": App.name}
 
 
 def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
-                ) -> tuple[list[tuple[Build, App]], int, int]:
-    """(page of builds, total in account, total matching the filters)."""
-    base = and_(Build.account_id == account_id)
-    filters = [base]
+                ) -> tuple[Sequence[Row[Any]], int, int]:
+    """(page of builds as `get` gives them, total in account, total matching the filters)."""
+    filters: list[ColumnElement[bool]] = []
     if q.get("status"):
-        filters.append(Build.approval_status == q["status"])
+        filters.append(_BUILDS.c.approval_status == q["status"])
     if q.get("app_id"):
-        filters.append(Build.app_id == q["app_id"])
+        filters.append(_BUILDS.c.app_id == q["app_id"])
     if q.get("docker_image_name"):
-        filters.append(Build.output_image_name == q["docker_image_name"])
+        filters.append(_BUILDS.c.output_image_name == q["docker_image_name"])
     key, _, direction = str(q["sort_by"]).partition(":")
     column = _SORT[key]
     order = column.asc() if direction == "ASC" else column.desc()
-    total = session.execute(select(func.count()).select_from(Build).where(base)).scalar_one()
-    filtered = session.execute(
-        select(func.count()).select_from(Build).join(App, App.id == Build.app_id).where(*filters)).scalar_one()
-    rows = session.execute(
-        select(Build, App).join(App, App.id == Build.app_id).where(*filters)
-        .order_by(order, Build.id).limit(int(q["limit"])).offset(int(q["offset"]))  # type: ignore[call-overload]
-    ).all()
-    return [(r[0], r[1]) for r in rows], total, filtered
+    conn = session.connection()
+    mine = _BUILDS.c.account_id == account_id
+    # Both counts in one scan of the account's builds (every build has its app: no join needed to count).
+    matching = func.count().filter(and_(*filters)) if filters else func.count()
+    total, filtered = conn.execute(select(func.count(), matching).select_from(_BUILDS).where(mine)).one()
+    rows = conn.execute(_VIEW.where(mine, *filters).order_by(order, _BUILDS.c.id)
+                        .limit(int(q["limit"])).offset(int(q["offset"]))).all()  # type: ignore[call-overload]
+    return rows, total, filtered
 
 
 def cancel(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id: uuid.UUID) -> bool:
     """Cancel the conversion. True when it is already CANCELLED, False when a worker will honour it."""
-    build, _ = get(session, account_id, build_id)
+    build = get(session, account_id, build_id)
     state = ConversionState(build.conversion_state)
     if state in CONVERSION_TERMINAL:
         raise Conflict(f"the conversion already ended ({state.value})", code="invalid_transition")
