@@ -122,9 +122,9 @@ class Api:
         self.client = Client(url, str(token), timeout=60)
         self.app_id = str(self.client.create_app({"name": f"bench-{secrets.token_hex(3)}"})["app_id"])
 
-    def submit(self, input_ref: str, output_ref: str) -> str:
+    def submit(self, input_ref: str, output_ref: str, app_id: str | None = None) -> str:
         build = self.client.convert({
-            "request": {"app_id": self.app_id, "input_image": {"name": input_ref},
+            "request": {"app_id": app_id or self.app_id, "input_image": {"name": input_ref},
                         "output_image": {"name": output_ref}, "converter_options": {}},
             "nitro_enclaves_options": {"cpu_count": 2},
         })
@@ -149,12 +149,15 @@ class Api:
             time.sleep(_poll_interval(elapsed))
 
     def convert_all(self, pairs: Sequence[tuple[str, str]], timeout: float = 900) -> tuple[float, list[Conversion]]:
-        """Submit every (input, output) at once, then poll the app's builds until all ended: (wall s, results)."""
+        """Submit every (input, output) at once, then poll the app's builds until all ended: (wall s, results).
+
+        The batch gets an app of its own, so each poll lists its builds only, not every earlier batch's too."""
+        app_id = str(self.client.create_app({"name": f"bench-batch-{secrets.token_hex(3)}"})["app_id"])
         start = time.perf_counter()
-        ids = {self.submit(src, dst): dst for src, dst in pairs}
+        ids = {self.submit(src, dst, app_id): dst for src, dst in pairs}
         ended: dict[str, Conversion] = {}
         while True:
-            listing = self.client.list_builds(limit=1000, app_id=self.app_id)
+            listing = self.client.list_builds(limit=1000, app_id=app_id)
             elapsed = time.perf_counter() - start
             items = listing.get("items")
             for build in items if isinstance(items, list) else []:
