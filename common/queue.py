@@ -10,7 +10,6 @@ import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from celery import Celery
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -32,24 +31,6 @@ def broker_transport_options(visibility_timeout: int) -> dict[str, object]:
         "health_check_interval": 25,
         "retry_on_timeout": True,
     }
-
-
-@functools.cache
-def producer(redis_url: str, visibility_timeout: int) -> Celery:
-    """A Celery app used only to publish; it never imports or runs worker code."""
-    app = Celery("nitroconv-producer", broker=redis_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        broker_transport_options=broker_transport_options(visibility_timeout),
-        broker_connection_timeout=3,
-        # The row is already committed: a failed publish is covered by the sweeper, so fail fast
-        # rather than hold the HTTP request through kombu's default retry schedule.
-        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
-                                   "interval_max": 0.2},
-    )
-    return app
 
 
 # Task protocol 2's third body element: no callbacks, errbacks, chain or chord.

@@ -2,6 +2,7 @@
 straight through the store, and threads started at once for races."""
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from celery import Celery
 from marshmallow import Schema
 
 from api.schemas.builds import BuildSchema
@@ -16,6 +18,7 @@ from api.schemas.common import ErrorSchema
 from common import buildstore
 from common.db import session_scope
 from common.models import Account, App
+from common.queue import broker_transport_options
 from common.settings import Settings
 from common.status import ConversionState
 
@@ -114,3 +117,13 @@ def race(target: Callable[[], None], threads: int, timeout: float = 60) -> None:
         t.start()
     for t in started:
         t.join(timeout=timeout)
+
+
+@functools.cache
+def celery_producer(redis_url: str, visibility_timeout: int) -> Celery:
+    """A publish-only Celery app, as a client other than the API would send tasks: the reference the API's own
+    hand-built conversion message is compared with (common.queue), and a way to send a sweep."""
+    app = Celery("nitroconv-test-producer", broker=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
+                    broker_transport_options=broker_transport_options(visibility_timeout))
+    return app

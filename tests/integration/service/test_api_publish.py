@@ -11,11 +11,12 @@ from datetime import datetime
 import pytest
 from redis import Redis
 
-from common.queue import enqueue_conversion, producer
+from common.queue import enqueue_conversion
 from common.settings import Settings
 from common.tasknames import CONVERT, QUEUE
 
 from .conftest import CeleryProcess, settings_for_own_worker, start_worker
+from .helpers import celery_producer
 
 pytestmark = pytest.mark.integration
 # Per message or per producer process: a fresh delivery tag, the producer's reply queue, the eta's clock.
@@ -40,7 +41,7 @@ def test_publish_message_is_what_celery_send_task_writes(service_settings: Setti
     build_id = str(uuid.uuid4())
     enqueue_conversion(service_settings.redis_url, service_settings.visibility_timeout, build_id, countdown=countdown)
     ours = _published(redis)
-    producer(service_settings.redis_url, service_settings.visibility_timeout).send_task(
+    celery_producer(service_settings.redis_url, service_settings.visibility_timeout).send_task(
         CONVERT, args=[build_id], queue=QUEUE, task_id=build_id, countdown=countdown, declare=[])
     celerys = _published(redis)
     assert _without_varying(ours) == _without_varying(celerys)

@@ -13,13 +13,12 @@ from api.app import create_app
 from api.schemas.builds import BuildSchema
 from common.db import session_scope
 from common.models import Build
-from common.queue import producer
 from common.settings import Settings
 from common.tasknames import CONVERT, MAINTENANCE, QUEUE, SWEEP
 from tests.fixtures.images import push_test_image
 
 from .conftest import CeleryProcess, settings_for_own_worker, start_worker
-from .helpers import ok
+from .helpers import celery_producer, ok
 
 pytestmark = pytest.mark.integration
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -79,7 +78,7 @@ def test_scale_maintenance_worker_never_converts_and_a_convert_worker_does(scale
     build_id = _submit(client, tenant, app_id, f"{registry.host}/{image.repo}:1", f"{registry.host}/scale/q-out:1")
     assert QUEUE == "convert" and redis.llen("convert") == 1  # the queue of Nitro hosts, by that name
     # The maintenance worker is alive and consuming its queue: it runs a sweep sent there...
-    producer(s.redis_url, s.visibility_timeout).send_task(SWEEP, queue=MAINTENANCE)
+    celery_producer(s.redis_url, s.visibility_timeout).send_task(SWEEP, queue=MAINTENANCE)
     deadline = time.monotonic() + 30
     while f"Task {SWEEP}[" not in maintenance.log.read_text(errors="replace") and time.monotonic() < deadline:
         time.sleep(0.2)
