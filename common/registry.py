@@ -239,13 +239,21 @@ class RegistryClient:
         return f"RegistryClient(host={self.host!r}, user={user!r})"
 
     # --- pull -------------------------------------------------------------------------------------
-    def resolve(self, reference: Reference | str, platform: Platform = LINUX_AMD64) -> ResolvedImage:
-        """Resolve a reference to a verified manifest and config for `platform` (indexes walked, bounded)."""
+    def resolve(self, reference: Reference | str, platform: Platform = LINUX_AMD64, *,
+                top: FetchedManifest | None = None) -> ResolvedImage:
+        """Resolve a reference to a verified manifest and config for `platform` (indexes walked, bounded).
+
+        `top`: what `fetch_manifest` returned for this reference earlier (the caller resolved the tag to decide
+        something): it is used as is, so what is resolved is exactly what the caller saw, one round trip fewer."""
         ref = parse_reference(reference) if isinstance(reference, str) else reference
         if ref.api_host != self.host:
             raise InvalidReference(f"{ref} is not on registry {self.host}", details={"reference": str(ref)})
         repo = ref.repository
-        top = self.fetch_manifest(repo, ref.digest or ref.manifest_reference)
+        if top is None:
+            top = self.fetch_manifest(repo, ref.digest or ref.manifest_reference)
+        elif ref.digest is not None and top.digest != ref.digest:
+            raise InvalidManifest(f"{ref} was given with the manifest {top.digest}",
+                                  details={"reference": str(ref), "digest": str(top.digest)})
         chosen = top
         if isinstance(top.document, Index):
             found = self._select(repo, top.document, platform, depth=1)

@@ -68,6 +68,21 @@ def test_registry_pull_by_digest(registry, repo_name, tmp_path):
         assert str(resolved.manifest_digest) == image.manifest_digest
 
 
+def test_registry_resolve_uses_a_manifest_fetched_before(registry, repo_name):
+    """`top` is what the caller fetched for the tag: resolved as is, even after the tag moved; a digest
+    reference must match it."""
+    first = push_test_image(registry, repo_name, "v1")
+    with client_for(registry) as client:
+        top = client.fetch_manifest(repo_name, "v1")
+        second = push_test_image(registry, repo_name, "v1", [make_tar({"moved": b"x\n"})])
+        assert second.manifest_digest != first.manifest_digest
+        resolved = client.resolve(f"{registry.host}/{repo_name}:v1", top=top)
+        assert str(resolved.digest) == first.manifest_digest
+        assert str(client.resolve(f"{registry.host}/{repo_name}:v1").digest) == second.manifest_digest
+        with pytest.raises(InvalidManifest):
+            client.resolve(f"{registry.host}/{repo_name}@{second.manifest_digest}", top=top)
+
+
 def test_registry_pull_unknown_tag_is_manifest_unknown(registry, repo_name):
     with client_for(registry) as client, pytest.raises(ManifestUnknown) as exc:
         client.resolve(f"{registry.host}/{repo_name}:missing")

@@ -24,7 +24,7 @@ from common.launch import LaunchSpec, launch_spec, parse_env
 from common.layercompress import Compression, parse_compression
 from common.layers import Limits
 from common.options import check_java_mode
-from common.registry import Credentials
+from common.registry import Credentials, FetchedManifest
 from common.shim import SHIM_DIR, through_shim
 from common.signing import EifSigner, load_signer
 from worker.pipeline.build import EifIdentity, build_eif, docker_info
@@ -192,6 +192,7 @@ def convert(
     output_compression: Compression | str = Compression.GZIP,
     stream_push: bool = True,
     cache_max_bytes: int = 0,
+    input_manifest: FetchedManifest | None = None,
 ) -> ConvertResult:
     """Convert one image. Everything written goes under `scratch` (emptied at the end) or the blob cache.
 
@@ -213,6 +214,9 @@ def convert(
 
     `cache_max_bytes` bounds the blob cache (0: unbounded): each layer the pull adds evicts the least recently
     used blobs beyond it, so the host's disk holds at most the bound or the image being converted.
+
+    `input_manifest`: the input registry's answer for `spec.input_ref`, fetched by the caller (the reuse cache's
+    key): that manifest is the one converted, without asking the registry again.
     """
     _check_blobs(blobs_dir)
     runtime = runtime_dir or default_runtime_dir()
@@ -255,6 +259,7 @@ def convert(
             spool_dir=scratch / "spool",
             limits=limits or DEFAULT_LIMITS,
             progress=lambda f: on_stage(Stage.PULLING, _STAGE_END[Stage.PULLING] * f),
+            manifest=input_manifest,
         )
 
         stage(Stage.BUILDING)

@@ -21,7 +21,7 @@ from common.hostpolicy import HostPolicy
 from common.layers import ApplyState, Limits, apply_layer
 from common.oci import Descriptor, load_json_object, parse_image_config
 from common.reference import DaemonImage, Reference, parse_image_source
-from common.registry import Credentials, RegistryClient
+from common.registry import Credentials, FetchedManifest, RegistryClient
 
 Progress = Callable[[float], None]
 
@@ -56,13 +56,16 @@ def pull(
     spool_dir: Path,
     limits: Limits,
     progress: Progress,
+    manifest: FetchedManifest | None = None,
 ) -> PulledImage:
-    """Apply the image named by `source` into `tree`; `docker-daemon:NAME` reads from the local engine."""
+    """Apply the image named by `source` into `tree`; `docker-daemon:NAME` reads from the local engine.
+
+    `manifest`: the registry's answer for `source`, fetched earlier by the caller: what it names is pulled."""
     parsed = parse_image_source(source)
     if isinstance(parsed, DaemonImage):
         return _pull_daemon(parsed, tree, spool_dir=spool_dir, limits=limits, progress=progress)
     return _pull_registry(parsed, tree, credentials=credentials, insecure_registries=insecure_registries,
-                          cache=cache, spool_dir=spool_dir, limits=limits, progress=progress)
+                          cache=cache, spool_dir=spool_dir, limits=limits, progress=progress, manifest=manifest)
 
 
 def _pull_registry(
@@ -75,12 +78,13 @@ def _pull_registry(
     spool_dir: Path,
     limits: Limits,
     progress: Progress,
+    manifest: FetchedManifest | None = None,
 ) -> PulledImage:
     # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
     policy = HostPolicy.allowing(insecure_registries)
     state = ApplyState()
     with RegistryClient.for_reference(ref, credentials=credentials, policy=policy) as client:
-        image = client.resolve(ref)
+        image = client.resolve(ref, top=manifest)
         total = max(image.compressed_size, 1)
         done = 0
         with _Prefetch(client, image.repository, cache, image.layers) as prefetch:

@@ -32,7 +32,7 @@ from common.memo import ProcessMemo, file_identity
 from common.oci import Descriptor
 from common.options import check_java_mode
 from common.reference import Reference, parse_image_source
-from common.registry import RegistryClient
+from common.registry import FetchedManifest, RegistryClient
 from common.signing import load_signer
 from worker.pipeline.convert import (
     BLOB_FILES,
@@ -88,19 +88,19 @@ def _file_sha256(path: Path) -> str | None:
     return found
 
 
-def resolve_input_digest(spec: ConvertSpec) -> tuple[Reference, str] | None:
-    """The input's manifest digest as its registry serves it to this caller; None for a local engine image.
+def resolve_input(spec: ConvertSpec) -> tuple[Reference, FetchedManifest] | None:
+    """The input's manifest as its registry serves it to this caller; None for a local engine image.
 
     Asked every time with the caller's credentials: a caller who cannot read the input fails here
-    exactly as the pull would have.
+    exactly as the pull would have. The pull then converts this very manifest (a tag that moves meanwhile
+    does not change what is converted, so the key stays true to the result).
     """
     ref = parse_image_source(spec.input_ref)
     if not isinstance(ref, Reference):
         return None
     policy = HostPolicy.allowing(spec.insecure_registries)
     with RegistryClient.for_reference(ref, credentials=spec.input_credentials, policy=policy) as client:
-        fetched = client.fetch_manifest(ref.repository, ref.digest or ref.manifest_reference)
-    return ref, str(fetched.digest)
+        return ref, client.fetch_manifest(ref.repository, ref.digest or ref.manifest_reference)
 
 
 def conversion_key(spec: ConvertSpec, input_ref: Reference, input_digest: str, *, blobs_dir: Path,
@@ -238,9 +238,9 @@ def convert_reusing(
     cache = ConversionCache(cache_dir, max_bytes=cache_max_bytes)
     runtime = runtime_dir or default_runtime_dir()
     key = None
-    resolved = resolve_input_digest(spec) if _precheck(spec, blobs_dir, runtime, output_base) else None
+    resolved = resolve_input(spec) if _precheck(spec, blobs_dir, runtime, output_base) else None
     if resolved is not None:
-        key = conversion_key(spec, resolved[0], resolved[1], blobs_dir=blobs_dir, runtime_dir=runtime,
+        key = conversion_key(spec, resolved[0], str(resolved[1].digest), blobs_dir=blobs_dir, runtime_dir=runtime,
                              output_base=output_base, boot_check=boot_check, limits=limits, extra=extra)
     try:
         if key is not None and reuse:
@@ -257,9 +257,10 @@ def convert_reusing(
             result = convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
                              should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
                              boot_check=boot_check, output_base=output_base, keep_layer=staged,
-                             cache_max_bytes=cache_max_bytes, **extra)
-            # A tag moved between the key's resolution and the pull: the result is not the key's input.
-            same_input = resolved is not None and result.input_digest == resolved[1]
+                             cache_max_bytes=cache_max_bytes,
+                             input_manifest=resolved[1] if resolved is not None else None, **extra)
+            # The pull converted the manifest the key names; a result of any other input is not recorded.
+            same_input = resolved is not None and result.input_digest == str(resolved[1].digest)
             if key is not None and same_input and result.layer_blob is not None and staged is not None \
                     and staged.exists():
                 try:
@@ -291,7 +292,8 @@ def _store(cache: ConversionCache, key: str, result: ConvertResult, staged: Path
            build_id: str | None) -> None:
     blob = result.layer_blob
     assert blob is not None
-    cache.blobs.add_file(staged, Descriptor(blob.media_type, Digest.parse(blob.digest), blob.size))
+    # write_layer hashed these bytes as it wrote them; the registry checks whatever a later hit pushes.
+    cache.blobs.add_file(staged, Descriptor(blob.media_type, Digest.parse(blob.digest), blob.size), hashed=True)
     ref = output_reference(result.output_reference.rpartition("@")[0] or result.output_reference)
     m = result.measurements
     cache.save(key, {
