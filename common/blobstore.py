@@ -115,10 +115,13 @@ class BlobStore:
         staging.mkdir(parents=True, exist_ok=True)
         return staging / f"{uuid.uuid4().hex}.part"
 
-    def add_file(self, source: Path, descriptor: Descriptor) -> Path:
+    def add_file(self, source: Path, descriptor: Descriptor, *, hashed: bool = False) -> Path:
         """Move `source` into the store once its size and digest match `descriptor`; `source` is consumed.
 
         A mismatch raises `SizeMismatch`/`DigestMismatch` and removes `source`; nothing appears in the store.
+        `hashed`: the caller wrote `source` itself and computed the digest from the very bytes it wrote (the
+        converter's output layer), so only the size is checked: hashing it again would cost as much as a
+        small image's whole pull. Whatever is later pushed from the store is checked by the registry anyway.
         """
         source = Path(source)
         try:
@@ -126,11 +129,7 @@ class BlobStore:
             if size != descriptor.size:
                 raise SizeMismatch(f"{source.name} is {size} bytes, the descriptor says {descriptor.size}",
                                    details={"expected": descriptor.size, "actual": size})
-            hasher = new_hasher(descriptor.digest.algorithm)
-            with source.open("rb") as f:
-                while chunk := f.read(_CHUNK):
-                    hasher.update(chunk)
-            if hasher.hexdigest() != descriptor.digest.hex:
+            if not hashed and _hex_digest(source, descriptor.digest.algorithm) != descriptor.digest.hex:
                 raise DigestMismatch(f"{source.name} does not hash to {descriptor.digest}",
                                      details={"expected": str(descriptor.digest)})
             dest = self.path(descriptor.digest)
@@ -152,11 +151,7 @@ class BlobStore:
         path = self.get(descriptor)
         if path is None:
             return False
-        hasher = new_hasher(descriptor.digest.algorithm)
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                hasher.update(chunk)
-        if hasher.hexdigest() == descriptor.digest.hex:
+        if _hex_digest(path, descriptor.digest.algorithm) == descriptor.digest.hex:
             return True
         path.unlink(missing_ok=True)
         return False
@@ -340,3 +335,11 @@ def open_layer(path: Path, media_type: str | Compression, diff_id: Digest, *, ma
                                        details={"media_type": media_type})
         compression = found
     return LayerReader(Path(path), compression, diff_id, max_bytes=max_bytes)
+
+
+def _hex_digest(path: Path, algorithm: str) -> str:
+    hasher = new_hasher(algorithm)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()

@@ -13,7 +13,7 @@ import pytest
 
 from common.blobstore import BlobStore
 from common.digest import Digest
-from common.errors import DigestMismatch
+from common.errors import DigestMismatch, SizeMismatch
 from common.oci import Descriptor
 
 KIB = 1024
@@ -96,6 +96,21 @@ def test_add_file_verifies_before_anything_appears(tmp_path: Path) -> None:
     staged.write_bytes(data)
     assert store.add_file(staged, desc).read_bytes() == data
     assert not staged.exists()
+
+
+def test_add_file_of_bytes_the_caller_hashed_checks_the_size_only(tmp_path: Path) -> None:
+    """`hashed=True` is for the converter's own output, whose digest was computed as it was written."""
+    store = BlobStore(tmp_path / "store")
+    data, desc = blob(4)
+    staged = store.staging_path()
+    staged.write_bytes(data[:-1])
+    with pytest.raises(SizeMismatch):
+        store.add_file(staged, desc, hashed=True)
+    assert not staged.exists() and store.get(desc) is None
+    staged = store.staging_path()
+    staged.write_bytes(data)
+    assert store.add_file(staged, desc, hashed=True).read_bytes() == data
+    assert store.verify(desc)
 
 
 def _worker(root: str, seed: int, rounds: int, max_bytes: int, out: multiprocessing.Queue) -> None:
