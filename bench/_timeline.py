@@ -38,3 +38,18 @@ def server_spans(database_url: str, build_id: str) -> list[tuple[str, float]]:
                                .where(BuildEvent.build_id == key, BuildEvent.machine == "conversion")
                                .order_by(BuildEvent.id)).all()
     return durations(created, [(str(s), at) for s, at in rows])
+
+
+def ended(database_url: str, build_ids: Sequence[str], terminal: frozenset[str]) -> dict[str, datetime]:
+    """When each of `build_ids` whose conversion has ended reached its terminal state (one query)."""
+    from sqlalchemy import select
+
+    from common.db import session_scope
+    from common.models import BuildEvent
+
+    keys = [uuid.UUID(b) for b in build_ids]
+    with session_scope(database_url) as session:
+        rows = session.execute(select(BuildEvent.build_id, BuildEvent.at)
+                               .where(BuildEvent.build_id.in_(keys), BuildEvent.machine == "conversion",
+                                      BuildEvent.to_state.in_(terminal))).all()
+    return {str(build_id): at for build_id, at in rows}
