@@ -9,7 +9,7 @@ from flask import g, request
 
 from api.context import db, settings
 from api.limits import check_rate
-from api.tokens import TokenIssuer
+from api.tokens import TokenClaims, TokenIssuer
 from common.accounts import RANK, Role, role_in
 from common.errors import Forbidden, Unauthenticated
 
@@ -55,14 +55,24 @@ def bearer_token() -> str:
     raise Unauthenticated("a bearer token is required")
 
 
+def caller() -> TokenClaims:
+    """The verified token's claims, the request counted against the caller's rate limit (once per request)."""
+    cached = g.get("claims")
+    if isinstance(cached, TokenClaims):
+        return cached
+    claims = issuer().verify(bearer_token())
+    s = settings()
+    check_rate(s.redis_url, f"{claims.user_id}:{claims.account_id}", s.rate_limit_per_minute)
+    g.claims = claims
+    return claims
+
+
 def principal() -> Principal:
     """The verified caller; the role is read from the database so a revoked membership takes effect at once."""
     cached = g.get("principal")
     if isinstance(cached, Principal):
         return cached
-    claims = issuer().verify(bearer_token())
-    s = settings()
-    check_rate(s.redis_url, f"{claims.user_id}:{claims.account_id}", s.rate_limit_per_minute)
+    claims = caller()
     role = role_in(db(), claims.user_id, claims.account_id) if claims.account_id else None
     found = Principal(user_id=claims.user_id, account_id=claims.account_id if role else None, role=role)
     g.principal = found

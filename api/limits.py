@@ -1,17 +1,16 @@
 """Abuse limits of the API: a fixed-window rate limit per caller (in Redis) and the per-account quota."""
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
 import time
 import uuid
 
-from redis import Redis
-from redis.commands.core import Script
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from api.redisconn import command
 from common.errors import RateLimited
 from common.models import Account, App
 
@@ -19,19 +18,19 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60
 
 
-@functools.cache
-def _redis(url: str) -> Redis:
-    # Short timeouts: the limiter must never hold a request for long while Redis is away.
-    return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-
-
+# Short: the limiter must never hold a request for long while Redis is away.
+_TIMEOUT = 0.5
 # INCR and set the window's expiry in one command (EVALSHA): one round trip and one reply to parse.
 _COUNT = "local n = redis.call('INCR', KEYS[1]) if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end return n"
+_COUNT_SHA = hashlib.sha1(_COUNT.encode()).hexdigest()
 
 
-@functools.cache
-def _count_script(url: str) -> Script:
-    return _redis(url).register_script(_COUNT)
+def _count(url: str, key: str) -> int:
+    try:
+        reply = command(url, _TIMEOUT, "EVALSHA", _COUNT_SHA, 1, key, WINDOW_SECONDS * 2)
+    except NoScriptError:  # a restarted or flushed Redis: EVAL caches the script again
+        reply = command(url, _TIMEOUT, "EVAL", _COUNT, 1, key, WINDOW_SECONDS * 2)
+    return int(reply)  # type: ignore[call-overload]
 
 
 def check_rate(redis_url: str, subject: str, limit: int, now: float | None = None) -> None:
@@ -46,8 +45,8 @@ def check_rate(redis_url: str, subject: str, limit: int, now: float | None = Non
     window = int(now // WINDOW_SECONDS)
     key = f"nitroconv:ratelimit:{subject}:{window}"
     try:
-        count = int(_count_script(redis_url)(keys=[key], args=[WINDOW_SECONDS * 2]))
-    except RedisError:
+        count = _count(redis_url, key)
+    except (RedisError, OSError):
         log.warning("rate limiter unavailable; allowing the request")
         return
     if count > limit:

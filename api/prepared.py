@@ -64,8 +64,13 @@ def _swap(forms: Mapping[str, PreparedForm], conn: Any, cursor: Any, statement: 
     form = forms.get(statement)
     if form is None or executemany or not isinstance(parameters, Mapping):
         return statement, parameters
-    done: set[str] = conn.connection.info.setdefault(_PREPARED_KEY, set())
+    return execute_form(form, conn.connection.info, cursor), parameters
+
+
+def execute_form(form: PreparedForm, info: dict[Any, Any], cursor: Any) -> str:
+    """`form`'s EXECUTE text, after PREPAREing it on `cursor`'s connection if its pool record (`info`) has not."""
+    done: set[str] = info.setdefault(_PREPARED_KEY, set())
     if form.name not in done:
         cursor.execute(form.prepare)
         done.add(form.name)
-    return form.execute, parameters
+    return form.execute

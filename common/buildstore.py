@@ -190,7 +190,23 @@ def insert_build(session: Session, new: NewBuild, quota: int | None = None) -> t
     With an idempotency key the unique (account, key) constraint is the arbiter: a concurrent or
     retried submission inserts nothing and gets the first build back.
     """
-    row: dict[str, object] = {
+    row = build_row(new)
+    stmt = INSERT_STATEMENTS[(new.idempotency_key is not None, quota is not None)]
+    stamped = session.connection().execute(stmt, {**row, "quota": quota} if quota is not None else row).one_or_none()
+    if stamped is not None:
+        return stamped_build(row, *stamped), True
+    existing = None
+    if new.idempotency_key is not None:
+        existing = existing_build(session, new.account_id, new.idempotency_key)
+    if existing is None:
+        assert quota is not None  # nothing else stops an insert
+        raise quota_exceeded(quota, count_unfinished(session, new.account_id, quota))
+    return check_retry(existing, new.request_fingerprint), False
+
+
+def build_row(new: NewBuild) -> dict[str, object]:
+    """The columns a submission sends for `new` (the server sets the timestamps)."""
+    return {
         "id": new.build_id, "account_id": new.account_id, "app_id": new.app_id, "created_by": new.created_by,
         "idempotency_key": new.idempotency_key, "request_fingerprint": new.request_fingerprint,
         "input_image_name": new.input_image_name, "output_image_name": new.output_image_name,
@@ -201,26 +217,33 @@ def insert_build(session: Session, new: NewBuild, quota: int | None = None) -> t
         "approval_status": ApprovalStatus.PENDING.value, "conversion_state": ConversionState.QUEUED.value,
         "progress": 0.0, "attempts": 0, "cancel_requested": False, "exposed_ports": [], "warnings": [],
     }
-    stmt = INSERT_STATEMENTS[(new.idempotency_key is not None, quota is not None)]
-    stamped = session.connection().execute(stmt, {**row, "quota": quota} if quota is not None else row).one_or_none()
-    if stamped is not None:
-        created_at, updated_at, approval_updated_at = stamped
-        return Build(**row, created_at=created_at, updated_at=updated_at,
-                     approval_updated_at=approval_updated_at, enqueued_at=created_at), True
-    existing = None
-    if new.idempotency_key is not None:
-        existing = session.execute(select(Build).where(
-            Build.account_id == new.account_id, Build.idempotency_key == new.idempotency_key)).scalar_one_or_none()
-    if existing is None:
-        assert quota is not None  # nothing else stops an insert
-        unfinished = count_unfinished(session, new.account_id, quota)
-        raise QuotaExceeded(f"the account has {unfinished} unfinished conversions (quota {quota}); "
-                            "wait for some to end or cancel them",
-                            details={"limit": quota, "unfinished": unfinished, "retry_after": 30})
-    if existing.request_fingerprint != new.request_fingerprint:
+
+
+def stamped_build(row: Mapping[str, object], created_at: object, updated_at: object,
+                  approval_updated_at: object) -> Build:
+    """The inserted build, assembled from the values sent and the server's timestamps (detached: a record to
+    present, not to change)."""
+    return Build(**row, created_at=created_at, updated_at=updated_at, approval_updated_at=approval_updated_at,
+                 enqueued_at=created_at)
+
+
+def existing_build(session: Session, account_id: uuid.UUID, idempotency_key: str) -> Build | None:
+    return session.execute(select(Build).where(
+        Build.account_id == account_id, Build.idempotency_key == idempotency_key)).scalar_one_or_none()
+
+
+def check_retry(existing: Build, request_fingerprint: str) -> Build:
+    """`existing` when the request under its Idempotency-Key is this one; IdempotencyKeyReused otherwise."""
+    if existing.request_fingerprint != request_fingerprint:
         raise IdempotencyKeyReused("this Idempotency-Key was used for a different request",
                                    details={"build_id": str(existing.id)})
-    return existing, False
+    return existing
+
+
+def quota_exceeded(quota: int, unfinished: int) -> QuotaExceeded:
+    return QuotaExceeded(f"the account has {unfinished} unfinished conversions (quota {quota}); "
+                         "wait for some to end or cancel them",
+                         details={"limit": quota, "unfinished": unfinished, "retry_after": 30})
 
 
 # --- worker side ------------------------------------------------------------------------------------

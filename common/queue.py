@@ -40,7 +40,7 @@ _REPLY_TO = str(uuid.uuid4())
 _HOST = socket.gethostname()
 
 
-def _origin() -> str:
+def producer_origin() -> str:
     return f"gen{os.getpid()}@{_HOST}"  # Celery's own producer tag, as Flower shows it
 
 
@@ -81,7 +81,7 @@ def enqueue_conversion(redis_url: str, visibility_timeout: int, build_id: str,
     try:
         # A direct queue through the anonymous exchange is the Redis list named QUEUE (priority 0 has no
         # suffix): one LPUSH is the whole publish, as kombu's own `_put` does it.
-        _publisher(redis_url).lpush(QUEUE, conversion_message(build_id, eta=eta, origin=_origin()))
+        _publisher(redis_url).lpush(QUEUE, conversion_message(build_id, eta=eta, origin=producer_origin()))
     except (RedisError, OSError) as exc:
         raise QueueUnavailable("the task broker is unreachable") from exc
 

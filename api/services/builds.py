@@ -6,28 +6,44 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
 from sqlalchemy import ColumnElement, Row, Table, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from api.auth import Principal
 from api.limits import lock_account_app
-from common.buildstore import NewBuild, end_unsuccessfully, insert_build, user_actor
+from api.redisconn import command
+from api.submission import roles_at_least, submit_build
+from common.accounts import Role
+from common.buildstore import (
+    NewBuild,
+    build_row,
+    check_retry,
+    end_unsuccessfully,
+    existing_build,
+    insert_build,
+    quota_exceeded,
+    stamped_build,
+    user_actor,
+)
+from common.db import engine_for
 from common.errors import (
     Conflict,
     NotFound,
-    QueueUnavailable,
     ValidationFailed,
 )
 from common.hostpolicy import check_registry_host
 from common.models import App, Build
-from common.queue import enqueue_conversion
+from common.queue import conversion_message, producer_origin
 from common.reference import parse_reference
 from common.sealing import Credentials, Sealer
 from common.settings import Settings
 from common.status import CONVERSION_TERMINAL, ConversionState
+from common.tasknames import QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +57,8 @@ _OPTION_DEFAULTS: dict[str, object] = {
 @dataclass(frozen=True)
 class Submitted:
     build: Build
-    app: App
+    app_name: str
+    app_description: str
     created: bool
 
     @property
@@ -69,14 +86,23 @@ def _credentials(image: Mapping[str, object]) -> Credentials | None:
     return Credentials(username=str(auth.get("username") or ""), password=str(auth.get("password") or ""))
 
 
-def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UUID, user_id: uuid.UUID,
-           body: Mapping[str, object], idempotency_key: str | None) -> Submitted:
-    """Record the conversion request (QUEUED, PENDING), commit, then enqueue it.
+@dataclass(frozen=True)
+class Draft:
+    """What a submission works out before it touches the database: a build id, its sealed credentials and the
+    request's fingerprint, the host policy checked."""
 
-    Everything that needs no database (host policy, sealing, the fingerprint) is done before the
-    account's quota lock is taken, so submissions of one account serialise on two short round trips
-    (the app with the lock; the insert with the quota check) and the commit, not on CPU work.
-    """
+    build_id: uuid.UUID
+    src: Mapping[str, object]
+    dst: Mapping[str, object]
+    src_creds: Credentials | None
+    dst_creds: Credentials | None
+    sealed_in: bytes | None
+    sealed_out: bytes | None
+    fingerprint: str
+
+
+def draft(s: Settings, sealer: Sealer, body: Mapping[str, object]) -> Draft:
+    """Everything that needs no database, done before the account's quota lock is taken."""
     build_id = uuid.uuid4()
     src, dst = body["input_image"], body["output_image"]
     assert isinstance(src, Mapping) and isinstance(dst, Mapping)
@@ -86,16 +112,13 @@ def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UU
     src_creds, dst_creds = _credentials(src), _credentials(dst)
     sealed_in = sealer.seal_credentials(src_creds, str(build_id)) if src_creds else None
     sealed_out = sealer.seal_credentials(dst_creds, str(build_id)) if dst_creds else None
-    fingerprint = _fingerprint(body)
+    return Draft(build_id, src, dst, src_creds, dst_creds, sealed_in, sealed_out, _fingerprint(body))
 
-    retry = idempotency_key is not None and session.execute(select(Build.id).where(
-        Build.account_id == account_id, Build.idempotency_key == idempotency_key)).first() is not None
-    # A retried submission returns its build even when the account is at its quota: no lock, no count.
-    app = lock_account_app(session, account_id, body["app_id"], lock=not retry)
-    if app is None:
-        raise ValidationFailed("The request is invalid.",
-                               details={"fields": {"app_id": ["no such app in this account"]}})
-    defaults = app.default_build_settings.get("nitro_enclaves") or {}
+
+def _new_build(d: Draft, body: Mapping[str, object], settings: Mapping[str, object], *, account_id: uuid.UUID,
+               app_id: uuid.UUID, user_id: uuid.UUID, idempotency_key: str | None) -> NewBuild:
+    """The build the request asks for, with the app's default_build_settings filling what it leaves out."""
+    defaults = settings.get("nitro_enclaves") or {}
     assert isinstance(defaults, Mapping)
     options = {**_OPTION_DEFAULTS, **(defaults.get("converter_options") or {}),
                **(body.get("converter_options") or {})}  # type: ignore[dict-item]
@@ -106,26 +129,116 @@ def submit(session: Session, s: Settings, sealer: Sealer, *, account_id: uuid.UU
 
     # Neither the request nor the app names a size: the worker uses the smallest valid one for the EIF.
     mem_size = pick("mem_size", None)
-    new = NewBuild(
-        build_id=build_id, account_id=account_id, app_id=app.id, created_by=user_id,
-        input_image_name=str(src["name"]), output_image_name=str(dst["name"]),
-        input_username=src_creds.username if src_creds else None,
-        output_username=dst_creds.username if dst_creds else None,
-        input_credentials=sealed_in, output_credentials=sealed_out,
+    return NewBuild(
+        build_id=d.build_id, account_id=account_id, app_id=app_id, created_by=user_id,
+        input_image_name=str(d.src["name"]), output_image_name=str(d.dst["name"]),
+        input_username=d.src_creds.username if d.src_creds else None,
+        output_username=d.dst_creds.username if d.dst_creds else None,
+        input_credentials=d.sealed_in, output_credentials=d.sealed_out,
         converter_options=options, cpu_count=int(pick("cpu_count", DEFAULT_CPU_COUNT)),  # type: ignore[call-overload]
         mem_size=int(mem_size) if mem_size is not None else None,  # type: ignore[call-overload]
         enable_overlay_filesystem_persistence=bool(pick("enable_overlay_filesystem_persistence", True)),
-        request_fingerprint=fingerprint, idempotency_key=idempotency_key)
+        request_fingerprint=d.fingerprint, idempotency_key=idempotency_key)
+
+
+# Per process: each app's default_build_settings as last seen (jsonb text, parsed). Only a guess: the submission
+# statement checks it against the app's current settings and answers `stale` (inserting nothing) when it differs.
+_APP_SETTINGS: dict[uuid.UUID, tuple[str, Mapping[str, object]]] = {}
+_APP_SETTINGS_MAX = 4096
+_STALE_TRIES = 3
+_WRITERS = roles_at_least(Role.WRITER)
+
+
+def _app_settings(app_id: uuid.UUID, seen: str | None) -> tuple[str | None, Mapping[str, object]]:
+    if seen is not None:
+        if len(_APP_SETTINGS) >= _APP_SETTINGS_MAX:
+            _APP_SETTINGS.clear()
+        _APP_SETTINGS[app_id] = (seen, json.loads(seen))
+    known = _APP_SETTINGS.get(app_id)
+    return known if known is not None else (None, {})
+
+
+def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid.UUID, user_id: uuid.UUID,
+           body: Mapping[str, object], idempotency_key: str | None) -> Submitted:
+    """Record the conversion request (QUEUED, PENDING) with the caller's role checked, then enqueue it.
+
+    One round trip does it all and commits (api/submission.py); a Forbidden is raised as the caller's
+    `Principal.require(Role.WRITER)` would. `db` gives the request's session, opened only for the rare
+    answers that need a second look (a retried Idempotency-Key).
+    """
+    engine = engine_for(s.database_url)
+    app_id = body["app_id"]
+    assert isinstance(app_id, uuid.UUID)
+    seen: str | None = None
+    for _ in range(_STALE_TRIES):
+        known, settings = _app_settings(app_id, seen)
+        new = _new_build(d, body, settings, account_id=account_id, app_id=app_id, user_id=user_id,
+                         idempotency_key=idempotency_key)
+        row = build_row(new)
+        got = submit_build(engine, row, user_id=user_id, account_id=account_id, roles=_WRITERS,
+                           app_settings=known, quota=s.max_queued_per_account)
+        if got.outcome != "stale":
+            break
+        seen = got.app_settings
+    else:
+        # The app's settings changed under every try: take the account's lock and read them under it.
+        return _submit_locked(db(), s, d, account_id=account_id, user_id=user_id, body=body,
+                              idempotency_key=idempotency_key)
+    if got.outcome == "role":
+        role = Role(got.role) if got.role else None
+        Principal(user_id=user_id, account_id=account_id if role else None, role=role).require(Role.WRITER)
+        raise AssertionError("a role the statement refused passed require()")
+    if got.outcome == "no_app":
+        raise _no_app()
+    app_name, app_description = str(got.app_name), str(got.app_description)
+    if got.outcome == "quota":
+        raise quota_exceeded(s.max_queued_per_account, int(got.unfinished or 0))
+    if got.outcome in ("exists", "conflict"):
+        assert idempotency_key is not None
+        existing = existing_build(db(), account_id, idempotency_key)
+        assert existing is not None  # builds are never deleted
+        return Submitted(check_retry(existing, d.fingerprint), app_name, app_description, False)
+    assert got.outcome == "created", got.outcome
+    build = stamped_build(row, got.created_at, got.updated_at, got.approval_updated_at)
+    _enqueue(s, build.id)
+    return Submitted(build, app_name, app_description, True)
+
+
+def _no_app() -> ValidationFailed:
+    return ValidationFailed("The request is invalid.", details={"fields": {"app_id": ["no such app in this account"]}})
+
+
+_PUBLISH_TIMEOUT = 2  # seconds, as common.queue's publisher
+
+
+def _enqueue(s: Settings, build_id: uuid.UUID) -> None:
+    """common.queue.enqueue_conversion's publish (its message, one LPUSH), on the API's direct connection."""
+    try:
+        message = conversion_message(str(build_id), origin=producer_origin())
+        command(s.redis_url, _PUBLISH_TIMEOUT, "LPUSH", QUEUE, message)
+    except (RedisError, OSError):
+        # The row is committed and QUEUED: the sweeper publishes it when Redis is back.
+        log.warning("enqueue failed build_id=%s; the sweeper will retry", build_id)
+
+
+def _submit_locked(session: Session, s: Settings, d: Draft, *, account_id: uuid.UUID, user_id: uuid.UUID,
+                   body: Mapping[str, object], idempotency_key: str | None) -> Submitted:
+    """The submission as statements of one transaction: the app (and its settings) under the account's lock,
+    then the insert with its quota check."""
+    retry = idempotency_key is not None and session.execute(select(Build.id).where(
+        Build.account_id == account_id, Build.idempotency_key == idempotency_key)).first() is not None
+    # A retried submission returns its build even when the account is at its quota: no lock, no count.
+    app = lock_account_app(session, account_id, body["app_id"], lock=not retry)
+    if app is None:
+        raise _no_app()
+    new = _new_build(d, body, app.default_build_settings, account_id=account_id, app_id=app.id, user_id=user_id,
+                     idempotency_key=idempotency_key)
     # The quota is checked by the insert itself, under the account lock taken above.
     build, created = insert_build(session, new, quota=None if retry else s.max_queued_per_account)
     session.commit()
     if created:
-        try:
-            enqueue_conversion(s.redis_url, s.visibility_timeout, str(build.id))
-        except QueueUnavailable:
-            # The row is committed and QUEUED: the sweeper publishes it when Redis is back.
-            log.warning("enqueue failed build_id=%s; the sweeper will retry", build.id)
-    return Submitted(build, app, created)
+        _enqueue(s, build.id)
+    return Submitted(build, app.name, app.description, created)
 
 
 # A Build as the routes present it: its row and its app's name and description, read with Core (no ORM objects:

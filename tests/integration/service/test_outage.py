@@ -47,6 +47,24 @@ def test_outage_postgres_down_is_503_and_the_api_recovers(service_settings, pg_p
     ok(client.get("/v1/builds", headers=headers), BuildListSchema)
 
 
+def test_outage_postgres_cut_under_a_submission_is_503_and_the_next_one_lands(service_settings, pg_proxy, tenant):
+    """The submission's one round trip runs on a raw pooled connection (api/submission.py): a connection that
+    died with Postgres is a 503, and is replaced, so the next submission after Postgres is back succeeds."""
+    proxy, url = pg_proxy
+    client = create_app(replace(service_settings, database_url=url)).test_client()
+    app_id, headers = tenant.create_app(), tenant.headers("WRITER")
+    first = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=headers),
+               BuildSchema, 202)
+    proxy.cut()
+    e = err(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=headers),
+            503, "database_unavailable")
+    assert "Traceback" not in e["message"]
+    proxy.restore()
+    again = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=headers),
+               BuildSchema, 202)
+    assert again["build_id"] != first["build_id"] and again["conversion"]["state"] == "QUEUED"
+
+
 def test_outage_redis_down_fails_health_but_submission_is_kept(service_settings, redis_proxy, tenant):
     proxy, url = redis_proxy
     client = create_app(replace(service_settings, redis_url=url)).test_client()
