@@ -16,9 +16,12 @@ Two phases, the same 64 keep-alive clients and request each time:
     offered `--rate` (300/s) and a slow answer does not slow the offer down; p50/p99 over every request.
 
 The clients are spread over `--accounts` tenants (each with its own token and app): one tenant's
-submissions serialise on its quota lock, which is per account by design. Builds pile up QUEUED (nothing
-consumes them), so the per-account quota is raised for the run; the rate limiter stays on (at a limit
-the run cannot reach) so its Redis round trip is part of the figure.
+submissions serialise on its quota lock, which is per account by design. No worker runs, so a drain stands in
+for them: every 100 ms one UPDATE moves the bench's QUEUED builds to CANCELLED (its Postgres backend is counted
+with the API's). Without it each account piled up ~1,000 QUEUED builds in a run and every quota check counted
+them all, which no deployment does (its count stops at the quota, 50 by default; here raised so that nothing
+is refused). The rate limiter stays on (at a limit the run cannot reach) so its Redis round trip is part of
+the figure.
 
 After the run it prints what a polling client costs the API, one call at a time: the list of an app's 20 builds
 (`GET /v1/builds?app_id=…&limit=1000`, as bench/service.py polls) and one build (`GET /v1/builds/<id>`).
@@ -41,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +236,30 @@ def _py_spy(out: Path, pids: list[int], seconds: float) -> list[subprocess.Popen
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]
 
 
+class _Drain:
+    """What workers would do to the queue, at no cost to the API: QUEUED builds leave the unfinished states."""
+
+    def __init__(self, db_url: str, every: float = 0.1) -> None:
+        import psycopg2
+
+        self._conn = psycopg2.connect(db_url)
+        self._conn.autocommit = True
+        self._every, self._stop = every, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-drain", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self._conn.cursor() as cur:
+            while not self._stop.wait(self._every):
+                cur.execute("UPDATE builds SET conversion_state = 'CANCELLED' WHERE conversion_state = 'QUEUED'")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self._conn.closed:
+            self._conn.close()
+
+
 def _server_pids(gunicorn_pid: int, db_url: str) -> tuple[list[int], list[int]]:
     """(the API's processes, the Postgres backends serving the bench database)."""
     import psutil
@@ -293,6 +321,7 @@ def main() -> int:
         env["NITROCONV_API_THREADS"] = str(args.api_threads)
     gunicorn = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-c", "deploy/gunicorn.conf.py",
                                  "api.app:create_app()"], cwd=REPO, env=env)
+    drain: _Drain | None = None
     try:
         conn = None
         for _ in range(150):
@@ -304,6 +333,7 @@ def main() -> int:
                 time.sleep(0.2)
         assert conn is not None
         tenants = _tenants(conn, "bench@example.test", password, max(1, min(args.accounts, args.clients)), state)
+        drain = _Drain(db_url)  # before the warm-up, so its backend is among those measured
         if args.warmup > 0:
             _ab(args.port, tenants, args.clients, args.warmup, state, "warmup")
         api_pids, pg_pids = _server_pids(gunicorn.pid, db_url)  # the pools are warm after the warm-up
@@ -314,8 +344,11 @@ def main() -> int:
             spy.wait(timeout=30)
         api_cpu, pg_cpu = _cpu_seconds(api_pids) - api_cpu, _cpu_seconds(pg_pids) - pg_cpu
         paced = _paced(args.port, tenants, args.clients, args.rate, args.seconds, state)
+        drain.close()
         poll = _poll_cost(http.client.HTTPConnection("127.0.0.1", args.port, timeout=30), tenants[0], api_pids)
     finally:
+        if drain is not None:
+            drain.close()
         gunicorn.send_signal(signal.SIGTERM)
         gunicorn.wait(timeout=60)
         drop_database(db_url)
