@@ -10,9 +10,9 @@ from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from api.redisconn import command
 from common.errors import RateLimited
 from common.models import Account, App
+from common.redisconn import command
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60

@@ -1,4 +1,4 @@
-"""Server-side prepared statements for the few statements every submission runs.
+"""Server-side prepared statements for the statements the API runs most (a submission's, a poll of one build).
 
 psycopg2 sends each statement's full text, which Postgres parses and plans again every time: for a submission
 that was about 40% of its backend's CPU. A `before_cursor_execute` hook swaps a registered statement for

@@ -11,11 +11,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from redis import Redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from common.errors import QueueUnavailable
+from common.redisconn import command
 from common.tasknames import CONVERT, QUEUE
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ _REPLY_TO = str(uuid.uuid4())
 _HOST = socket.gethostname()
 
 
-def producer_origin() -> str:
+def _origin() -> str:
     return f"gen{os.getpid()}@{_HOST}"  # Celery's own producer tag, as Flower shows it
 
 
@@ -69,6 +68,11 @@ def conversion_message(build_id: str, *, eta: datetime | None = None, origin: st
                        "properties": properties}).encode()
 
 
+# A connection Redis closed is replaced once (common.redisconn), then the publish fails: the row is already
+# committed and the sweeper publishes it later, so an HTTP request is never held through a backoff.
+_PUBLISH_TIMEOUT = 2
+
+
 def enqueue_conversion(redis_url: str, visibility_timeout: int, build_id: str,
                        countdown: float | None = None) -> None:
     """Publish the conversion of `build_id`. Raises QueueUnavailable when the broker is down.
@@ -81,7 +85,8 @@ def enqueue_conversion(redis_url: str, visibility_timeout: int, build_id: str,
     try:
         # A direct queue through the anonymous exchange is the Redis list named QUEUE (priority 0 has no
         # suffix): one LPUSH is the whole publish, as kombu's own `_put` does it.
-        _publisher(redis_url).lpush(QUEUE, conversion_message(build_id, eta=eta, origin=producer_origin()))
+        command(redis_url, _PUBLISH_TIMEOUT, "LPUSH", QUEUE,
+                conversion_message(build_id, eta=eta, origin=_origin()))
     except (RedisError, OSError) as exc:
         raise QueueUnavailable("the task broker is unreachable") from exc
 
@@ -89,13 +94,6 @@ def enqueue_conversion(redis_url: str, visibility_timeout: int, build_id: str,
 @functools.cache
 def _redis(redis_url: str) -> Redis:
     return Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
-
-
-@functools.cache
-def _publisher(redis_url: str) -> Redis:
-    # One immediate retry (a pooled connection Redis closed meanwhile), then fail: the row is already
-    # committed and the sweeper publishes it later, so an HTTP request is never held through a backoff.
-    return Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2, retry=Retry(NoBackoff(), 1))
 
 
 # kombu's Redis transport restores unacked messages only while holding this lock (its default key name).

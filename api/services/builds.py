@@ -10,13 +10,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
 from sqlalchemy import ColumnElement, Row, Table, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from api.auth import Principal
 from api.limits import lock_account_app
-from api.redisconn import command
 from api.submission import roles_at_least, submit_build
 from common.accounts import Role
 from common.buildstore import (
@@ -34,16 +32,16 @@ from common.db import engine_for
 from common.errors import (
     Conflict,
     NotFound,
+    QueueUnavailable,
     ValidationFailed,
 )
 from common.hostpolicy import check_registry_host
 from common.models import App, Build
-from common.queue import conversion_message, producer_origin
+from common.queue import enqueue_conversion
 from common.reference import parse_reference
 from common.sealing import Credentials, Sealer
 from common.settings import Settings
 from common.status import CONVERSION_TERMINAL, ConversionState
-from common.tasknames import QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +206,10 @@ def _no_app() -> ValidationFailed:
     return ValidationFailed("The request is invalid.", details={"fields": {"app_id": ["no such app in this account"]}})
 
 
-_PUBLISH_TIMEOUT = 2  # seconds, as common.queue's publisher
-
-
 def _enqueue(s: Settings, build_id: uuid.UUID) -> None:
-    """common.queue.enqueue_conversion's publish (its message, one LPUSH), on the API's direct connection."""
     try:
-        message = conversion_message(str(build_id), origin=producer_origin())
-        command(s.redis_url, _PUBLISH_TIMEOUT, "LPUSH", QUEUE, message)
-    except (RedisError, OSError):
+        enqueue_conversion(s.redis_url, s.visibility_timeout, str(build_id))
+    except QueueUnavailable:
         # The row is committed and QUEUED: the sweeper publishes it when Redis is back.
         log.warning("enqueue failed build_id=%s; the sweeper will retry", build_id)
 

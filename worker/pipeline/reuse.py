@@ -259,10 +259,8 @@ def convert_reusing(
                              boot_check=boot_check, output_base=output_base, keep_layer=staged,
                              cache_max_bytes=cache_max_bytes,
                              input_manifest=resolved[1] if resolved is not None else None, **extra)
-            # The pull converted the manifest the key names; a result of any other input is not recorded.
-            same_input = resolved is not None and result.input_digest == str(resolved[1].digest)
-            if key is not None and same_input and result.layer_blob is not None and staged is not None \
-                    and staged.exists():
+            # The pull converted the very manifest the key names (input_manifest): the result is the key's.
+            if key is not None and result.layer_blob is not None and staged is not None and staged.exists():
                 try:
                     _store(cache, key, result, staged, owner=owner, build_id=build_id)
                 except (OSError, NitroconvError) as exc:

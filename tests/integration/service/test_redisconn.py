@@ -1,8 +1,9 @@
-"""The API's direct Redis connections (api/redisconn.py) against the real Redis: a connection Redis closed is
+"""The API's direct Redis connections (common/redisconn.py) against the real Redis: a connection Redis closed is
 replaced once, an unreachable Redis is an error at once, and the rate limit and the publish still fail as they
 did through redis-py's client."""
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -10,8 +11,8 @@ import pytest
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from api import redisconn
 from api.limits import check_rate
+from common import redisconn
 from common.errors import RateLimited
 
 pytestmark = pytest.mark.integration
@@ -27,6 +28,24 @@ def test_redisconn_replaces_a_connection_redis_closed(service_redis):
     assert admin.client_kill_filter(_id=ours) == 1
     assert redisconn.command(service_redis, 0.5, "INCR", key) == 2
     admin.delete(key)
+
+
+def test_redisconn_a_forked_child_gets_a_connection_of_its_own(service_redis):
+    """A Celery pool child or a gunicorn worker is forked: the parent's socket must not carry its commands."""
+    parent = redisconn.command(service_redis, 0.5, "CLIENT", "ID")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its connection's id, then leave without running any test teardown
+        try:
+            os.write(write, str(redisconn.command(service_redis, 0.5, "CLIENT", "ID")).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = int(os.read(read, 64))
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child != parent
+    assert redisconn.command(service_redis, 0.5, "CLIENT", "ID") == parent  # the parent's is intact
 
 
 def test_redisconn_raises_when_redis_is_unreachable():

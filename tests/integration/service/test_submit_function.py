@@ -168,6 +168,19 @@ def test_api_submit_takes_the_apps_changed_defaults_at_once(client, tenant):
     assert build["threads"] == 2 and build["mem_size"] == 512
 
 
+def test_api_submit_answers_the_build_the_function_stored(client, tenant):
+    """The 202's Build is assembled from the values sent and the row's timestamps; the function's INSERT sets
+    the rest (state, progress, attempts…) itself: a later GET must read the very same Build."""
+    app_id = tenant.create_app(default_build_settings={"nitro_enclaves": {"converter_options": {"debug": True}}})
+    request = body(app_id)
+    request["request"]["input_image"]["auth_config"] = {"username": "u", "password": "p"}
+    request["request"]["converter_options"] = {"env_vars": ["A=1"], "entrypoint": ["/bin/app"]}
+    submitted = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=request,
+                               headers=tenant.headers("WRITER")), BuildSchema, 202)
+    stored = ok(client.get(f"/v1/builds/{submitted['build_id']}", headers=tenant.headers("READER")), BuildSchema)
+    assert submitted == stored
+
+
 def test_api_submit_checks_the_role_before_the_requests_own_errors(client, tenant):
     app_id = tenant.create_app()
     submit = "/v1/builds/convert-app/nitro-enclaves"

@@ -1,11 +1,12 @@
-"""The API's per-request Redis commands (the rate limit's count, the publish) on direct per-thread connections.
+"""Redis commands on direct per-thread connections: the API's rate-limit count and every publish (common.queue).
 
-redis-py's pool checkout, retry wrapper and command helpers cost more CPU than the command itself, and these
-two run on every submission: each thread keeps one connection per URL and speaks on it directly.
+redis-py's pool checkout, retry wrapper and command helpers cost more CPU than the command itself, and the API
+runs these two on every submission: each thread keeps one connection per URL and speaks on it directly.
 """
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 from redis import ConnectionPool
@@ -23,10 +24,12 @@ def _pool(url: str, timeout: float) -> ConnectionPool:
 
 
 def _connection(url: str, timeout: float) -> ConnectionInterface:
-    mine: dict[tuple[str, float], ConnectionInterface] = _connections.__dict__.setdefault("by_url", {})
-    conn = mine.get((url, timeout))
+    # Keyed by process too: a forked child inherits its parent's thread-locals, and must not speak on its socket.
+    mine: dict[tuple[int, str, float], ConnectionInterface] = _connections.__dict__.setdefault("by_url", {})
+    key = (os.getpid(), url, timeout)
+    conn = mine.get(key)
     if conn is None:
-        conn = mine[(url, timeout)] = _pool(url, timeout).make_connection()
+        conn = mine[key] = _pool(url, timeout).make_connection()
     return conn
 
 
