@@ -8,9 +8,14 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv blobs test demo bench lint clean
+.PHONY: setup apt venv blobs emulator test demo bench lint clean
 
-setup: apt venv blobs runtime
+setup: apt venv blobs runtime emulator
+
+# The emulator (QEMU's nitro-enclave machine) and the dev blobs' enclave kernel are built from Debian's
+# sources once per machine, into this cache outside the clone (keyed by source version and recipe).
+BUILD_CACHE ?= /var/cache/nitroconv
+export BUILD_CACHE
 
 apt:
 	@deploy/apt-deps.sh
@@ -21,17 +26,25 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,runtime]'
 	@touch $@
 
-blobs: apt
-	@$(MAKE) -s -C deploy/blobs BLOBS=$(NITROCONV_BLOBS_DIR)
+# init and the runtime are compiled by the venv's pinned zig (worker/runtime/Makefile).
+blobs: apt venv
+	@$(MAKE) -s -C deploy/blobs BLOBS=$(NITROCONV_BLOBS_DIR) PYTHON=$(PY) BUILD_CACHE=$(BUILD_CACHE)
+
+# $(STATE)/emulator/qemu-system-x86_64 -> the cached build (deploy/emulator/README.md). Under CI a
+# missing emulator fails the build like any other tool; elsewhere boot checks fall back to plain QEMU.
+emulator: apt
+	@deploy/emulator/build-qemu.sh $(BUILD_CACHE) $(STATE)/emulator || { \
+	  if [ "$$CI" = true ]; then echo "emulator: the build failed (CI=true: required)" >&2; exit 1; fi; \
+	  echo "emulator: NOT AVAILABLE (the build above failed); boot checks fall back to plain QEMU. Retry: make emulator" >&2; }
 
 # The shim and the launcher the converter puts into images (deploy/runtime/Makefile).
 export NITROCONV_RUNTIME_DIR ?= $(STATE)/runtime
 .PHONY: runtime
-runtime: apt
-	@$(MAKE) -s -C deploy/runtime RUNTIME=$(NITROCONV_RUNTIME_DIR)
+runtime: apt venv
+	@$(MAKE) -s -C deploy/runtime RUNTIME=$(NITROCONV_RUNTIME_DIR) PYTHON=$(PY)
 
 test: setup
 	@deploy/services.sh --docker

@@ -15,13 +15,13 @@ from api import prepared
 from api.context import close_db
 from api.errors import EnvelopeApi, envelope, register_error_handlers
 from api.limits import APP_STATEMENTS
-from api.routes import accounts, apps, builds, health, sys, tasks
+from api.routes import accounts, apps, attestation, builds, health, sys, tasks, unsupported
 from api.services.builds import GET_STATEMENT
+from api.sessions import SESSION_STATEMENT
 from common import logs
-from common.accounts import ROLE_STATEMENT
-from common.buildstore import INSERT_STATEMENTS
-from common.db import engine_for
 from common.settings import Settings, get_settings
+from common.store.builds import INSERT_STATEMENTS
+from common.store.engine import engine_for
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 REQUESTS = Counter("nitroconv_api_requests_total", "API requests", ["method", "endpoint", "status"])
@@ -34,7 +34,7 @@ _access = logging.getLogger("nitroconv.access")
 SWAGGER_UI_STATIC = "/v1/docs/static"
 # What a submission runs on its rare paths (its common one is api/submission.py) and every poll of one build
 # runs: prepared once per connection (api/prepared.py).
-_HOT_STATEMENTS = (ROLE_STATEMENT, *APP_STATEMENTS, *INSERT_STATEMENTS.values(), GET_STATEMENT)
+_HOT_STATEMENTS = (SESSION_STATEMENT, *APP_STATEMENTS, *INSERT_STATEMENTS.values(), GET_STATEMENT)
 
 
 def _nul_in(value: object, path: str) -> str | None:
@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         "security": [{"bearerAuth": []}],
     })
     app.extensions["nitroconv.api"] = api
-    for blp in (sys.blp, health.blp, accounts.accounts_blp, accounts.users_blp, apps.blp, builds.blp, tasks.blp):
+    for blp in (sys.blp, health.blp, accounts.accounts_blp, accounts.user_blp, accounts.users_blp, apps.blp,
+                builds.blp, tasks.blp, attestation.blp, unsupported.blp):
         api.register_blueprint(blp)
     register_error_handlers(app)
 

@@ -1,4 +1,4 @@
-"""Who is calling: bearer-token parsing, the caller's account and role, and role checks."""
+"""Who is calling: bearer-token parsing, the caller's session, account and role, and role checks."""
 from __future__ import annotations
 
 import functools
@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 from flask import g, request
 
+from api import sessions
 from api.context import db, settings
 from api.limits import check_rate
-from api.tokens import TokenClaims, TokenIssuer
-from common.accounts import RANK, Role, role_in
+from api.tokens import TokenIssuer
 from common.errors import Forbidden, Unauthenticated
+from common.store.accounts import RANK, Role
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Principal:
     user_id: uuid.UUID
     account_id: uuid.UUID | None
     role: Role | None
+    session_id: uuid.UUID | None = None
 
     def require_account(self) -> uuid.UUID:
         if self.account_id is None or self.role is None:
@@ -32,6 +34,16 @@ class Principal:
         if RANK[self.role] < RANK[role]:
             raise Forbidden(f"this needs the {role.value} role")
         return account
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The caller's session as this process last saw it (api/sessions.py): good for the rate limit and as the
+    view the submission's statement checks; everything else asks `principal()`."""
+
+    session_id: uuid.UUID
+    user_id: uuid.UUID
+    account_id: uuid.UUID | None
 
 
 def issuer() -> TokenIssuer:
@@ -55,25 +67,39 @@ def bearer_token() -> str:
     raise Unauthenticated("a bearer token is required")
 
 
-def caller() -> TokenClaims:
-    """The verified token's claims, the request counted against the caller's rate limit (once per request)."""
-    cached = g.get("claims")
-    if isinstance(cached, TokenClaims):
+def _ended() -> Unauthenticated:
+    return Unauthenticated("the session has ended or expired; sign in again")
+
+
+def caller() -> Caller:
+    """The verified token's session, the request counted against the caller's rate limit (once per request)."""
+    cached = g.get("caller")
+    if isinstance(cached, Caller):
         return cached
     claims = issuer().verify(bearer_token())
+    known = sessions.hint(claims.session_id)
+    if known is None:
+        found = _load(claims.session_id)  # this process has not seen the session: its one query, done now
+        known = sessions.Hint(found.user_id, found.account_id)
     s = settings()
-    check_rate(s.redis_url, f"{claims.user_id}:{claims.account_id}", s.rate_limit_per_minute)
-    g.claims = claims
-    return claims
+    check_rate(s.redis_url, f"{known.user_id}:{known.account_id}", s.rate_limit_per_minute)
+    g.caller = Caller(claims.session_id, known.user_id, known.account_id)
+    return g.caller
+
+
+def _load(session_id: uuid.UUID) -> Principal:
+    state = sessions.current(db(), session_id)
+    if state is None:
+        raise _ended()
+    found = Principal(user_id=state.user_id, account_id=state.account_id, role=state.role, session_id=session_id)
+    g.principal = found
+    return found
 
 
 def principal() -> Principal:
-    """The verified caller; the role is read from the database so a revoked membership takes effect at once."""
+    """The verified caller as its session is now (one indexed query per request): a selected account, a revoked
+    membership or an ended session takes effect at once."""
     cached = g.get("principal")
     if isinstance(cached, Principal):
         return cached
-    claims = caller()
-    role = role_in(db(), claims.user_id, claims.account_id) if claims.account_id else None
-    found = Principal(user_id=claims.user_id, account_id=claims.account_id if role else None, role=role)
-    g.principal = found
-    return found
+    return _load(caller().session_id)

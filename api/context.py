@@ -4,8 +4,8 @@ from __future__ import annotations
 from flask import current_app, g
 from sqlalchemy.orm import Session
 
-from common.db import session_factory
 from common.settings import Settings
+from common.store.engine import session_factory
 
 
 def settings() -> Settings:

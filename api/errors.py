@@ -11,7 +11,6 @@ from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 from api.schemas.common import ErrorSchema
-from common.db import is_connection_error
 from common.errors import (
     Conflict,
     Forbidden,
@@ -24,6 +23,7 @@ from common.errors import (
     Unauthenticated,
     ValidationFailed,
 )
+from common.store.engine import is_connection_error
 
 log = logging.getLogger(__name__)
 

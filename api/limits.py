@@ -11,8 +11,8 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from common.errors import RateLimited
-from common.models import Account, App
-from common.redisconn import command
+from common.queue.redisconn import command
+from common.store.models import Account, App
 
 log = logging.getLogger(__name__)
 WINDOW_SECONDS = 60

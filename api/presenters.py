@@ -8,11 +8,12 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from api.schemas.builds import BootCheckSchema, ConverterOptionsSchema
-from common.models import App, Build, Task
-from common.status import ApprovalStatus
+from api.schemas.builds import ATTRIBUTES_KEY, BootCheckSchema, ConverterOptionsSchema
+from common.store.models import App, Build, Task
+from common.store.status import ApprovalStatus
 
 REDACTED = "***"
+NIL_UUID = "00000000-0000-0000-0000-000000000000"  # CCM's ApprovalInfo requires a user id: the SYSTEM's
 
 
 def epoch(value: datetime | None) -> int | None:
@@ -62,7 +63,9 @@ def _boot_check(stored: dict[str, object] | None) -> dict[str, object] | None:
     # Only the documented keys: the stored JSON may gain fields the API has not promised.
     if stored is None:
         return None
-    return _BOOT_CHECK.dump({key: stored.get(key) for key in _BOOT_CHECK.fields})
+    view = {key: stored.get(key) for key in _BOOT_CHECK.fields}
+    view["mode"] = view["mode"] or "plain"  # checks recorded before the emulator (issue 16) were all plain
+    return _BOOT_CHECK.dump(view)
 
 
 def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> dict[str, object]:
@@ -75,7 +78,7 @@ def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> 
                                     "pcr2": _str(build.pcr2)}
         if build.pcr8:
             nitro["pcr8"] = build.pcr8
-        attributes["nitro_enclave"] = nitro
+        attributes[ATTRIBUTES_KEY] = {"nitro_enclave": nitro}
     error = ({"code": build.error_code, "message": build.error_message or ""}
              if build.error_code else None)
     created_at = _epoch(build.created_at)
@@ -83,7 +86,7 @@ def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> 
         "build_id": str(build.id),
         "docker_info": {
             "docker_image_name": build.output_image_name,
-            "docker_version": build.docker_version,
+            "docker_version": build.docker_version or "",  # CCM requires a string
             "docker_image_sha": build.output_digest,
             "docker_image_size": math.ceil(build.output_size / (1 << 20)) if build.output_size is not None else None,
             "exposed_ports": [{"port": int(p[0]), "protocol": str(p[1]).capitalize()}  # type: ignore[arg-type]
@@ -143,9 +146,12 @@ def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> 
 def app_view(app: App) -> dict[str, object]:
     return {
         "app_id": app.id, "acct_id": app.account_id, "name": app.name, "description": app.description,
-        "input_image_name": app.input_image_name, "output_image_name": app.output_image_name,
+        "input_image_name": app.input_image_name or "", "output_image_name": app.output_image_name or "",
         "default_build_settings": dict(app.default_build_settings), "auto_approve": app.auto_approve,
         "created_at": _epoch(app.created_at), "updated_at": _epoch(app.updated_at),
+        "isvprodid": app.isvprodid, "isvsvn": app.isvsvn, "mem_size": app.mem_size, "threads": app.threads,
+        "allowed_domains": list(app.allowed_domains), "labels": dict(app.labels),
+        "custom_metadata": dict(app.custom_metadata), "advanced_settings": dict(app.advanced_settings),
     }
 
 
@@ -155,10 +161,19 @@ def task_view(task: Task, build: Build, requester_email: str | None, approver_em
         approver = {"user_id": None, "user_name": "SYSTEM"}
     elif task.approver_id is not None:
         approver = {"user_id": task.approver_id, "user_name": approver_email or ""}
+    status = {"status": task.status, "created_at": _epoch(task.created_at), "status_updated_at": _epoch(task.updated_at)}
+    approvals: list[dict[str, object]] = []
+    if approver is not None:
+        approvals.append({"user_id": approver["user_id"] or NIL_UUID, "user_name": approver["user_name"],
+                          "status": "DENIED" if task.status == "DENIED" else "APPROVED",
+                          "denial_reason": task.denial_reason})
+    requester_info: dict[str, object] = (
+        {"requester_type": "USER", "user_id": task.requester_id, "user_name": requester_email or ""}
+        if task.requester_id else {"requester_type": "SYSTEM"})
     return {
         "task_id": task.id, "acct_id": task.account_id, "entity_id": task.build_id, "build_id": task.build_id,
-        "app_id": build.app_id, "type": task.type,
-        "status": {"status": task.status, "status_updated_at": _epoch(task.updated_at)},
+        "app_id": build.app_id, "type": task.type, "task_type": task.type, "status": status, "task_status": status,
+        "requester_info": requester_info, "approvals": approvals,
         "requester": ({"user_id": task.requester_id, "user_name": requester_email or ""}
                       if task.requester_id else None),
         "approver": approver,

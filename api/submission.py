@@ -18,22 +18,23 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from api.prepared import PreparedForm, execute_form
-from common.accounts import RANK, Role
+from common.store.accounts import RANK, Role
 
-_PARAMS = ("user_id", "account_id", "roles", "app_id", "app_settings", "quota", "id", "idempotency_key",
+_PARAMS = ("session_id", "user_id", "account_id", "roles", "app_id", "app_settings", "quota", "id", "idempotency_key",
            "request_fingerprint", "input_image_name", "output_image_name", "input_username", "output_username",
            "input_credentials", "output_credentials", "converter_options", "cpu_count", "mem_size",
            "enable_overlay_filesystem_persistence")
 SUBMIT_SQL = (
     "SELECT outcome, member_role, app_name, app_description, app_settings, unfinished, stamped_created_at, "
-    "stamped_updated_at, stamped_approval_updated_at FROM nitroconv_submit_build("
+    "stamped_updated_at, stamped_approval_updated_at, session_user_id, session_account_id "
+    "FROM nitroconv_submit_build("
     + ", ".join(f"%({name})s" for name in _PARAMS) + ")")
 SUBMIT_FORM = PreparedForm.of("nitroconv_submit", SUBMIT_SQL)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the function answered; see migration 0006 for the meaning of each `outcome`."""
+    """What the function answered; see migrations 0006 and 0007 for the meaning of each `outcome`."""
 
     outcome: str
     role: str | None
@@ -44,6 +45,8 @@ class Outcome:
     created_at: datetime | None
     updated_at: datetime | None
     approval_updated_at: datetime | None
+    session_user_id: uuid.UUID | str | None  # with `moved`: the session's user and account now
+    session_account_id: uuid.UUID | str | None
 
 
 def roles_at_least(role: Role) -> list[str]:
@@ -60,16 +63,18 @@ def _driver_value(value: object) -> object:
 
 
 def submit_build(engine: Engine, values: Mapping[str, object], *, user_id: uuid.UUID, account_id: uuid.UUID,
-                 roles: list[str], app_settings: str | None, quota: int | None) -> Outcome:
+                 roles: list[str], app_settings: str | None, quota: int | None,
+                 session_id: uuid.UUID | None = None) -> Outcome:
     """Run the submission's statement; `values` are the build's columns as buildstore.build_row gives them.
 
     `app_settings`: the app's default_build_settings (jsonb text) the values were merged with; None when
-    not known yet (the answer is then `stale`, with the current ones). A database error is raised as
+    not known yet (the answer is then `stale`, with the current ones). `session_id`: the caller's session, which
+    must be live and still be `user_id`'s in `account_id` (else `session` or `moved`); None skips the check. A database error is raised as
     SQLAlchemy's DBAPIError (the API's 503 or 500), a lost connection invalidated as SQLAlchemy would.
     """
     params = {name: _driver_value(values[name]) for name in _PARAMS if name in values}
-    params.update(user_id=str(user_id), account_id=str(account_id), roles=roles, app_settings=app_settings,
-                  quota=quota)
+    params.update(session_id=str(session_id) if session_id else None, user_id=str(user_id),
+                  account_id=str(account_id), roles=roles, app_settings=app_settings, quota=quota)
     raw = engine.raw_connection()
     try:
         dbapi = raw.dbapi_connection

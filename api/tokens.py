@@ -1,4 +1,7 @@
-"""Session tokens: HS256 JWTs with exp, iat, iss and aud, the algorithm fixed here and never read from a token."""
+"""Session tokens: HS256 JWTs naming a server-side session (api/sessions.py), with exp, iat, iss and aud; the
+algorithm is fixed here and never read from a token. The token carries nothing else: the user, the selected
+account and the token's current expiry live in the session row, so they change (select_account, refresh,
+terminate) without a new token."""
 from __future__ import annotations
 
 import functools
@@ -9,16 +12,15 @@ from dataclasses import dataclass, field
 import jwt
 
 from common.errors import Unauthenticated
-from common.sealing import derive_key
+from common.store.sealing import derive_key
 
 ALGORITHM = "HS256"
 
 
 @dataclass(frozen=True)
 class TokenClaims:
-    user_id: uuid.UUID
-    account_id: uuid.UUID | None
-    expires_at: int
+    session_id: uuid.UUID
+    expires_at: int  # the session's end: no refresh moves a session past it
 
 
 VERIFIED_CACHE_SIZE = 4096
@@ -38,15 +40,12 @@ class TokenIssuer:
     def _key(self) -> bytes:
         return derive_key(self.secret, b"nitroconv jwt hs256 v1")
 
-    def issue(self, user_id: uuid.UUID, account_id: uuid.UUID | None, now: float | None = None) -> tuple[str, int]:
-        """A signed token and its expiry (epoch seconds)."""
+    def issue(self, session_id: uuid.UUID, expires_at: int, now: float | None = None) -> str:
+        """A signed token for the session, valid (as a token) until the session's end."""
         iat = int(time.time() if now is None else now)
-        exp = iat + self.ttl_seconds
-        claims: dict[str, object] = {"sub": str(user_id), "iat": iat, "exp": exp, "iss": self.issuer,
-                                     "aud": self.audience, "jti": uuid.uuid4().hex}
-        if account_id is not None:
-            claims["acct"] = str(account_id)
-        return jwt.encode(claims, self._key, algorithm=ALGORITHM), exp
+        claims: dict[str, object] = {"sub": str(session_id), "iat": iat, "exp": expires_at, "iss": self.issuer,
+                                     "aud": self.audience}
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     def verify(self, token: str) -> TokenClaims:
         """Claims of a valid token; Unauthenticated for anything else (alg, signature, exp, aud, iss)."""
@@ -56,10 +55,7 @@ class TokenIssuer:
         try:
             claims = jwt.decode(token, self._key, algorithms=[ALGORITHM], audience=self.audience,
                                 issuer=self.issuer, options={"require": ["exp", "iat", "iss", "aud", "sub"]})
-            account = claims.get("acct")
-            verified = TokenClaims(user_id=uuid.UUID(str(claims["sub"])),
-                                   account_id=uuid.UUID(str(account)) if account else None,
-                                   expires_at=int(claims["exp"]))
+            verified = TokenClaims(session_id=uuid.UUID(str(claims["sub"])), expires_at=int(claims["exp"]))
         except (jwt.PyJWTError, ValueError, TypeError):
             raise Unauthenticated("invalid or expired token") from None
         if len(self._verified) >= VERIFIED_CACHE_SIZE:

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from common.digest import Digest
-from common.reference import parse_reference
-from common.registry import RegistryClient
+from common.registry.client import RegistryClient
+from common.registry.digest import Digest
+from common.registry.reference import parse_reference
 
 # Bump when a recipe changes: cached layers of another version are rebuilt.
 RECIPE_VERSION = 1

@@ -15,9 +15,9 @@ import tarfile
 from collections.abc import Callable
 from typing import BinaryIO
 
-from common.digest import Digest
-from common.reference import parse_reference
-from common.registry import RegistryClient
+from common.registry.client import RegistryClient
+from common.registry.digest import Digest
+from common.registry.reference import parse_reference
 from deploy.sample_image import HELLO, base_layer
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

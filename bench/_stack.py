@@ -178,8 +178,14 @@ def scratch_stack(root: Path, registry: str, redis_url: str, port: int, log: Log
     """A database and Redis DB of the run's own, and the API on 127.0.0.1:`port`; everything stopped and dropped after."""
     from redis import Redis
 
-    from common.accounts import ensure_admin
-    from common.db import create_database_if_missing, drop_database, engine_for, migrate, session_scope
+    from common.store.accounts import ensure_admin
+    from common.store.engine import (
+        create_database_if_missing,
+        drop_database,
+        engine_for,
+        migrate,
+        session_scope,
+    )
 
     root.mkdir(parents=True, exist_ok=True)
     database_url = f"{pg}/nitroconv_bench_service_{secrets.token_hex(4)}"

@@ -28,8 +28,8 @@ def server_spans(database_url: str, build_id: str) -> list[tuple[str, float]]:
     """The durations of one build's conversion states, read from the run's database."""
     from sqlalchemy import select
 
-    from common.db import session_scope
-    from common.models import Build, BuildEvent
+    from common.store.engine import session_scope
+    from common.store.models import Build, BuildEvent
 
     key = uuid.UUID(build_id)
     with session_scope(database_url) as session:
@@ -44,8 +44,8 @@ def ended(database_url: str, build_ids: Sequence[str], terminal: frozenset[str])
     """When each of `build_ids` whose conversion has ended reached its terminal state (one query)."""
     from sqlalchemy import select
 
-    from common.db import session_scope
-    from common.models import BuildEvent
+    from common.store.engine import session_scope
+    from common.store.models import BuildEvent
 
     keys = [uuid.UUID(b) for b in build_ids]
     with session_scope(database_url) as session:

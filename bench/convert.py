@@ -231,7 +231,7 @@ class DockerBench:
 _STEPS = (
     ("pull: fetch + verify + apply layers", "worker/pipeline/pull.py", "pull"),
     ("build: cpio ramdisks + EIF + PCRs", "worker/pipeline/build.py", "build_eif"),
-    ("measure: the EIF's layout as written", "common/eif.py", "check_written"),
+    ("measure: the EIF's layout as written", "common/enclave/", "check_written"),
     ("output layer: one read, tar + compress + digests", "worker/pipeline/outputimage.py", "write_layer"),
     ("push: upload", "worker/pipeline/push.py", "push"),
 )

@@ -116,10 +116,10 @@ def _poll_interval(elapsed: float) -> float:
 
 
 class Api:
-    """The service as a client sees it: one app, submissions, polls (common.apiclient)."""
+    """The service as a client sees it: one app, submissions, polls (worker.cli)."""
 
     def __init__(self, url: str, email: str, password: str) -> None:
-        from common.apiclient import Client
+        from worker.cli.client import Client
 
         token = Client(url).login(email, password)["access_token"]
         self.client = Client(url, str(token), timeout=60)

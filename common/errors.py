@@ -223,6 +223,18 @@ class BootCheckFailed(PermanentError):
     code = "boot_check_failed"
 
 
+class BootCheckPcrMismatch(BootCheckFailed):
+    """The PCRs the emulator's NSM measured (as the init read them) differ from the Build's, or are missing."""
+
+    code = "boot_check_pcr_mismatch"
+
+
+class BootCheckNoHeartbeat(BootCheckFailed):
+    """The enclave never sent the parent its "enclave ready" heartbeat on vsock port 9000."""
+
+    code = "boot_check_no_heartbeat"
+
+
 # --- EIF inputs ----------------------------------------------------------------------------------
 class InvalidBlobs(PermanentError):
     """The kernel, cmdline, init or kernel config in the blobs dir is missing or malformed."""
@@ -325,3 +337,112 @@ class EifCheckFailed(PermanentError):
     """`nitroconv verify`: the EIF parses but its CRC, signature or an expected PCR does not match."""
 
     code = "eif_check_failed"
+
+
+# --- attestation documents (common/enclave/attestation.py): every failed check has its own code ------------
+class AttestationFailed(PermanentError):
+    """A Nitro attestation document that does not prove what was expected; subclasses name the check."""
+
+    code = "attestation_failed"
+
+
+class MalformedDocument(AttestationFailed):
+    """Not a COSE_Sign1 over an attestation payload of the documented shape (a field missing, mistyped, null
+    where required, out of its size range, or unknown; truncated or trailing CBOR)."""
+
+    code = "malformed_document"
+
+
+class DocumentTooLarge(MalformedDocument):
+    """Larger than any document the NSM issues: refused before it is decoded."""
+
+    code = "document_too_large"
+
+
+class UnsupportedAlgorithm(AttestationFailed):
+    """The COSE protected header names an algorithm other than ES384 (-35)."""
+
+    code = "unsupported_algorithm"
+
+
+class UnsupportedDigest(AttestationFailed):
+    """The payload's `digest` is not "SHA384"."""
+
+    code = "unsupported_digest"
+
+
+class UnsignedDocument(AttestationFailed):
+    """An all-zero signature: what an emulated NSM (QEMU) issues. Only the emulator mode accepts it."""
+
+    code = "unsigned_document"
+
+
+class UntrustedChain(AttestationFailed):
+    """The certificates do not chain from the pinned root to the document's certificate."""
+
+    code = "untrusted_chain"
+
+
+class InvalidCertificate(AttestationFailed):
+    """A certificate that does not parse, or whose basic constraints, key usage or key type forbid its place."""
+
+    code = "invalid_certificate"
+
+
+class CertificateExpired(AttestationFailed):
+    code = "expired"
+
+
+class CertificateNotYetValid(AttestationFailed):
+    code = "not_yet_valid"
+
+
+class BadSignature(AttestationFailed):
+    """The COSE_Sign1 signature does not verify with the document certificate's P-384 key."""
+
+    code = "bad_signature"
+
+
+class DebugEnclave(AttestationFailed):
+    """PCR0, PCR1 and PCR2 are all zero: a debug-mode enclave, whose measurements prove nothing."""
+
+    code = "debug_enclave"
+
+
+class PcrMismatch(AttestationFailed):
+    code = "pcr_mismatch"
+
+
+class NonceMismatch(AttestationFailed):
+    code = "nonce_mismatch"
+
+
+class StaleDocument(AttestationFailed):
+    """The document's timestamp is older than the caller's maximum age."""
+
+    code = "stale_document"
+
+
+class TimestampInFuture(AttestationFailed):
+    """The document's timestamp is ahead of the verifier's clock by more than the allowed skew."""
+
+    code = "timestamp_in_future"
+
+
+class BuildNotMeasured(Conflict):
+    """An attestation cannot be checked against a Build that has no PCRs yet (its conversion has not succeeded)."""
+
+    code = "build_not_measured"
+
+
+class AttestationRootInvalid(PermanentError):
+    """NITROCONV_ATTESTATION_ROOT is unreadable, not a PEM certificate, or does not hash to its pin: a deployment
+    fault, so every verification answers it until it is fixed."""
+
+    code = "attestation_root_invalid"
+
+
+class EmulatorUnavailable(PermanentError):
+    """`run-local` cannot run the enclave emulator here (QEMU with the nitro-enclave machine, the vsock back-end)."""
+
+    code = "emulator_unavailable"

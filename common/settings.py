@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import InvalidOptions
-from common.layercompress import parse_compression
-from common.reference import parse_reference
-from common.tasknames import QUEUES
+from common.image.compress import parse_compression
+from common.queue.tasknames import QUEUES
+from common.registry.reference import parse_reference
 
 PREFIX = "NITROCONV_"
 ENVIRONMENTS = ("development", "test", "production")
@@ -58,6 +59,16 @@ def parse_queues(value: str) -> tuple[str, ...]:
     return queues
 
 
+BOOT_CHECK_MODES = ("auto", "emulator", "plain")
+
+
+def parse_boot_check_mode(value: str) -> str:
+    mode = value.strip().lower()
+    if mode not in BOOT_CHECK_MODES:
+        raise InvalidOptions(f"NITROCONV_BOOT_CHECK_MODE must be one of {', '.join(BOOT_CHECK_MODES)}, got {value!r}")
+    return mode
+
+
 @dataclass(frozen=True)
 class Settings:
     api_addr: str = "127.0.0.1:8080"
@@ -73,6 +84,7 @@ class Settings:
     secret_key: bytes = field(default=b"", repr=False)
     insecure_registries: frozenset[str] = frozenset({"127.0.0.1:5000"})
     token_ttl_seconds: int = 3600
+    session_max_seconds: int = 86400  # a session ends this long after sign-in, however often it is refreshed
     token_issuer: str = "nitroconv"
     token_audience: str = "nitroconv-api"
     # Conversion time limits; the broker visibility timeout must stay above the hard limit.
@@ -98,6 +110,13 @@ class Settings:
     # software-emulated boot costs several seconds of worker CPU per conversion.
     boot_check: bool = False
     boot_check_timeout: int = 120
+    # Where the boot check boots (issue 16): `emulator` loads the EIF with QEMU's nitro-enclave machine (its own
+    # EIF loader, NSM and vsock: PCRs and heartbeat checked), `plain` boots the EIF's kernel and ramdisks
+    # with -kernel/-initrd (the fallback for hosts that cannot build the emulator), `auto` the emulator when
+    # it is installed, else plain (logged, and recorded in the Build's boot_check).
+    boot_check_mode: str = "auto"
+    # The emulator's QEMU built by `make setup` (deploy/emulator), with the nitro-enclave machine.
+    emulator_qemu: Path = Path(".state/emulator/qemu-system-x86_64")
     # The exec shim and launcher built by `make runtime` (deploy/runtime/Makefile).
     runtime_dir: Path = Path(".state/runtime")
     # EIF signing (EIF.md §4.2): PEM paths, both or neither; checked again before every build, since a
@@ -106,6 +125,10 @@ class Settings:
     signing_cert: Path | None = None
     # PEM bundle appended to an image's trust store when a build asks for add_ccm_ca_certificates.
     ca_bundle: Path | None = None
+    # The root attestation documents must chain to, instead of the pinned AWS Nitro Enclaves Root G1 (another
+    # partition's): a PEM path and the SHA-256 of its DER, both or neither (a root is trusted by its pin).
+    attestation_root: Path | None = None
+    attestation_root_sha256: str = ""
 
     # The image converted images are layered on (a registry reference), e.g. the operator's image with
     # nitro-cli for /enclave/run to start; empty: the output has only the enclave layer.
@@ -158,12 +181,13 @@ class Settings:
             "workers": parse_int(get("WORKERS") or "1", minimum=1),
             "blobs_dir": Path(get("BLOBS_DIR") or state_dir / "blobs"),
             "runtime_dir": Path(get("RUNTIME_DIR") or state_dir / "runtime"),
+            "emulator_qemu": Path(get("EMULATOR_QEMU") or state_dir / "emulator" / "qemu-system-x86_64"),
             "admin_email": get("ADMIN_EMAIL") or cls.admin_email,
             "admin_password": get("ADMIN_PASSWORD") or "",
             "insecure_registries": frozenset(parse_list(insecure) if insecure else (registry_addr,)),
             "flower_basic_auth": get("FLOWER_BASIC_AUTH") or "",
         }
-        for name in ("token_ttl_seconds", "soft_time_limit", "time_limit", "visibility_timeout",
+        for name in ("token_ttl_seconds", "session_max_seconds", "soft_time_limit", "time_limit", "visibility_timeout",
                      "lease_seconds", "requeue_after_seconds", "sweep_interval_seconds", "max_attempts",
                      "max_wait_seconds", "boot_check_timeout", "soft_shutdown_timeout", "max_image_bytes",
                      "worker_max_tasks_per_child", "worker_max_memory_per_child_mib"):
@@ -173,7 +197,10 @@ class Settings:
         boot_check = get("BOOT_CHECK")
         if boot_check is not None:
             values["boot_check"] = parse_bool(boot_check)
-        for name in ("signing_key", "signing_cert", "ca_bundle"):
+        mode = get("BOOT_CHECK_MODE")
+        if mode is not None:
+            values["boot_check_mode"] = parse_boot_check_mode(mode)
+        for name in ("signing_key", "signing_cert", "ca_bundle", "attestation_root"):
             raw = get(name.upper())
             if raw is not None:
                 values[name] = Path(raw)
@@ -208,6 +235,9 @@ class Settings:
         metrics_port = get("WORKER_METRICS_PORT")
         if metrics_port is not None:
             values["worker_metrics_port"] = parse_int(metrics_port, minimum=0)
+        root_pin = get("ATTESTATION_ROOT_SHA256")
+        if root_pin is not None:
+            values["attestation_root_sha256"] = root_pin.strip().lower()
         secret = get("SECRET_KEY")
         values["secret_key"] = secret.encode() if secret else b""
         settings = cls(**values)  # type: ignore[arg-type]
@@ -226,6 +256,11 @@ class Settings:
                                  "conversion's time limit)")
         if (self.signing_key is None) != (self.signing_cert is None):
             raise InvalidOptions("NITROCONV_SIGNING_KEY and NITROCONV_SIGNING_CERT must be set together")
+        if (self.attestation_root is None) != (not self.attestation_root_sha256):
+            raise InvalidOptions("NITROCONV_ATTESTATION_ROOT and NITROCONV_ATTESTATION_ROOT_SHA256 must be set "
+                                 "together")
+        if self.attestation_root_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.attestation_root_sha256):
+            raise InvalidOptions("NITROCONV_ATTESTATION_ROOT_SHA256 must be 64 hex digits (SHA-256 of the DER)")
 
     def with_secret(self) -> Settings:
         """These settings with a secret key: the configured one, else one persisted in the state dir."""

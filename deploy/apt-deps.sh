@@ -3,9 +3,11 @@
 # so a second run touches nothing (no apt-get update when all are present).
 set -euo pipefail
 packages=(
-  gcc libc6-dev make            # static build of the enclave init
+  make binutils                 # worker/runtime/Makefile (its compiler is the venv's pinned zig) and readelf
+  gcc libc6-dev                 # a C compiler for Python packages that build from source
+  clang libclang-rt-14-dev      # tests/fuzz: libFuzzer with ASan/UBSan over the runtime's parsers
   cpio busybox-static           # test rootfs and cross-checks of our cpio writer
-  linux-image-cloud-amd64       # dev blob kernel
+  linux-image-cloud-amd64       # the guest kernel (virtio-vsock modules) of tests/e2e/test_vsock_guest.py
   qemu-system-x86               # boot checks
   docker.io                     # the test oracle (dockerd); never needed to convert
   docker-registry               # local registry for tests and the demo

@@ -49,7 +49,7 @@ echo "== approving task $task_id"
 
 echo "== fetching the converted image's EIF (boot-checked by the worker above) and verifying its PCRs"
 "$bin/nitroconv" fetch-eif "$addr/demo/hello-enclave:latest" --out "$state/demo/hello.eif" --insecure-registry "$addr"
-"$bin/nitroconv" verify "$state/demo/hello.eif" --expect-pcr "0=$(json attributes.nitro_enclave.pcr0 <"$state/demo/build.json")" >/dev/null
+"$bin/nitroconv" verify "$state/demo/hello.eif" --expect-pcr "0=$(json attributes.eif.nitro_enclave.pcr0 <"$state/demo/build.json")" >/dev/null
 
 echo "== the Build"
 "$bin/nitroconv" builds get "$build_id"

@@ -12,9 +12,9 @@ import subprocess
 import sys
 import tarfile
 
-from common.digest import Digest
-from common.reference import parse_reference
-from common.registry import RegistryClient
+from common.registry.client import RegistryClient
+from common.registry.digest import Digest
+from common.registry.reference import parse_reference
 
 HELLO = b"""#!/bin/sh
 echo "hello from the enclave, $1"

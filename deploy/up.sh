@@ -32,7 +32,7 @@ running() { [[ -f "$state/pids/$1.pid" ]] && kill -0 "$(cat "$state/pids/$1.pid"
 
 deploy/services.sh
 deploy/registry.sh start
-"$py" -m common.bootstrap
+"$py" -m common.store.bootstrap
 
 if ! running api; then
   "$venv/bin/gunicorn" -c deploy/gunicorn.conf.py --daemon 'api.app:create_app()'

@@ -15,10 +15,11 @@ from celery.signals import (
 )
 from kombu import Exchange, Queue
 
-from common import db, logs
-from common.queue import broker_transport_options
+from common import logs
+from common.queue.publish import broker_transport_options
+from common.queue.tasknames import MAINTENANCE, QUEUE, SWEEP
 from common.settings import Settings, get_settings
-from common.tasknames import MAINTENANCE, QUEUE, SWEEP
+from common.store import engine as db
 
 MAINTENANCE_QUEUE = MAINTENANCE
 

@@ -5,16 +5,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from common.buildstore import Outcome
-from common.models import Build
-from common.sealing import Credentials
 from common.settings import Settings
+from common.store.builds import Outcome
+from common.store.models import Build
+from common.store.sealing import Credentials
 
 
 def _registry_credentials(creds: Credentials | None) -> object | None:
     if creds is None:
         return None
-    from common.registry import Credentials as RegistryCredentials
+    from common.registry.client import Credentials as RegistryCredentials
 
     return RegistryCredentials(creds.username, creds.password)
 
@@ -35,6 +35,7 @@ class PipelineEngine:
                  scratch: Path, on_stage: Callable[[str, float], None],
                  should_cancel: Callable[[], bool]) -> Outcome:
         from worker.pipeline.convert import DEFAULT_LIMITS, ConverterOptions, ConvertSpec
+        from worker.pipeline.emulatorboot import BootCheckPlan
         from worker.pipeline.reuse import convert_reusing
 
         o = build.converter_options
@@ -68,7 +69,7 @@ class PipelineEngine:
         )
         cache = self.settings.state_dir / "cache"
         cache.mkdir(parents=True, exist_ok=True)
-        boot_check = float(self.settings.boot_check_timeout) if self.settings.boot_check else False
+        boot_check = BootCheckPlan.from_settings(self.settings) if self.settings.boot_check else False
         # The account owns the cached conversion: a reused layer is only ever mounted from its own pushes.
         result = convert_reusing(
             spec, scratch=scratch, blobs_dir=self.settings.blobs_dir, cache_dir=cache,

@@ -1,4 +1,5 @@
-"""The worker main process's own duties: reap dead attempts' scratch at start, end hard-timed-out builds."""
+"""The worker main process's own duties: reap dead attempts' scratch at start, end hard-timed-out builds; and a
+new pool child's: end the builds of children the OOM killer ended (worker.oomkill)."""
 from __future__ import annotations
 
 import logging
@@ -8,17 +9,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from billiard.exceptions import TimeLimitExceeded
-from celery.signals import task_failure, worker_ready
+from celery.signals import task_failure, worker_process_init, worker_ready
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from common import buildstore
-from common.models import Build
+from common.queue.tasknames import CONVERT
 from common.settings import Settings, get_settings
-from common.status import RUNNING, ConversionState
-from common.tasknames import CONVERT
+from common.store import builds as buildstore
+from common.store.models import Build
+from common.store.status import RUNNING, ConversionState
+from worker import oomkill
 from worker.scratch import reap_dead, scratch_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def note_claim(state_dir: Path, task_id: str, build_id: uuid.UUID) -> None:
     path = _claim_note(state_dir, task_id)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(str(build_id))
+        path.write_text(f"{build_id} {oomkill.note_fields()}")
 
 
 def forget_claim(state_dir: Path, task_id: str) -> None:
@@ -84,8 +86,8 @@ def claimed_by(state_dir: Path, task_id: str) -> uuid.UUID | None:
     if path is None:
         return None
     try:
-        return uuid.UUID(path.read_text().strip())
-    except (OSError, ValueError):
+        return uuid.UUID(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
     finally:
         path.unlink(missing_ok=True)
@@ -99,6 +101,20 @@ def _reap_at_start(**_: object) -> None:
             reap_dead(s.state_dir, session)
     except Exception:  # noqa: BLE001 - a start-up without Postgres must still start; the sweeper reaps later
         log.warning("could not reap scratch dirs at start", exc_info=True)
+
+
+@worker_process_init.connect
+def _end_oom_killed(**_: object) -> None:
+    # In each new pool child: the pool replaces a child the OOM killer ended, so this runs right after one dies.
+    s = get_settings()
+    found = oomkill.oom_killed_claims(s.state_dir / "claims")
+    if not found:
+        return
+    try:
+        with parent_session(s.database_url) as session:
+            oomkill.end_oom_killed_attempts(s, session, found)
+    except Exception:  # noqa: BLE001 - the lease then expires and the sweeper requeues or fails it
+        log.warning("could not record the OOM kill of builds %s", [str(b) for _, b in found], exc_info=True)
 
 
 @task_failure.connect

@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+from common.queue.tasknames import QUEUES
 from common.settings import Settings
-from common.tasknames import QUEUES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -85,8 +86,18 @@ def child_exited(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-@functools.cache
+_METRICS_LOCK = threading.Lock()
+
+
 def _metrics() -> dict[str, Any]:
+    # The pull's prefetch threads may be the first to count: functools.cache alone lets two threads both
+    # build the metrics, and the second registration raises DuplicateTimeseries mid-conversion.
+    with _METRICS_LOCK:
+        return _build_metrics()
+
+
+@functools.cache
+def _build_metrics() -> dict[str, Any]:
     from prometheus_client import Counter, Histogram
 
     return {
@@ -143,7 +154,7 @@ class MeteredEngine:
 
 def instrument_registry() -> None:
     """Count blob bytes at the registry client's two transfer points (idempotent)."""
-    from common.registry import RegistryClient
+    from common.registry.client import RegistryClient
 
     if getattr(RegistryClient.fetch_blob, "_nitroconv_metered", False):
         return

@@ -14,13 +14,14 @@ from typing import Protocol
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
 
-from common import buildstore, logs
-from common.db import session_scope
+from common import logs
 from common.errors import Cancelled, NitroconvError, ResourceLimit
-from common.models import Build
-from common.sealing import Credentials, Sealer
 from common.settings import Settings
-from common.status import ConversionState, path_to
+from common.store import builds as buildstore
+from common.store.engine import session_scope
+from common.store.models import Build
+from common.store.sealing import Credentials, Sealer
+from common.store.status import ConversionState, path_to
 from worker.scratch import scratch_dir
 
 log = logging.getLogger(__name__)

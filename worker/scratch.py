@@ -10,8 +10,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from common.models import Build
-from common.status import RUNNING
+from common.store.models import Build
+from common.store.status import RUNNING
 
 log = logging.getLogger(__name__)
 SCRATCH = "scratch"

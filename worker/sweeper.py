@@ -8,13 +8,13 @@ from datetime import timedelta
 
 from sqlalchemy import func, select, update
 
-from common import buildstore
-from common.db import session_scope
 from common.errors import QueueUnavailable
-from common.models import Build
-from common.queue import UNACKED_MUTEX_KEY, enqueue_conversion, heal_unacked_mutex
+from common.queue.publish import UNACKED_MUTEX_KEY, enqueue_conversion, heal_unacked_mutex
 from common.settings import Settings
-from common.status import RUNNING, ConversionState
+from common.store import builds as buildstore
+from common.store.engine import session_scope
+from common.store.models import Build
+from common.store.status import RUNNING, ConversionState
 from worker.scratch import reap_dead
 
 log = logging.getLogger(__name__)

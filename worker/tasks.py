@@ -9,12 +9,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from common import logs
-from common.db import is_connection_error, session_scope
 from common.errors import DatabaseUnavailable
-from common.models import Build
-from common.queue import enqueue_conversion
+from common.queue.publish import enqueue_conversion
+from common.queue.tasknames import CONVERT, SWEEP
 from common.settings import Settings, get_settings
-from common.tasknames import CONVERT, SWEEP
+from common.store.engine import is_connection_error, session_scope
+from common.store.models import Build
 from worker.celery_app import app
 from worker.engine import PipelineEngine
 from worker.lifecycle import forget_claim, note_claim

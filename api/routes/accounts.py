@@ -1,8 +1,10 @@
-"""`/v1/accounts` and `/v1/users`: accounts of the caller, and members of the current account."""
+"""`/v1/accounts`, `/v1/user` and `/v1/users`: accounts of the caller, the caller, and members of the current
+account, as CCM's API document has them."""
 from __future__ import annotations
 
 import uuid
 
+from flask import Response, jsonify
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -10,43 +12,92 @@ from api.auth import principal
 from api.context import db
 from api.presenters import epoch
 from api.schemas.sys import (
+    ROLES,
     AccountCreateSchema,
     AccountListSchema,
     AccountSchema,
+    AccountUpdateSchema,
+    InviteUserSchema,
     UserCreateSchema,
     UserListSchema,
     UserSchema,
     UserUpdateSchema,
 )
 from api.services import accounts
-from common.accounts import Role
-from common.models import Account, Membership, User
+from common.errors import ValidationFailed
+from common.store.accounts import Role
+from common.store.models import Account, Membership, User
 
 accounts_blp = Blueprint("accounts", __name__, url_prefix="/v1/accounts", description="Accounts")
 users_blp = Blueprint("users", __name__, url_prefix="/v1/users", description="Members of the current account")
+user_blp = Blueprint("user", __name__, url_prefix="/v1/user", description="The signed-in user")
 
 
 def _account(account: Account, role: str) -> dict[str, object]:
-    return {"acct_id": account.id, "name": account.name, "created_at": epoch(account.created_at), "role": role}
+    return {"acct_id": account.id, "name": account.name, "created_at": epoch(account.created_at), "role": role,
+            "roles": [role], "status": "ACTIVE", "account_status": "Active",
+            "node_enrollment": dict(account.node_enrollment), "component": account.component,
+            "custom_logo": account.custom_logo}
 
 
-def _user(user: User, membership: Membership) -> dict[str, object]:
-    return {"user_id": user.id, "user_email": user.email, "role": membership.role,
-            "created_at": epoch(membership.created_at)}
+def _status(user: User) -> str:
+    return "PENDING" if user.password_hash == "!" else "ACTIVE"  # invited, never given a password
+
+
+def _user(user: User, membership: Membership | None) -> dict[str, object]:
+    role = membership.role if membership is not None else None
+    return {"user_id": user.id, "user_email": user.email, "role": role, "roles": [role] if role else [],
+            "status": _status(user), "user_account_status": _status(user), "first_name": None, "last_name": None,
+            "created_at": epoch(membership.created_at if membership is not None else user.created_at)}
 
 
 @accounts_blp.route("")
 class AccountList(MethodView):
     @accounts_blp.arguments(AccountCreateSchema)
-    @accounts_blp.response(201, AccountSchema)
+    @accounts_blp.response(200, AccountSchema)
     def post(self, body: dict[str, object]) -> dict[str, object]:
         """Create an account; the caller becomes its MANAGER."""
-        return _account(accounts.new_account(db(), principal().user_id, str(body["name"])), Role.MANAGER.value)
+        me = principal()
+        account = accounts.new_account(db(), me.user_id, str(body["name"]))
+        account, role = accounts.update_account(db(), me.user_id, account.id, {
+            key: body[key] for key in ("custom_logo", "node_enrollment", "component")})
+        return _account(account, role)
 
     @accounts_blp.response(200, AccountListSchema)
     def get(self) -> dict[str, object]:
         """The caller's accounts."""
         return {"items": [_account(a, r) for a, r in accounts.memberships(db(), principal().user_id)]}
+
+
+@accounts_blp.route("/<uuid:acct_id>")
+class AccountItem(MethodView):
+    @accounts_blp.response(200, AccountSchema)
+    def get(self, acct_id: uuid.UUID) -> dict[str, object]:
+        """One of the caller's accounts."""
+        return _account(*accounts.member_account(db(), principal().user_id, acct_id))
+
+    @accounts_blp.arguments(AccountUpdateSchema)
+    @accounts_blp.response(200, AccountSchema)
+    def patch(self, body: dict[str, object], acct_id: uuid.UUID) -> dict[str, object]:
+        """Change an account (its MANAGER)."""
+        return _account(*accounts.update_account(db(), principal().user_id, acct_id, body))
+
+    @accounts_blp.response(204)
+    def delete(self, acct_id: uuid.UUID) -> None:
+        """Delete an account with its apps, builds and tasks (its MANAGER)."""
+        accounts.delete_account(db(), principal().user_id, acct_id)
+
+
+@user_blp.route("")
+class Me(MethodView):
+    @user_blp.response(200, UserSchema)
+    def get(self) -> dict[str, object]:
+        """The signed-in user, with the role in the session's account."""
+        me = principal()
+        found = accounts.user(db(), me.user_id)
+        if me.account_id is None:
+            return _user(found, None)
+        return _user(*accounts.member(db(), me.account_id, me.user_id))
 
 
 @users_blp.route("")
@@ -63,15 +114,59 @@ class UserList(MethodView):
         return {"items": [_user(u, m) for u, m in accounts.list_members(db(), principal().require(Role.READER))]}
 
 
+@users_blp.route("/invite")
+class Invite(MethodView):
+    @users_blp.arguments(InviteUserSchema)
+    @users_blp.response(201, UserSchema)
+    def post(self, body: dict[str, object]) -> dict[str, object]:
+        """Invite a user by e-mail into the account (MANAGER); the highest of `roles` applies."""
+        found, membership, _ = accounts.invite(db(), principal().require(Role.MANAGER), body)
+        return _user(found, membership)
+
+
 @users_blp.route("/<uuid:user_id>")
 class UserItem(MethodView):
+    @users_blp.response(200, UserSchema)
+    def get(self, user_id: uuid.UUID) -> dict[str, object]:
+        """A member of the account."""
+        return _user(*accounts.member(db(), principal().require(Role.READER), user_id))
+
     @users_blp.arguments(UserUpdateSchema)
     @users_blp.response(200, UserSchema)
     def patch(self, body: dict[str, object], user_id: uuid.UUID) -> dict[str, object]:
-        """Change a member's role (MANAGER)."""
-        return _user(*accounts.change_role(db(), principal().require(Role.MANAGER), user_id, str(body["role"])))
+        """Change a member's role (MANAGER): `role`, or CCM's `roles` (the highest applies)."""
+        roles = [str(body["role"])] if body.get("role") else [str(r) for r in body.get("roles") or ()]  # type: ignore[attr-defined]
+        if not roles:
+            raise ValidationFailed("The request is invalid.", details={"fields": {"roles": ["give role or roles"]}})
+        role = max((Role(r) for r in roles), key=list(Role).index)
+        return _user(*accounts.change_role(db(), principal().require(Role.MANAGER), user_id, role.value))
 
     @users_blp.response(204)
     def delete(self, user_id: uuid.UUID) -> None:
         """Remove a member from the account (MANAGER)."""
         accounts.remove_member(db(), principal().require(Role.MANAGER), user_id)
+
+
+@users_blp.route("/<uuid:user_id>/accounts")
+class UserAccounts(MethodView):
+    @users_blp.response(200, {"type": "object", "additionalProperties": {
+        "type": "object", "required": ["roles", "status"],
+        "properties": {"roles": {"type": "array", "items": {"type": "string", "enum": list(ROLES)}},
+                       "status": {"type": "string", "enum": ["ACTIVE", "PENDING", "DISABLED"]}}}},
+        description="account id -> the user's roles and status there (CCM's GetUserAccountsResponse)")
+    def get(self, user_id: uuid.UUID) -> Response:
+        """The accounts of the caller (CCM: the user's own); another user's are a 404."""
+        me = principal()
+        if user_id != me.user_id:
+            accounts.member(db(), me.require(Role.READER), user_id)  # 404 outside the account
+            raise ValidationFailed("The request is invalid.", code="not_own_user",
+                                   details={"fields": {"user_id": ["only a user's own accounts are listed"]}})
+        return jsonify({str(a.id): {"roles": [r], "status": "ACTIVE"} for a, r in accounts.memberships(db(), user_id)})
+
+    @users_blp.response(204)
+    def delete(self, user_id: uuid.UUID) -> None:
+        """The user leaves the session's account (themself, or removed by a MANAGER)."""
+        me = principal()
+        account = me.require(Role.READER)
+        assert me.role is not None
+        accounts.leave_account(db(), account, user_id, me.user_id, me.role)

@@ -9,9 +9,16 @@ from flask_smorest import Blueprint
 from api.auth import principal
 from api.context import db
 from api.presenters import app_view, page_metadata
-from api.schemas.apps import AppCreateSchema, AppListQuerySchema, AppListSchema, AppSchema, AppUpdateSchema
+from api.schemas.apps import (
+    AppCreateSchema,
+    AppListQuerySchema,
+    AppListSchema,
+    AppSchema,
+    AppUpdateSchema,
+    LabelsCountSchema,
+)
 from api.services import apps
-from common.accounts import Role
+from common.store.accounts import Role
 
 blp = Blueprint("apps", __name__, url_prefix="/v1/apps", description="Applications")
 
@@ -19,7 +26,7 @@ blp = Blueprint("apps", __name__, url_prefix="/v1/apps", description="Applicatio
 @blp.route("")
 class AppList(MethodView):
     @blp.arguments(AppCreateSchema)
-    @blp.response(201, AppSchema)
+    @blp.response(200, AppSchema)
     def post(self, body: dict[str, object]) -> dict[str, object]:
         """Create an app (WRITER)."""
         return app_view(apps.create(db(), principal().require(Role.WRITER), body))
@@ -31,6 +38,14 @@ class AppList(MethodView):
         items, total, filtered = apps.list_apps(db(), principal().require(Role.READER), query)
         return {"metadata": page_metadata(int(query["limit"]), int(query["offset"]), total, filtered),  # type: ignore[call-overload]
                 "items": [app_view(a) for a in items]}
+
+
+@blp.route("/unique_labels/count")
+class LabelCounts(MethodView):
+    @blp.response(200, LabelsCountSchema)
+    def get(self) -> dict[str, object]:
+        """How many apps of the account carry each label key and value (CCM's LabelsCount)."""
+        return {"items": apps.label_counts(db(), principal().require(Role.READER))}
 
 
 @blp.route("/<uuid:app_id>")

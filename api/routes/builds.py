@@ -21,18 +21,20 @@ from api.schemas.builds import (
     BuildListQuerySchema,
     BuildListSchema,
     BuildSchema,
+    BuildUpdateSchema,
     ConversionRequestSchema,
     ConversionSubmitQuerySchema,
 )
 from api.services import builds
-from common.accounts import Role
 from common.errors import ValidationFailed
-from common.sealing import Sealer
+from common.store.accounts import Role
+from common.store.sealing import Sealer
 
 # The Build routes answer with build_view's JSON as it is: it already is BuildSchema's dump (a test holds them
 # equal), and a dump per Build cost more than the rest of a GET. The schemas still document the responses.
 blp = Blueprint("builds", __name__, url_prefix="/v1/builds", description="Builds (converted images)")
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait=(\d+)")
+_PREFER_ASYNC = re.compile(r"(?:^|[,;\s])respond-async(?:$|[,;\s])", re.IGNORECASE)
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -80,12 +82,9 @@ def _plain_body() -> dict[str, object] | None:
 
 
 def _submit(body: dict[str, object], query: Mapping[str, object]) -> Response:
-    claims = caller()
+    me = caller()
     s = settings()
-    if claims.account_id is None:
-        principal().require(Role.WRITER)
-    assert claims.account_id is not None
-    account = claims.account_id
+    account_hint = me.account_id if me.account_id is not None else principal().require(Role.WRITER)
     try:
         key = _idempotency_key()
         draft = builds.draft(s, sealer(s.secret_key), body)
@@ -93,13 +92,16 @@ def _submit(body: dict[str, object], query: Mapping[str, object]) -> Response:
         principal().require(Role.WRITER)  # a caller without the role hears that first, as on every route
         raise
     # The role is checked by the submission's own statement, read from the database as on every request.
-    submitted = builds.submit(db, s, draft, account_id=account, user_id=claims.user_id, body=body,
-                              idempotency_key=key)
+    submitted = builds.submit(db, s, draft, account_id=account_hint, user_id=me.user_id, body=body,
+                              idempotency_key=key, session_id=me.session_id)
+    account = submitted.account_id
     wait = _wait_seconds(query)
     if wait and builds.wait_for_end(db(), account, submitted.build_id, wait):
         status, view = 200, _view(builds.get(db(), account, submitted.build_id))
     else:
-        status, view = 202, build_view(submitted.build, submitted.app_name, submitted.app_description)
+        # CCM documents 200 for the accepted conversion; `Prefer: respond-async` (RFC 7240) asks for 202.
+        status = 202 if _PREFER_ASYNC.search(request.headers.get("Prefer", "")) else 200
+        view = build_view(submitted.build, submitted.app_name, submitted.app_description)
     response = jsonify(view)
     response.status_code = status
     response.headers["Location"] = url_for("builds.Build", build_id=submitted.build_id)
@@ -109,8 +111,10 @@ def _submit(body: dict[str, object], query: Mapping[str, object]) -> Response:
 # Instances, not classes: webargs would build a schema (and its nested ones) on every request.
 @blp.arguments(ConversionSubmitQuerySchema(), location="query", as_kwargs=True)
 @blp.arguments(ConversionRequestSchema())
-@blp.response(202, BuildSchema, headers={"Location": {"schema": {"type": "string"}}})
-@blp.alt_response(200, schema=BuildSchema, description="the finished Build, with ?wait / Prefer: wait")
+@blp.response(200, BuildSchema, headers={"Location": {"schema": {"type": "string"}}},
+              description="the Build (PENDING, conversion QUEUED; finished with ?wait / Prefer: wait)")
+@blp.alt_response(202, schema=BuildSchema, description="the Build, with `Prefer: respond-async`",
+                  headers={"Location": {"schema": {"type": "string"}}})
 def _documented_post(_: MethodView, body: dict[str, object], **query: object) -> Response:
     return _submit(body, query)
 
@@ -147,10 +151,30 @@ class Build(MethodView):
         account = principal().require(Role.READER)
         return jsonify(_view(builds.get(db(), account, build_id)))
 
+    @blp.arguments(BuildUpdateSchema())
+    @blp.response(200, BuildSchema)
+    def patch(self, body: dict[str, object], build_id: uuid.UUID) -> Response:
+        """CCM's update of a build (its application configs; none are kept here, so only `{}` is accepted)."""
+        account = principal().require(Role.WRITER)
+        row = builds.get(db(), account, build_id)
+        if body.get("configs"):
+            raise ValidationFailed("The request is invalid.", code="app_configs_unsupported", details={
+                "fields": {"configs": ["application configs are not supported by this service"]}})
+        return jsonify(_view(row))
+
+    @blp.response(204)
+    def delete(self, build_id: uuid.UUID) -> None:
+        """Delete the build (CCM); a conversion still running is cancelled first."""
+        me = principal()
+        builds.delete(db(), me.require(Role.WRITER), build_id, me.user_id)
+
+
+@blp.route("/<uuid:build_id>/cancel")
+class BuildCancel(MethodView):
     @blp.response(202, BuildSchema, description="cancel requested; the worker stops between steps")
     @blp.alt_response(200, schema=BuildSchema, description="cancelled")
-    def delete(self, build_id: uuid.UUID) -> tuple[Response, int]:
-        """Cancel the build's conversion."""
+    def post(self, build_id: uuid.UUID) -> tuple[Response, int]:
+        """Cancel the build's conversion and keep the Build (ours; CCM's DELETE removes it)."""
         me = principal()
         account = me.require(Role.WRITER)
         done = builds.cancel(db(), account, build_id, me.user_id)

@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 
 from api.context import settings
 from api.schemas.sys import HealthSchema
-from common import db as database
-from common import queue
+from common.queue import publish as queue
+from common.store import engine as database
 
 blp = Blueprint("health", __name__, description="Liveness and metrics")
 

@@ -10,9 +10,16 @@ from flask import request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from api import sessions
 from api.auth import issuer, principal
-from api.context import db
-from api.schemas.sys import TokenSchema, VersionSchema
+from api.context import db, settings
+from api.schemas.sys import (
+    AuthDiscoverResponseSchema,
+    AuthDiscoverSchema,
+    SessionResponseSchema,
+    TokenSchema,
+    VersionSchema,
+)
 from api.services import accounts
 from common.errors import Unauthenticated
 
@@ -33,18 +40,19 @@ def _basic_credentials() -> tuple[str, str]:
     return email, password
 
 
-def token_response(user_id: uuid.UUID, account_id: uuid.UUID | None) -> dict[str, object]:
+def session_info(user_id: uuid.UUID, session_id: uuid.UUID, account_id: uuid.UUID | None) -> dict[str, object]:
+    """CCM's SessionInfo (subject_id, the two expiries, selected_account_id) and ours (e-mail, role, accounts)."""
     session = db()
-    token, expires_at = issuer().issue(user_id, account_id)
+    ends = sessions.expiries(session, session_id)
     members = accounts.memberships(session, user_id)
     role = next((r for a, r in members if a.id == account_id), None)
+    token_expires_at = int(ends.token_expires_at.timestamp())
     return {
-        "access_token": token, "token_type": "Bearer", "expires_in": issuer().ttl_seconds,
-        "session_info": {
-            "user_id": user_id, "user_email": accounts.user_email(session, user_id), "acct_id": account_id,
-            "role": role, "expires_at": expires_at,
-            "accounts": [{"acct_id": a.id, "name": a.name, "role": r} for a, r in members],
-        },
+        "subject_id": user_id, "session_expires_at": int(ends.expires_at.timestamp()),
+        "session_token_expires_at": token_expires_at, "selected_account_id": account_id if role else None,
+        "user_id": user_id, "user_email": accounts.user_email(session, user_id), "acct_id": account_id if role else None,
+        "role": role, "expires_at": token_expires_at,
+        "accounts": [{"acct_id": a.id, "name": a.name, "role": r} for a, r in members],
     }
 
 
@@ -53,20 +61,63 @@ class Auth(MethodView):
     @blp.response(200, TokenSchema)
     @blp.doc(security=[{"basicAuth": []}])
     def post(self) -> dict[str, object]:
-        """Sign in with HTTP Basic `email:password`; returns a bearer token."""
+        """Sign in with HTTP Basic `email:password`: a new session (in the user's first account) and its token."""
         email, password = _basic_credentials()
         user, account_id = accounts.sign_in(db(), email, password)
-        return token_response(user.id, account_id)
+        s = settings()
+        session_id, ends = sessions.open_session(db(), user.id, account_id, token_ttl=s.token_ttl_seconds,
+                                                 max_seconds=s.session_max_seconds)
+        token = issuer().issue(session_id, int(ends.expires_at.timestamp()))
+        return {"access_token": token, "token_type": "Bearer", "expires_in": s.token_ttl_seconds,
+                "session_info": session_info(user.id, session_id, account_id)}
+
+
+@blp.route("/auth/discover")
+class AuthDiscover(MethodView):
+    @blp.arguments(AuthDiscoverSchema)
+    @blp.response(200, AuthDiscoverResponseSchema)
+    @blp.doc(security=[])
+    def post(self, _: dict[str, object]) -> dict[str, object]:
+        """How to sign in (CCM's discovery): e-mail and password here, for every user (no SSO)."""
+        return {"auth_methods": [{"password": {}}]}
+
+
+def _session() -> tuple[uuid.UUID, uuid.UUID]:
+    me = principal()
+    assert me.session_id is not None
+    return me.user_id, me.session_id
 
 
 @blp.route("/session/select_account/<uuid:acct_id>")
 class SelectAccount(MethodView):
-    @blp.response(200, TokenSchema)
+    @blp.response(200, SessionResponseSchema)
     def post(self, acct_id: uuid.UUID) -> dict[str, object]:
-        """A token for another account of the caller."""
+        """Make another of the caller's accounts the calling session's: the same token then acts there."""
+        user_id, session_id = _session()
+        accounts.require_member(db(), user_id, acct_id)
+        sessions.select_account(db(), session_id, user_id, acct_id)
+        return {"session_info": session_info(user_id, session_id, acct_id)}
+
+
+@blp.route("/session/refresh")
+class Refresh(MethodView):
+    @blp.response(200, SessionResponseSchema)
+    def post(self) -> dict[str, object]:
+        """Extend the calling session's token (by the token lifetime, never past the session's end)."""
         me = principal()
-        accounts.require_member(db(), me.user_id, acct_id)
-        return token_response(me.user_id, acct_id)
+        assert me.session_id is not None
+        if sessions.refresh(db(), me.session_id, settings().token_ttl_seconds) is None:
+            raise Unauthenticated("the session has ended or expired; sign in again")
+        return {"session_info": session_info(me.user_id, me.session_id, me.account_id)}
+
+
+@blp.route("/session/terminate")
+class Terminate(MethodView):
+    @blp.response(204)
+    def post(self) -> None:
+        """End the calling session: its token is refused from now on."""
+        _, session_id = _session()
+        sessions.terminate(db(), session_id)
 
 
 @blp.route("/version")

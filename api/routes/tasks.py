@@ -11,7 +11,7 @@ from api.context import db
 from api.presenters import page_metadata, task_view
 from api.schemas.tasks import TaskDecisionSchema, TaskListQuerySchema, TaskListSchema, TaskSchema
 from api.services import tasks
-from common.accounts import Role
+from common.store.accounts import Role
 
 blp = Blueprint("tasks", __name__, url_prefix="/v1/tasks", description="Approval tasks")
 
@@ -40,3 +40,17 @@ class Task(MethodView):
         """APPROVED whitelists the build, DENIED rejects it (MANAGER)."""
         me = principal()
         return task_view(*tasks.decide(db(), me.require(Role.MANAGER), task_id, me.user_id, body))
+
+    @blp.response(204)
+    def delete(self, task_id: uuid.UUID) -> None:
+        """Delete a decided task (WRITER); one awaiting a decision is a 409 `task_in_progress`."""
+        tasks.delete_task(db(), principal().require(Role.WRITER), task_id)
+
+
+@blp.route("/status/<uuid:task_id>")
+class TaskStatusView(MethodView):
+    @blp.response(200, TaskSchema, description="the Task, which is also CCM's TaskResult (task_id, task_type, "
+                  "task_status, build_id)")
+    def get(self, task_id: uuid.UUID) -> dict[str, object]:
+        """CCM's task status."""
+        return task_view(*tasks.get(db(), principal().require(Role.READER), task_id))

@@ -11,7 +11,7 @@ from marshmallow import Schema, ValidationError, fields, pre_load, types, valida
 from api.schemas.common import MAX_OFFSET, PageMetadataSchema, StatusSchema
 from common.errors import InvalidReference
 from common.options import JAVA_MODES
-from common.reference import parse_reference
+from common.registry.reference import parse_reference
 
 _ENV_ENTRY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*=[^\x00]*", re.DOTALL)
 REDACTED = "***"
@@ -222,7 +222,8 @@ class PortSchema(Schema):
 
 class DockerInfoSchema(Schema):
     docker_image_name = fields.String(required=True)
-    docker_version = fields.String(required=True, allow_none=True)
+    docker_version = fields.String(required=True, metadata={
+        "description": "the input image config's docker_version; empty when the image does not say"})
     docker_image_sha = fields.String(required=True, allow_none=True)
     docker_image_size = fields.Integer(required=True, allow_none=True, metadata={"description": "MiB"})
     exposed_ports = fields.List(fields.Nested(PortSchema), required=True)
@@ -236,8 +237,15 @@ class NitroEnclaveAttributesSchema(Schema):
     pcr8 = fields.String(load_default=None)
 
 
-class AttributesSchema(Schema):
+class ImageAttributesSchema(Schema):
+    """CCM's ImageAttributes: one platform's measurements."""
+
     nitro_enclave = fields.Nested(NitroEnclaveAttributesSchema, load_default=None)
+
+
+# CCM's `attributes` is a map of ImageAttributes. Ours has one entry once the EIF is measured, under this key:
+# `attributes.eif.nitro_enclave.pcr0` (empty map before).
+ATTRIBUTES_KEY = "eif"
 
 
 class AdvancedSettingsSchema(Schema):
@@ -282,6 +290,18 @@ class BootCheckSchema(Schema):
     exit_status = fields.Integer(required=True, allow_none=True,
                                  metadata={"description": "negative for a signal; null while it still ran"})
     reason = fields.String(required=True)
+    mode = fields.String(load_default="plain", validate=validate.OneOf(("emulator", "plain")), metadata={
+        "description": "emulator: QEMU's nitro-enclave machine loaded the EIF (PCRs and heartbeat checked); "
+                       "plain: its kernel and ramdisks booted with -kernel/-initrd"})
+    fallback_reason = fields.String(load_default=None, allow_none=True,
+                                    metadata={"description": "why the boot ran plain though the emulator was asked for"})
+    pcrs = fields.Dict(keys=fields.String(), values=fields.String(), load_default=None, allow_none=True,
+                       metadata={"description": "PCR0/1/2/8 as the emulator's NSM measured them (null when plain)"})
+    pcrs_match = fields.Boolean(load_default=None, allow_none=True,
+                                metadata={"description": "the emulator's PCRs equal the Build's (null when plain)"})
+    heartbeat = fields.Boolean(load_default=None, allow_none=True,
+                               metadata={"description": "the enclave's heartbeat reached the parent on vsock "
+                                                        "port 9000 (null when plain)"})
 
 
 class ConversionSchema(Schema):
@@ -318,7 +338,9 @@ class BuildSchema(Schema):
     status = fields.Nested(StatusSchema, required=True)
     deployment_status = fields.Nested(StatusSchema, required=True)
     enclave_info = fields.Dict(required=True, allow_none=True)
-    attributes = fields.Nested(AttributesSchema, required=True)
+    attributes = fields.Dict(keys=fields.String(), values=fields.Nested(ImageAttributesSchema), required=True,
+                             metadata={"description": f"CCM's map of ImageAttributes; the EIF's PCRs at "
+                                                      f"`{ATTRIBUTES_KEY}.nitro_enclave`"})
     app_description = fields.String(required=True)
     mem_size = fields.Integer(required=True, allow_none=True,
                               metadata={"description": "MiB; null until the conversion sizes an omitted mem_size"})
@@ -337,11 +359,24 @@ class BuildSchema(Schema):
 class BuildListQuerySchema(Schema):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
     offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET))
-    sort_by = fields.String(load_default="created_at:DESC",
-                            validate=validate.Regexp(r"^(created_at|updated_at|status|app_name):(ASC|DESC)$"))
+    sort_by = fields.String(load_default="created_at:DESC", validate=validate.Regexp(
+        r"^(created_at|updated_at|status|app_name)(:(ASC|DESC))?(,(created_at|updated_at|status|app_name)"
+        r"(:(ASC|DESC))?){0,3}$"), metadata={"description": "CCM's `key1:ASC,key2:DESC`"})
     status = fields.String(load_default=None, validate=validate.OneOf(("PENDING", "WHITELISTED", "REJECTED")))
     app_id = fields.UUID(load_default=None)
     docker_image_name = fields.String(load_default=None)
+    all_search = fields.String(load_default=None, validate=validate.Length(max=255), metadata={
+        "description": "in the image names, the app's name and the digests (case-insensitive)"})
+    deployed_status = fields.String(load_default=None, validate=validate.OneOf(("DEPLOYED", "UNDEPLOYED")),
+                                    metadata={"description": "builds here are never deployed"})
+    config_id = fields.String(load_default=None, metadata={"description": "no app configs here: matches none"})
+    filter = fields.String(load_default=None, metadata={"description": "CCM's group filter; no groups here: ignored"})
+
+
+class BuildUpdateSchema(Schema):
+    """CCM's BuildUpdateRequest: application configs attached to the image (none here)."""
+
+    configs = fields.Dict(keys=fields.String(), values=fields.Dict(allow_none=True), load_default=dict)
 
 
 class BuildListSchema(Schema):

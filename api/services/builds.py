@@ -10,14 +10,27 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Table, and_, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Row, Table, and_, bindparam, false, func, or_, select, update
+from sqlalchemy import delete as delete_rows
 from sqlalchemy.orm import Session
 
+from api import sessions
 from api.auth import Principal
 from api.limits import lock_account_app
 from api.submission import roles_at_least, submit_build
-from common.accounts import Role
-from common.buildstore import (
+from common.errors import (
+    Conflict,
+    NotFound,
+    QueueUnavailable,
+    Unauthenticated,
+    ValidationFailed,
+)
+from common.queue.publish import enqueue_conversion
+from common.registry.hostpolicy import check_registry_host
+from common.registry.reference import parse_reference
+from common.settings import Settings
+from common.store.accounts import Role
+from common.store.builds import (
     NewBuild,
     build_row,
     check_retry,
@@ -28,20 +41,10 @@ from common.buildstore import (
     stamped_build,
     user_actor,
 )
-from common.db import engine_for
-from common.errors import (
-    Conflict,
-    NotFound,
-    QueueUnavailable,
-    ValidationFailed,
-)
-from common.hostpolicy import check_registry_host
-from common.models import App, Build
-from common.queue import enqueue_conversion
-from common.reference import parse_reference
-from common.sealing import Credentials, Sealer
-from common.settings import Settings
-from common.status import CONVERSION_TERMINAL, ConversionState
+from common.store.engine import engine_for
+from common.store.models import App, Build
+from common.store.sealing import Credentials, Sealer
+from common.store.status import CONVERSION_TERMINAL, ConversionState
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ _OPTION_DEFAULTS: dict[str, object] = {
 
 @dataclass(frozen=True)
 class Submitted:
+    account_id: uuid.UUID
     build: Build
     app_name: str
     app_description: str
@@ -156,30 +160,49 @@ def _app_settings(app_id: uuid.UUID, seen: str | None) -> tuple[str | None, Mapp
     return known if known is not None else (None, {})
 
 
-def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid.UUID, user_id: uuid.UUID,
-           body: Mapping[str, object], idempotency_key: str | None) -> Submitted:
+def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid.UUID | None, user_id: uuid.UUID,
+           body: Mapping[str, object], idempotency_key: str | None, session_id: uuid.UUID | None = None
+           ) -> Submitted:
     """Record the conversion request (QUEUED, PENDING) with the caller's role checked, then enqueue it.
 
     One round trip does it all and commits (api/submission.py); a Forbidden is raised as the caller's
     `Principal.require(Role.WRITER)` would. `db` gives the request's session, opened only for the rare
-    answers that need a second look (a retried Idempotency-Key).
+    answers that need a second look (a retried Idempotency-Key). `account_id` and `user_id` are the caller's
+    session as this process last saw it: the statement checks them against the session (`session_id`) and
+    answers `moved` with the current ones, which the next try uses.
     """
     engine = engine_for(s.database_url)
     app_id = body["app_id"]
     assert isinstance(app_id, uuid.UUID)
     seen: str | None = None
     for _ in range(_STALE_TRIES):
+        if account_id is None:
+            Principal(user_id=user_id, account_id=None, role=None).require(Role.WRITER)
+        assert account_id is not None
         known, settings = _app_settings(app_id, seen)
         new = _new_build(d, body, settings, account_id=account_id, app_id=app_id, user_id=user_id,
                          idempotency_key=idempotency_key)
         row = build_row(new)
         got = submit_build(engine, row, user_id=user_id, account_id=account_id, roles=_WRITERS,
-                           app_settings=known, quota=s.max_queued_per_account)
+                           app_settings=known, quota=s.max_queued_per_account, session_id=session_id)
+        if got.outcome == "session":
+            assert session_id is not None
+            sessions.forget(session_id)
+            raise Unauthenticated("the session has ended or expired; sign in again")
+        if got.outcome == "moved":
+            assert session_id is not None and got.session_user_id is not None
+            user_id = uuid.UUID(str(got.session_user_id))
+            account_id = uuid.UUID(str(got.session_account_id)) if got.session_account_id else None
+            sessions.remember(session_id, user_id, account_id)
+            continue
         if got.outcome != "stale":
             break
         seen = got.app_settings
     else:
         # The app's settings changed under every try: take the account's lock and read them under it.
+        if account_id is None:
+            Principal(user_id=user_id, account_id=None, role=None).require(Role.WRITER)
+        assert account_id is not None
         return _submit_locked(db(), s, d, account_id=account_id, user_id=user_id, body=body,
                               idempotency_key=idempotency_key)
     if got.outcome == "role":
@@ -194,12 +217,13 @@ def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid
     if got.outcome in ("exists", "conflict"):
         assert idempotency_key is not None
         existing = existing_build(db(), account_id, idempotency_key)
-        assert existing is not None  # builds are never deleted
-        return Submitted(check_retry(existing, d.fingerprint), app_name, app_description, False)
+        if existing is None:  # deleted (DELETE /v1/builds/{id}) since the statement saw it
+            raise Conflict("the build of this Idempotency-Key was deleted; retry", code="idempotency_conflict")
+        return Submitted(account_id, check_retry(existing, d.fingerprint), app_name, app_description, False)
     assert got.outcome == "created", got.outcome
     build = stamped_build(row, got.created_at, got.updated_at, got.approval_updated_at)
     _enqueue(s, build.id)
-    return Submitted(build, app_name, app_description, True)
+    return Submitted(account_id, build, app_name, app_description, True)
 
 
 def _no_app() -> ValidationFailed:
@@ -231,7 +255,7 @@ def _submit_locked(session: Session, s: Settings, d: Draft, *, account_id: uuid.
     session.commit()
     if created:
         _enqueue(s, build.id)
-    return Submitted(build, app.name, app.description, created)
+    return Submitted(account_id, build, app.name, app.description, created)
 
 
 # A Build as the routes present it: its row and its app's name and description, read with Core (no ORM objects:
@@ -266,15 +290,24 @@ def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
         filters.append(_BUILDS.c.app_id == q["app_id"])
     if q.get("docker_image_name"):
         filters.append(_BUILDS.c.output_image_name == q["docker_image_name"])
-    key, _, direction = str(q["sort_by"]).partition(":")
-    column = _SORT[key]
-    order = column.asc() if direction == "ASC" else column.desc()
+    if q.get("all_search"):
+        needle = "%" + str(q["all_search"]).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        filters.append(or_(*(column.ilike(needle, escape="\\") for column in (
+            _BUILDS.c.input_image_name, _BUILDS.c.output_image_name, _BUILDS.c.output_digest,
+            _BUILDS.c.input_digest)), _BUILDS.c.app_id.in_(
+                select(App.id).where(App.account_id == account_id, App.name.ilike(needle, escape="\\")))))
+    if q.get("deployed_status") == "DEPLOYED" or q.get("config_id"):
+        filters.append(false())  # never deployed here, and no app configs
+    order = []
+    for part in str(q["sort_by"]).split(","):
+        key, _, direction = part.partition(":")
+        order.append(_SORT[key].asc() if direction == "ASC" else _SORT[key].desc())
     conn = session.connection()
     mine = _BUILDS.c.account_id == account_id
     # Both counts in one scan of the account's builds (every build has its app: no join needed to count).
     matching = func.count().filter(and_(*filters)) if filters else func.count()
     total, filtered = conn.execute(select(func.count(), matching).select_from(_BUILDS).where(mine)).one()
-    rows = conn.execute(_VIEW.where(mine, *filters).order_by(order, _BUILDS.c.id)
+    rows = conn.execute(_VIEW.where(mine, *filters).order_by(*order, _BUILDS.c.id)
                         .limit(int(q["limit"])).offset(int(q["offset"]))).all()  # type: ignore[call-overload]
     return rows, total, filtered
 
@@ -296,6 +329,17 @@ def cancel(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id
                     .execution_options(synchronize_session=False))
     session.commit()
     return False
+
+
+def delete(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id: uuid.UUID) -> None:
+    """Delete the build (its task and events go with it). A conversion not yet ended is cancelled first, so a
+    worker running it stops at its next step (its compare-and-set writes then find no row and change nothing)."""
+    state = ConversionState(get(session, account_id, build_id).conversion_state)
+    if state not in CONVERSION_TERMINAL:
+        cancel(session, account_id, build_id, user_id)
+    session.execute(delete_rows(Build).where(Build.id == build_id, Build.account_id == account_id)
+                    .execution_options(synchronize_session=False))
+    session.commit()
 
 
 def wait_for_end(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, seconds: float,

@@ -4,15 +4,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, false, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from common.buildstore import decide_task
-from common.errors import NotFound
-from common.models import Build, Task, User
-from common.status import TaskStatus
+from common.errors import Conflict, NotFound
+from common.store.builds import decide_task
+from common.store.models import Build, Task, User
+from common.store.status import TaskStatus
 
 TaskRow = tuple[Task, Build, str | None, str | None]
+# CCM's task filter: PENDING (awaiting a decision) and CLOSED (decided or failed), besides our exact statuses.
+_STATUS_GROUPS = {"PENDING": (TaskStatus.INPROGRESS.value,),
+                  "CLOSED": (TaskStatus.SUCCESS.value, TaskStatus.DENIED.value, "FAILED")}
+
+
+def like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 _Requester = aliased(User)
 _Approver = aliased(User)
@@ -36,10 +43,24 @@ def get(session: Session, account_id: uuid.UUID, task_id: uuid.UUID) -> TaskRow:
 def list_tasks(session: Session, account_id: uuid.UUID, q: Mapping[str, object]) -> tuple[list[TaskRow], int, int]:
     filters = [Task.account_id == account_id]
     total = session.execute(select(func.count()).select_from(Task).where(*filters)).scalar_one()
-    if q.get("status"):
-        filters.append(Task.status == q["status"])
+    status = q.get("status")
+    if status:
+        filters.append(Task.status.in_(_STATUS_GROUPS.get(str(status), (str(status),))))
     if q.get("build_id"):
         filters.append(Task.build_id == q["build_id"])
+    if q.get("task_type") and q["task_type"] != "BUILD_WHITELIST":
+        filters.append(false())  # the only type of task here
+    if q.get("requester"):
+        filters.append(Task.requester_id.in_(select(User.id).where(User.email == str(q["requester"]).lower())))
+    if q.get("approver"):
+        filters.append(Task.approver_id.in_(select(User.id).where(User.email == str(q["approver"]).lower())))
+    if q.get("all_search"):
+        needle = f"%{like_escape(str(q['all_search']))}%"
+        filters.append(or_(
+            Task.requester_id.in_(select(User.id).where(User.email.ilike(needle, escape="\\"))),
+            Task.build_id.in_(select(Build.id).where(Build.account_id == account_id, or_(
+                Build.input_image_name.ilike(needle, escape="\\"),
+                Build.output_image_name.ilike(needle, escape="\\"))))))
     filtered = session.execute(select(func.count()).select_from(Task).where(*filters)).scalar_one()
     rows = session.execute(_query().where(*filters).order_by(Task.created_at.desc(), Task.id)  # type: ignore[attr-defined]
                            .limit(int(q["limit"])).offset(int(q["offset"]))).all()  # type: ignore[call-overload]
@@ -61,3 +82,13 @@ def decide(session: Session, account_id: uuid.UUID, task_id: uuid.UUID, user_id:
         raise
     session.expire_all()
     return get(session, account_id, task_id)
+
+
+def delete_task(session: Session, account_id: uuid.UUID, task_id: uuid.UUID) -> None:
+    """Delete a decided task (its build keeps its status); one still awaiting a decision is a 409."""
+    task, _, _, _ = get(session, account_id, task_id)
+    if task.status == TaskStatus.INPROGRESS.value:
+        raise Conflict("the task awaits a decision: approve or deny it first", code="task_in_progress")
+    session.execute(delete(Task).where(Task.id == task_id, Task.account_id == account_id)
+                    .execution_options(synchronize_session=False))
+    session.commit()

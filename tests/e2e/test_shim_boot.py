@@ -15,7 +15,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.e2e.conftest import DevBlobs
+from tests.fixtures.devblobs import DevBlobs
 from tests.fixtures.registries import RunningRegistry
 from worker.pipeline.bootcheck import BootResult, boot_eif
 from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert

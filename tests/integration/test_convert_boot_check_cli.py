@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from common.eif import read_eif
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs
+from common.enclave.reader import read_eif
+from tests.fixtures.convert_cli import convert_local, manifest_status
+from tests.fixtures.devblobs import blobs_target, build_dev_blobs
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
+from tests.fixtures.repo import REPO
 from tests.fixtures.require import skip_or_fail
-from tests.integration.test_convert_cli import convert_local, manifest_status
 from worker.pipeline.bootcheck import QEMU
 from worker.pipeline.memory import MEM_STEP_MIB, MIB, default_mem_mib
 

@@ -1,109 +1,31 @@
 """`nitroconv convert-local` as users run it: a subprocess against real registries; stdout, stderr, exit status."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import struct
 import subprocess
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from common.oci import MANIFEST_ACCEPT
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
+from tests.fixtures.convert_cli import (
+    NITROCONV,
+    PATH_ENV,
+    assert_failed_with,
+    convert_local,
+    independent_measurements,
+    manifest_status,
+    push_app,
+)
 from tests.fixtures.docker_engine import busybox_base_tar
-from tests.fixtures.images import LayerBlob, PushSession, image_config, make_layer, make_tar, push_test_image
-from tests.fixtures.registries import RunningRegistry
+from tests.fixtures.images import LayerBlob, make_layer
 
 pytestmark = pytest.mark.integration
-
-NITROCONV = REPO / ".venv" / "bin" / "nitroconv"
-PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MANIFEST_TYPES = ", ".join(MANIFEST_ACCEPT)  # what our registry client asks for
-
-
-@dataclass(frozen=True)
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    scratch: Path
-    eif: Path
-
-
-@pytest.fixture(scope="module")
-def blobs_dir() -> Path:
-    return build_dev_blobs(blobs_target()).dir
 
 
 @pytest.fixture(scope="module")
 def base_layer() -> LayerBlob:
     return make_layer(busybox_base_tar())
-
-
-def push_app(registry: RunningRegistry, base: LayerBlob, repo: str, **config: object) -> str:
-    """The busybox base plus a small app layer; `config` replaces the image config's `config` object."""
-    app = make_layer(make_tar({"srv/app/hello.txt": b"hello from " + repo.encode() + b"\n"}))
-    cfg = image_config([base.diff_id, app.diff_id], cmd=["/bin/cat", "/srv/app/hello.txt"])
-    if config:
-        cfg["config"] = dict(config)
-    image = push_test_image(registry, repo, "v1", [base, app], config=cfg)
-    return image.ref
-
-
-def convert_local(tmp_path: Path, blobs: Path, *args: str, env: Mapping[str, str] | None = None) -> Run:
-    """Run the CLI with a scratch parent and a state dir of its own; no NITROCONV_* leaks in from outside."""
-    run_dir = tmp_path / f"run-{uuid.uuid4().hex[:8]}"
-    scratch, state = run_dir / "scratch", run_dir / "state"
-    scratch.mkdir(parents=True)
-    eif = run_dir / "out.eif"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("NITROCONV_")}
-    done = subprocess.run(
-        [str(NITROCONV), "convert-local", *args, "--blobs", str(blobs), "--scratch", str(scratch),
-         "--eif-out", str(eif), "--runtime", str(build_shim(runtime_target()).parent)],
-        env={**clean, "NITROCONV_STATE_DIR": str(state), **(env or {})},
-        capture_output=True, text=True, timeout=600, cwd=run_dir,
-    )
-    return Run(done.returncode, done.stdout, done.stderr, scratch, eif)
-
-
-def assert_failed_with(run: Run, code: str, input_ref: str) -> None:
-    """Exit non-zero, nothing on stdout, exactly one `nitroconv: <code>: … (input <ref>)` line on stderr."""
-    assert run.returncode != 0
-    assert run.stdout == ""
-    lines = run.stderr.splitlines()
-    assert len(lines) == 1, run.stderr
-    assert re.fullmatch(rf"nitroconv: {re.escape(code)}: .+ \(input {re.escape(input_ref)}\)", lines[0]), lines[0]
-    assert not run.eif.exists()
-    assert list(run.scratch.iterdir()) == [], "the scratch dir must be emptied on failure too"
-
-
-def independent_measurements(eif: bytes) -> dict[str, str]:
-    """PCR0/1/2 from the EIF bytes by EIF.md §3, without the project's reader (sections are contiguous from 548)."""
-    def pcr(content: bytes) -> str:
-        return hashlib.sha384(b"\0" * 48 + hashlib.sha384(content).digest()).hexdigest()
-
-    kernel_cmdline, ramdisks, pos = b"", [], 548
-    while pos < len(eif):
-        kind, _, size = struct.unpack(">HHQ", eif[pos:pos + 12])
-        data = eif[pos + 12:pos + 12 + size]
-        pos += 12 + size
-        if kind in (1, 2):
-            kernel_cmdline += data
-        elif kind == 3:
-            ramdisks.append(data)
-    return {"PCR0": pcr(kernel_cmdline + b"".join(ramdisks)), "PCR1": pcr(kernel_cmdline + ramdisks[0]),
-            "PCR2": pcr(b"".join(ramdisks[1:]))}
-
-
-def manifest_status(registry: RunningRegistry, repo: str, tag: str) -> int:
-    return PushSession(registry).request("GET", f"/v2/{repo}/manifests/{tag}", repo,
-                                         headers={"Accept": MANIFEST_TYPES}).status_code
 
 
 def test_cli_convert_local_prints_nitro_cli_measurements(registry, base_layer, blobs_dir, tmp_path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
+from tests.fixtures.devblobs import blobs_target, build_dev_blobs, build_shim, runtime_target
 from tests.fixtures.images import make_tar, push_test_image
+from tests.fixtures.repo import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from common.cpio import iter_cpio
-from common.eif import iter_section_data, read_eif
-from common.ramdisk import GENERATED_MTIME
-from common.shim import SHIM_PATH
-from tests.e2e.conftest import blobs_target, build_dev_blobs, build_shim, runtime_target
+from common.enclave.cpio import iter_cpio
+from common.enclave.ramdisk import GENERATED_MTIME
+from common.enclave.reader import iter_section_data, read_eif
+from common.enclave.shim import SHIM_PATH
 from tests.fixtures.docker_engine import APP_GID, APP_UID
 from tests.fixtures.images import PushSession
 from tests.fixtures.registries import RunningRegistry
@@ -96,7 +95,7 @@ CONVERTER_ADDED = {
     "tmp": "init mounts a tmpfs here",
     "var": "nitro-cli creates it for the init",
 }
-# The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/shim.py).
+# The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/enclave/shim.py).
 CONVERTER_OWN = {".nitroconv", ".nitroconv/shim"}
 # Directory mtimes are compared, except where the engine writes into the directory at `docker create`
 # (its init layer adds etc/hostname and the like, which bumps the mtime), and for the mount points both
@@ -249,16 +248,6 @@ def registry_layers(registry: RunningRegistry, image: OracleImage) -> Iterator[b
         blob = session.request("GET", f"/v2/{repo}/blobs/{layer['digest']}", repo)
         assert blob.status_code == 200
         yield blob.content
-
-
-@pytest.fixture(scope="module")
-def blobs_dir() -> Path:
-    return build_dev_blobs(blobs_target()).dir
-
-
-@pytest.fixture(scope="module")
-def runtime_dir() -> Path:
-    return build_shim(runtime_target()).parent
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
+from tests.fixtures.devblobs import build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import PushSession, image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry
+from tests.fixtures.repo import REPO
 from tests.layertar import LayerTar
 
 pytestmark = pytest.mark.integration
@@ -46,11 +47,6 @@ def push_image(registry: RunningRegistry, repo: str) -> str:
     config = image_config([lay.diff_id for lay in layers], cmd=["/srv/app/run.sh"], Env=[
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "APP=repro"], WorkingDir="/srv/app")
     return push_test_image(registry, repo, "v1", layers, config=config).ref
-
-
-@pytest.fixture(scope="module")
-def blobs_dir() -> Path:
-    return build_dev_blobs(blobs_target()).dir
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +126,9 @@ def test_convert_repro_one_core_gives_the_same_output_digest(twins, registry, bl
 def test_convert_repro_warm_worker_process_gives_the_same_output(twins, registry, blobs_dir, input_ref,
                                                                  tmp_path) -> None:
     """A worker process keeps the measured kernel/cmdline/ramdisk 0 and the kernel's deflated blocks between
-    conversions (common.eifprefix, common.layercompress): its next conversion is the same as a fresh process's."""
-    from common.eifprefix import PREFIXES
-    from common.layercompress import DEFLATED
+    conversions (common.enclave.prefix, common.image.compress): its next conversion is the same as a fresh process's."""
+    from common.enclave.prefix import PREFIXES
+    from common.image.compress import DEFLATED
     from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
 
     base, _ = twins

@@ -18,31 +18,26 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from common.cpio import iter_cpio
-from common.eif import describe_eif, iter_section_data, read_eif
+from common.enclave.cpio import iter_cpio
+from common.enclave.reader import describe_eif, iter_section_data, read_eif
 from common.errors import CaBundleNotConfigured
-from tests.e2e.conftest import blobs_target, build_dev_blobs, build_shim, runtime_target
-from tests.fixtures.docker_engine import busybox_base_tar
-from tests.fixtures.images import LayerBlob, PushSession, make_layer
-from tests.fixtures.registries import RunningRegistry
-from tests.integration.test_convert_cli import (
+from tests.fixtures.convert_cli import (
     MANIFEST_TYPES,
     assert_failed_with,
     convert_local,
     manifest_status,
     push_app,
 )
+from tests.fixtures.devblobs import build_shim, runtime_target
+from tests.fixtures.docker_engine import busybox_base_tar
+from tests.fixtures.images import LayerBlob, PushSession, make_layer
+from tests.fixtures.registries import RunningRegistry
 from worker.pipeline.convert import DEBUG_WARNING, ConverterOptions, ConvertSpec, convert
 from worker.pipeline.outputimage import LABEL_PREFIX
 
 pytestmark = pytest.mark.integration
 
 NOW = dt.datetime.now(dt.UTC)
-
-
-@pytest.fixture(scope="module")
-def blobs_dir() -> Path:
-    return build_dev_blobs(blobs_target()).dir
 
 
 @pytest.fixture(scope="module")

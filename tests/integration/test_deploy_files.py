@@ -96,7 +96,8 @@ def test_deploy_every_variable_is_documented():
     texts = [p.read_text() for p in [DEPLOY / "compose.yaml", DEPLOY / "nitroconv.env.example",
                                       DEPLOY / "systemd" / "worker.env", REPO / "common" / "settings.py"]]
     used = set(re.findall(r"NITROCONV_[A-Z0-9_]*[A-Z0-9]", "\n".join(texts)))
-    compose_only = {"NITROCONV_DB_PASSWORD", "NITROCONV_HOST_BLOBS", "NITROCONV_API_PORT", "NITROCONV_FLOWER_PORT"}
+    compose_only = {"NITROCONV_DB_PASSWORD", "NITROCONV_HOST_BLOBS", "NITROCONV_API_PORT", "NITROCONV_FLOWER_PORT",
+                    "NITROCONV_REGISTRY_PORT"}
     # settings.py builds most names from field names: NITROCONV_ + FIELD.upper().
     fields = {f"NITROCONV_{name.upper()}" for name in Settings.__dataclass_fields__} - {
         "NITROCONV_TOKEN_ISSUER", "NITROCONV_TOKEN_AUDIENCE"}  # fixed, not read from the environment
@@ -111,3 +112,66 @@ def _spelled_short(name: str) -> list[str]:
     """The README groups `NITROCONV_API_PROCESSES` / `_THREADS`: accept a group's `_SUFFIX` spelling."""
     parts = name.split("_")
     return [f"`_{'_'.join(parts[i:])}`" for i in range(2, len(parts))]
+
+
+class _Recording(dict[str, str]):
+    """An environment that notes every name read from it."""
+
+    def __init__(self, values: dict[str, str] | None = None) -> None:
+        super().__init__(values or {})
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+# Settings only the API, Flower or `make up` read: a Nitro worker host has no use for them.
+NOT_FOR_WORKERS = {"NITROCONV_API_ADDR", "NITROCONV_ADMIN_EMAIL", "NITROCONV_ADMIN_PASSWORD", "NITROCONV_FLOWER_ADDR",
+                   "NITROCONV_FLOWER_BASIC_AUTH", "NITROCONV_MAX_REQUEST_BYTES", "NITROCONV_MAX_QUEUED_PER_ACCOUNT",
+                   "NITROCONV_RATE_LIMIT_PER_MINUTE", "NITROCONV_MAX_WAIT_SECONDS", "NITROCONV_TOKEN_TTL_SECONDS",
+                   "NITROCONV_WORKERS", "NITROCONV_REGISTRY_ADDR", "NITROCONV_SESSION_MAX_SECONDS",
+                   "NITROCONV_ATTESTATION_ROOT", "NITROCONV_ATTESTATION_ROOT_SHA256"}
+
+
+def test_deploy_systemd_env_file_matches_the_settings():
+    """deploy/systemd/worker.env (the file the units name) and common/settings.py cannot drift apart: every
+    name in it is one Settings reads and every setting Settings reads is in it (set, or commented out with its
+    default), in the units, or one no worker reads; the values set parse and are the ones the settings hold."""
+    units = {u.name: u.read_text() for u in (DEPLOY / "systemd").glob("*.service")}
+    for name, text in units.items():
+        assert "EnvironmentFile=/etc/nitroconv/worker.env" in text, name
+    lines = (DEPLOY / "systemd" / "worker.env").read_text().splitlines()
+    assigned = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    commented = dict(line[1:].split("=", 1) for line in lines if re.match(r"#NITROCONV_[A-Z0-9_]+=", line))
+    from_units = set(re.findall(r"^Environment=(NITROCONV_[A-Z0-9_]+)=", "\n".join(units.values()), re.M))
+
+    environ = _Recording(assigned)
+    settings = Settings.from_env(environ)
+    read = {name for name in environ.read if name.startswith("NITROCONV_")}
+    assert set(assigned) - read == set(), "worker.env sets names Settings never reads"
+    assert set(commented) - read == set(), "worker.env shows names Settings never reads"
+    assert set(assigned) & set(commented) == set()
+    unlisted = read - set(assigned) - set(commented) - from_units - NOT_FOR_WORKERS
+    assert unlisted == set(), "settings a worker reads that worker.env neither sets nor shows"
+    assert NOT_FOR_WORKERS <= read, "NOT_FOR_WORKERS names a setting that no longer exists"
+    # What the units expand from the file is in it.
+    for name, text in units.items():
+        for var in re.findall(r"\$\{(NITROCONV_[A-Z0-9_]+)\}", text):
+            assert var in assigned, (name, var)
+
+    # The values set are the ones the settings hold; each commented value is the default.
+    assert settings.env == "production" and settings.log_format == "json"
+    assert settings.blobs_dir == Path(assigned["NITROCONV_BLOBS_DIR"])
+    assert settings.runtime_dir == Path(assigned["NITROCONV_RUNTIME_DIR"])
+    assert settings.state_dir == Path(assigned["NITROCONV_STATE_DIR"])
+    assert settings.worker_queues == tuple(assigned["NITROCONV_WORKER_QUEUES"].split(","))
+    assert settings.boot_check is False and settings.secret_key == assigned["NITROCONV_SECRET_KEY"].encode()
+    defaults = Settings.from_env({})
+    for name, value in commented.items():
+        shown = Settings.from_env({name: value}) if value else defaults
+        assert shown == defaults, f"worker.env shows {name}={value}, but the default differs"

@@ -17,11 +17,12 @@ import docker.errors
 import pytest
 import yaml
 
-from bench._image import debian_mirror
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
+from tests.fixtures.debian_images import build_image
+from tests.fixtures.devblobs import build_shim, recorded_sums, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import PushSession, image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry
+from tests.fixtures.repo import REPO
 from tests.fixtures.require import skip_or_fail
 from tests.layertar import LayerTar
 
@@ -29,19 +30,6 @@ pytestmark = pytest.mark.integration
 
 NITROCONV = REPO / ".venv" / "bin" / "nitroconv"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-# The stand-in for python:3.11-slim-bookworm (no public registry here): Debian's python3 and venv.
-SUITE = "bookworm"
-DEBOOTSTRAP_ARGS = ("--variant=minbase", "--include=python3,python3-venv,ca-certificates")
-# What slim images leave out too; apt's lists and archives go because the Dockerfiles run `apt-get update`.
-TRIMMED = ("dev/", "proc/", "sys/", "var/cache/apt/", "var/lib/apt/lists/", "usr/share/doc/", "usr/share/man/",
-           "usr/share/locale/", "usr/share/info/")
-BASE_CHANGES = ("ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ENV LANG=C.UTF-8",
-                'CMD ["python3"]')
-# The base trusts what this machine trusts: where egress goes through an intercepting proxy (as here), its
-# CA is in the host's bundle, and `pip install` inside `docker build` needs it (Debian's pip reads this file).
-CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-# Bump when the recipe changes in a way the key below does not see.
-BASE_RECIPE_VERSION = 1
 
 
 def test_deploy_images_compose_file_validates(tmp_path: Path) -> None:
@@ -71,98 +59,14 @@ def test_deploy_images_compose_file_validates(tmp_path: Path) -> None:
     assert empty.returncode != 0 and "set in nitroconv.env" in empty.stderr + empty.stdout
 
 
-def _state_dir() -> Path:
-    state = os.environ.get("NITROCONV_STATE_DIR")
-    return Path(state) if state else REPO / ".state"
-
-
-def _base_tar(rootfs: Path, dest: Path) -> None:
-    """The rootfs as one layer tar, names sorted, trimmed like a slim image; device nodes left out."""
-    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(rootfs.rglob("*")):
-            name = path.relative_to(rootfs).as_posix()
-            if any((name + "/").startswith(prefix) and name + "/" != prefix for prefix in TRIMMED):
-                continue
-            info = tar.gettarinfo(str(path), arcname=name)
-            if info is None or info.ischr() or info.isblk():  # sockets; device nodes
-                continue
-            if name == CA_BUNDLE.relative_to("/").as_posix() and CA_BUNDLE.is_file():
-                data = CA_BUNDLE.read_bytes()
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            elif info.isreg():
-                with path.open("rb") as f:
-                    tar.addfile(info, f)
-            else:
-                tar.addfile(info)
-
-
-@pytest.fixture(scope="module")
-def python_base(docker_engine: docker.DockerClient) -> str:
-    """`nitroconv-test/python-base:<recipe key>`: debootstrap'd once into the state dir, imported once per engine
-    (an import makes a new image id each time, which would void the engine's build cache)."""
-    bundle = CA_BUNDLE.read_bytes() if CA_BUNDLE.is_file() else b""
-    recipe = repr((BASE_RECIPE_VERSION, SUITE, DEBOOTSTRAP_ARGS, TRIMMED, BASE_CHANGES)).encode()
-    key = hashlib.sha256(recipe + hashlib.sha256(bundle).digest()).hexdigest()[:12]
-    recipe_key = hashlib.sha256(recipe).hexdigest()[:12]
-    name = f"nitroconv-test/python-base:{key}"
-    try:
-        docker_engine.images.get(name)
-        return name
-    except docker.errors.ImageNotFound:
-        pass
-    if shutil.which("debootstrap") is None:
-        skip_or_fail("debootstrap is not installed (deploy/apt-deps.sh installs it)")
-    cache = _state_dir() / "deploy-images"
-    rootfs = cache / f"rootfs-{recipe_key}"
-    if not rootfs.is_dir():
-        partial = cache / f"rootfs-{recipe_key}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["debootstrap", *DEBOOTSTRAP_ARGS, SUITE, str(partial), debian_mirror()],
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        partial.rename(rootfs)
-    layer = cache / f"base-{key}.tar"
-    _base_tar(rootfs, layer)
-    repository, tag = name.rsplit(":", 1)
-    docker_engine.api.import_image_from_file(str(layer), repository=repository, tag=tag, changes=list(BASE_CHANGES))
-    layer.unlink()
-    docker_engine.images.get(name)
-    return name
-
-
-def _build(client: docker.DockerClient, dockerfile: str, tag: str, base: str) -> str:
-    """Build deploy/docker/<dockerfile> from the repository root as its header says; the image id.
-
-    The build it replaces is removed: on the vfs driver each of its layers is a full copy of the rootfs.
-    """
-    try:
-        previous: str | None = str(client.images.get(tag).id)
-    except docker.errors.ImageNotFound:
-        previous = None
-    try:
-        image, _ = client.images.build(path=str(REPO), dockerfile=f"deploy/docker/{dockerfile}", tag=tag,
-                                       buildargs={"BASE": base}, network_mode="host", rm=True, forcerm=True)
-    except docker.errors.BuildError as exc:
-        log = "".join(str(part.get("stream", part.get("error", ""))) for part in exc.build_log)
-        pytest.fail(f"{dockerfile} does not build:\n{log[-6000:]}")
-    if previous is not None and previous != image.id:
-        try:
-            client.images.remove(previous)  # and its intermediate layers no other image shares
-        except docker.errors.APIError:
-            pass  # a container of another session still uses it
-    return str(image.id)
-
-
 @pytest.fixture(scope="module")
 def worker_image(docker_engine: docker.DockerClient, python_base: str) -> str:
-    return _build(docker_engine, "worker.Dockerfile", "nitroconv-test/worker:latest", python_base)
+    return build_image(docker_engine, "worker.Dockerfile", "nitroconv-test/worker:latest", python_base)
 
 
 @pytest.fixture(scope="module")
 def api_image(docker_engine: docker.DockerClient, python_base: str) -> str:
-    return _build(docker_engine, "api.Dockerfile", "nitroconv-test/api:latest", python_base)
+    return build_image(docker_engine, "api.Dockerfile", "nitroconv-test/api:latest", python_base)
 
 
 @dataclass(frozen=True)
@@ -187,11 +91,6 @@ def input_ref(registry: RunningRegistry) -> str:
     layers = [make_layer(busybox_base_tar()), make_layer(app)]
     config = image_config([lay.diff_id for lay in layers], cmd=["/srv/app/run.sh"], WorkingDir="/srv/app")
     return push_test_image(registry, "deploy/app", "v1", layers, config=config).ref
-
-
-@pytest.fixture(scope="module")
-def blobs_dir() -> Path:
-    return build_dev_blobs(blobs_target()).dir
 
 
 def _convert_args(registry: RunningRegistry, input_ref: str, tag: str) -> list[str]:
@@ -242,8 +141,8 @@ def _runtime_from(client: docker.DockerClient, image: str) -> dict[str, bytes]:
         container.remove()
 
 
-# A cold run debootstraps the base and builds both images on the vfs driver (about 7 min here): above the
-# suite's 600 s, hence the engine tests' own timeout.
+# A cold run debootstraps the base and builds both images on the vfs driver (about 12 min here under load; the
+# second image reuses the first's dependency layers): above the suite's 600 s, hence the engine tests' own timeout.
 @pytest.mark.docker
 @pytest.mark.timeout(1500)
 def test_deploy_images_worker_image_converts_like_the_host(docker_engine, worker_image, host_conversion,
@@ -251,8 +150,11 @@ def test_deploy_images_worker_image_converts_like_the_host(docker_engine, worker
     built = _runtime_from(docker_engine, worker_image)
     host = build_shim(runtime_target()).parent
     assert set(built) == {"run", "shim"}
-    # Same Debian release, same compiler and libc, and the Makefile maps source paths and drops the build
-    # id: the binaries built inside the image are the host's to the byte, hence the whole EIF is.
+    # The same pinned zig, musl and flags (worker/runtime/Makefile) whatever the base image has: the binaries
+    # built inside the image are the recorded ones and the host's to the byte, hence the whole EIF is.
+    recorded = recorded_sums()
+    assert {name: hashlib.sha256(data).hexdigest() for name, data in built.items()} == {
+        name: recorded[name] for name in built}
     assert built == {name: (host / name).read_bytes() for name in built}
     assert image_conversion.measurements == host_conversion.measurements
     assert image_conversion.eif == host_conversion.eif

@@ -13,22 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from common.eif import Measurements
-from tests.e2e.conftest import build_shim
+from common.enclave.measure import Measurements
+from tests.fixtures.devblobs import RUNTIME_RECIPE, RUNTIME_SOURCES, build_shim, make
 from worker.pipeline.convert import ConverterOptions, ConvertSpec, _enclave_files
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE = REPO / "worker" / "runtime" / "launcher.c"
-RECIPE = REPO / "deploy" / "runtime"
 HELLO = b"NCRT1\n"
 PORT = 9001
 
 
 def build_launcher(target: Path) -> Path:
     """The launcher as `make runtime` builds it (a no-op when current)."""
-    subprocess.run(["make", "-s", "-C", str(RECIPE), f"RUNTIME={target}", f"{target}/run"], check=True)
+    make(RUNTIME_RECIPE, f"RUNTIME={target}", f"{target}/run")
     return target / "run"
 
 
@@ -39,11 +37,10 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def test_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same source with the test hooks (--launch-json PATH, --serve-fd N)."""
-    out = tmp_path_factory.mktemp("runtime-test") / "run-test"
-    subprocess.run(["cc", "-std=gnu11", "-Os", "-Wall", "-Wextra", "-Werror", "-static", "-DLAUNCHER_TEST_HOOKS",
-                    "-o", str(out), str(SOURCE)], check=True)
-    return out
+    """The same source and toolchain with the test hooks (--launch-json PATH, --serve-fd N)."""
+    out = tmp_path_factory.mktemp("runtime-test")
+    make(RUNTIME_SOURCES, f"OUT={out}", f"{out}/run-test")
+    return out / "run-test"
 
 
 def launch_json(**options: object) -> bytes:
@@ -244,7 +241,7 @@ def test_launcher_refuses_values_beyond_the_protocol_bounds(test_build: Path, tm
 
 def test_launcher_and_shim_agree_over_a_socket_pair(test_build: Path, tmp_path: Path) -> None:
     """Both ends of the protocol as built: the launcher's answer becomes the program's env and argv in the shim."""
-    shim = build_shim(tmp_path / "shim", extra_cflags="-DNITROCONV_SHIM_TEST", name="shim-test")
+    shim = build_shim(tmp_path / "shim", test_hooks=True)
     config = tmp_path / "launch.json"
     config.write_bytes(launch_json(mutable_env_vars=("LOG=info", "MODE=fast"), allow_cmdline_args=True))
     probe = "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))"

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, blobs_target, build_dev_blobs, build_shim, runtime_target
+from tests.fixtures.devblobs import blobs_target, build_dev_blobs, build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import OCI_MANIFEST, PushSession, image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry
+from tests.fixtures.repo import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,8 +15,8 @@ import docker
 import docker.errors
 import pytest
 
-from common.registry import Credentials
-from tests.e2e.conftest import RUNTIME_RECIPE, blobs_target, build_dev_blobs, build_shim, runtime_target
+from common.registry.client import Credentials
+from tests.fixtures.devblobs import RUNTIME_RECIPE, build_shim, make, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import (
     OCI_MANIFEST,
@@ -37,15 +36,10 @@ COMMAND = "nitro-cli run-enclave --eif-path /enclave/app.eif --cpu-count 2 --mem
 
 
 @pytest.fixture(scope="module")
-def blobs_dir() -> Path:
-    return build_dev_blobs(blobs_target()).dir
-
-
-@pytest.fixture(scope="module")
 def runtime() -> Path:
     target = runtime_target()
     build_shim(target)
-    subprocess.run(["make", "-s", "-C", str(RUNTIME_RECIPE), f"RUNTIME={target}", f"{target}/run"], check=True)
+    make(RUNTIME_RECIPE, f"RUNTIME={target}", f"{target}/run")
     return target
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.blobstore import BlobStore
 from common.errors import BlobUnknown, DigestMismatch
-from common.filetree import Tree
+from common.image.filetree import Tree
+from common.registry.blobcache import BlobStore
 from tests.fixtures.images import PushedImage, PushSession, make_layer, push_test_image, sha256
 from tests.fixtures.registries import RunningRegistry
 from tests.layertar import LayerTar
@@ -104,8 +104,8 @@ def test_pull_evicts_older_blobs_as_it_adds_layers(registry: RunningRegistry, re
     the layers this pull uses."""
     import os
 
-    from common.digest import Digest
-    from common.oci import Descriptor
+    from common.registry.digest import Digest
+    from common.registry.manifests import Descriptor
 
     cache = BlobStore(tmp_path / "cache", max_bytes=64 * 1024)
     old = []

@@ -5,9 +5,9 @@ import io
 
 import pytest
 
-from common.digest import Digest
 from common.errors import Denied, HostNotAllowed, Unauthorized
-from common.registry import Credentials
+from common.registry.client import Credentials
+from common.registry.digest import Digest
 from tests.fixtures.hostile import Reply
 from tests.fixtures.images import make_tar, push_test_image
 from tests.fixtures.registries import BASIC_PASSWORD, TOKEN_USERS, client_for

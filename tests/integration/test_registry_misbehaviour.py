@@ -18,8 +18,8 @@ from common.errors import (
     SizeMismatch,
     UnsupportedMediaType,
 )
-from common.httpretry import RetryPolicy
-from common.registry import MAX_MANIFEST_BYTES
+from common.registry.client import MAX_MANIFEST_BYTES
+from common.registry.retry import RetryPolicy
 from tests.fixtures.hostile import Reply
 from tests.fixtures.images import make_tar, push_test_image
 from tests.fixtures.registries import client_for
@@ -225,9 +225,14 @@ def test_5xx_retries_are_bounded(registry, hostile_front, repo_name, status):
 def test_transient_503_then_success(registry, hostile_front, repo_name, tmp_path):
     image, front = fronted(registry, hostile_front, repo_name)
     front.on("GET", "/blobs/", lambda seen, fwd: Reply(503, {}, b""), times=2)
-    with client_for(registry, host=front.host, sleep=Sleeps()) as client:
+    sleeps = Sleeps()
+    with client_for(registry, host=front.host, sleep=sleeps) as client:
         resolved = client.resolve(ref(front, repo_name))
         client.fetch_blob(repo_name, resolved.layers[0], tmp_path / "layer")
+    # Both 503s were retried, each after a backoff, and each blob was then fetched once more, whole.
+    blob_gets = [s.path for s in front.seen if s.method == "GET" and "/blobs/" in s.path]
+    assert len(sleeps) == 2 and len(blob_gets) == len(set(blob_gets)) + 2
+    assert (tmp_path / "layer").read_bytes() == image.layers[0].blob
 
 
 def test_connection_refused_is_retried_then_unavailable(registry, repo_name):
@@ -303,7 +308,7 @@ def test_redirect_loop_is_bounded(registry, hostile_front, repo_name, tmp_path):
 
 
 def test_dns_name_resolving_to_loopback_is_refused_at_connect(registry, repo_name):
-    from common.registry import RegistryClient
+    from common.registry.client import RegistryClient
 
     port = registry.host.rsplit(":", 1)[1]
     before = len(registry.log_lines(r'"GET /v2/'))

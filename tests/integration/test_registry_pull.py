@@ -6,7 +6,6 @@ import tarfile
 
 import pytest
 
-from common.blobstore import BlobStore, open_layer
 from common.errors import (
     DigestMismatch,
     InvalidManifest,
@@ -15,7 +14,8 @@ from common.errors import (
     SizeMismatch,
     UnsupportedMediaType,
 )
-from common.oci import DOCKER_MANIFEST, OCI_MANIFEST
+from common.registry.blobcache import BlobStore, open_layer
+from common.registry.manifests import DOCKER_MANIFEST, OCI_MANIFEST
 from tests.fixtures.images import (
     PushSession,
     image_config,
@@ -146,7 +146,7 @@ def test_registry_pull_nested_index(registry, repo_name):
 
 def test_registry_pull_index_nested_too_deep_is_refused(registry, repo_name):
     from common.errors import LimitExceeded
-    from common.oci import MAX_INDEX_DEPTH
+    from common.registry.manifests import MAX_INDEX_DEPTH
 
     image = push_test_image(registry, repo_name, None)
     current = image

@@ -9,10 +9,10 @@ import subprocess
 
 import pytest
 
-from common.digest import Digest
 from common.errors import RegistryError
-from common.httpretry import RetryPolicy
-from common.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
+from common.registry.digest import Digest
+from common.registry.manifests import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
+from common.registry.retry import RetryPolicy
 from tests.fixtures.hostile import Reply
 from tests.fixtures.images import image_config, make_layer, make_tar
 from tests.fixtures.registries import client_for

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from common.digest import Digest
-from common.eif import CrcOfStream, WrittenEif
+from common.enclave.reader import CrcOfStream
+from common.enclave.writer import WrittenEif
 from common.errors import BootCheckFailed, InvalidEif
-from tests.e2e.conftest import blobs_target, build_dev_blobs, build_shim, runtime_target
+from common.registry.digest import Digest
+from tests.fixtures.devblobs import blobs_target, build_dev_blobs, build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.hostile import HostileRegistry, Reply
 from tests.fixtures.images import OCI_MANIFEST, PushSession, image_config, make_layer, push_test_image

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from common.errors import BootCheckFailed, BootCheckUnavailable, InvalidEif
+from common.errors import (
+    BootCheckFailed,
+    BootCheckNoHeartbeat,
+    BootCheckPcrMismatch,
+    BootCheckUnavailable,
+    InvalidEif,
+)
 
 # The console markers of worker/runtime/init.c (its NCI_* defines); a unit test keeps the two in step.
 INIT_PREFIX = "nitroconv-init: "
@@ -25,6 +31,10 @@ MARK_EXEC_OK = "nitroconv-init: exec ok "
 MARK_EXEC_FAILED = "nitroconv-init: exec failed: "
 MARK_EXIT = "nitroconv-init: exit "
 MARK_FATAL = "nitroconv-init: fatal: "
+# With the NSM (the emulator, a Nitro host): `pcr <n> <hex>` for PCR0, 1, 2 and 8, as the NSM reports them.
+MARK_PCR = "nitroconv-init: pcr "
+MARK_NO_NSM = "nitroconv-init: no nsm "
+MARK_NSM_ERROR = "nitroconv-init: nsm error: "
 C_MARKERS: Mapping[str, str] = {
     "NCI_PREFIX": INIT_PREFIX,
     "NCI_START": MARK_START,
@@ -33,6 +43,9 @@ C_MARKERS: Mapping[str, str] = {
     "NCI_EXEC_FAILED": MARK_EXEC_FAILED,
     "NCI_EXIT": MARK_EXIT,
     "NCI_FATAL": MARK_FATAL,
+    "NCI_PCR": MARK_PCR,
+    "NCI_NO_NSM": MARK_NO_NSM,
+    "NCI_NSM_ERROR": MARK_NSM_ERROR,
 }
 
 # The exec shim (worker/runtime/shim.c) is what the init execs; it prints these notices and carries on,
@@ -209,6 +222,18 @@ class BootCheckJson(TypedDict):
     program_output: list[str]
     exit_status: int | None
     reason: str
+    mode: str
+    fallback_reason: str | None
+    pcrs: dict[str, str] | None
+    pcrs_match: bool | None
+    heartbeat: bool | None
+
+
+# A failed check raises the error of its first failure (worker/pipeline/emulatorboot.py decides which).
+FAILURES: Mapping[str, type[BootCheckFailed]] = {
+    cls.code: cls for cls in (BootCheckFailed, BootCheckPcrMismatch, BootCheckNoHeartbeat)}
+MODE_PLAIN = "plain"
+MODE_EMULATOR = "emulator"
 
 
 @dataclass(frozen=True)
@@ -218,6 +243,9 @@ class BootResult:
     `ok` means the init's marker showed the entrypoint was exec'd (whatever its exit status) and
     the exec shim, when there is one, did not report failing to start the program;
     `seconds` is the whole check, `exec_seconds` the time from QEMU's start to the marker.
+    In the emulator (`mode` "emulator") `ok` also needs `pcrs` (as the emulator's NSM measured them,
+    read by the init) equal to the Build's and the heartbeat to have come; a plain boot has neither
+    (None). `fallback_reason` says why `auto` booted plain; `error_code` names the first failure.
     """
 
     ok: bool
@@ -227,6 +255,12 @@ class BootResult:
     exit_status: int | None
     reason: str
     exec_seconds: float | None = None
+    mode: str = MODE_PLAIN
+    fallback_reason: str | None = None
+    pcrs: Mapping[str, str] | None = None
+    pcrs_match: bool | None = None
+    heartbeat: bool | None = None
+    error_code: str = BootCheckFailed.code
 
     def to_json(self) -> BootCheckJson:
         return {
@@ -237,12 +271,19 @@ class BootResult:
             "program_output": list(self.program_output),
             "exit_status": self.exit_status,
             "reason": self.reason,
+            "mode": self.mode,
+            "fallback_reason": self.fallback_reason,
+            "pcrs": None if self.pcrs is None else dict(self.pcrs),
+            "pcrs_match": self.pcrs_match,
+            "heartbeat": self.heartbeat,
         }
 
     def raise_if_failed(self) -> None:
-        """For a pipeline that must not publish an image whose entrypoint does not start."""
+        """For a pipeline that must not publish an image whose entrypoint does not start (or, in the
+        emulator, whose PCRs are not the Build's, or that never sent its heartbeat)."""
         if not self.ok:
-            raise BootCheckFailed(f"boot check failed: {self.reason}", details={"boot_check": dict(self.to_json())})
+            error = FAILURES.get(self.error_code, BootCheckFailed)
+            raise error(f"boot check failed: {self.reason}", details={"boot_check": dict(self.to_json())})
 
 
 def memory_for(eif_size: int) -> int:
@@ -311,8 +352,9 @@ class _Watch:
 
 
 def _watch(proc: subprocess.Popen[bytes], parser: ConsoleParser, *, started: float, timeout: float,
-           settle: float) -> _Watch:
-    """Feed the console to `parser` until QEMU closes it, the timeout passes, or `settle` after the verdict."""
+           settle: float, after_exit: float | None = None) -> _Watch:
+    """Feed the console to `parser` until QEMU closes it, the timeout passes, or `settle` after the verdict
+    (or `after_exit` after the program's exit line, for a machine that may not end on the init's reset)."""
     assert proc.stdout is not None and proc.stderr is not None
     deadline = started + timeout
     stop_at = deadline
@@ -343,6 +385,8 @@ def _watch(proc: subprocess.Popen[bytes], parser: ConsoleParser, *, started: flo
                 exec_seconds = time.monotonic() - started
             if parser.decided and stop_at == deadline:
                 stop_at = min(deadline, time.monotonic() + settle)
+            if after_exit is not None and parser.exit_status is not None:
+                stop_at = min(stop_at, time.monotonic() + after_exit)
     timed_out = not parser.decided and time.monotonic() >= deadline
     return _Watch(timed_out, exec_seconds, stderr.decode("utf-8", "replace"))
 
@@ -430,7 +474,7 @@ def boot_eif(
     temporary directory under `scratch` (default: the system temp dir) and removed afterwards.
     Raises `InvalidEif` for a file that is not a bootable EIF, `BootCheckUnavailable` without QEMU.
     """
-    from common.eif import iter_section_data, read_eif
+    from common.enclave.reader import iter_section_data, read_eif
 
     eif_path = Path(eif_path)
     info = read_eif(eif_path)

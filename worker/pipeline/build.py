@@ -6,20 +6,14 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.eif import (
-    Measurements,
-    Section,
-    WrittenEif,
-    build_metadata,
-    eif_size,
-    kernel_info_from_config,
-    write_eif,
-)
-from common.filetree import Tree
-from common.launch import LaunchSpec
-from common.memo import file_identity
-from common.ramdisk import app_archive, bootstrap_archive
-from common.signing import EifSigner
+from common.enclave.launch import LaunchSpec
+from common.enclave.measure import Measurements
+from common.enclave.metadata import build_metadata, kernel_info_from_config
+from common.enclave.ramdisk import app_archive, bootstrap_archive
+from common.enclave.signing import EifSigner
+from common.enclave.writer import Section, WrittenEif, eif_size, write_eif
+from common.image.filetree import Tree
+from common.util.memo import file_identity
 from worker.pipeline.memory import default_mem_mib
 
 # A fixed build time keeps the metadata section, and so the whole file, byte-identical across builds (EIF.md §7).
@@ -112,7 +106,7 @@ def build_eif(
 
 
 def bootstrap_key(blobs_dir: Path) -> Hashable:
-    """What ramdisk 0's bytes depend on: the two blob files it holds (the rest is fixed by common.ramdisk)."""
+    """What ramdisk 0's bytes depend on: the two blob files it holds (the rest is fixed by common.enclave.ramdisk)."""
     return ("bootstrap", file_identity(blobs_dir / "init"), file_identity(blobs_dir / "nsm.ko"))
 
 

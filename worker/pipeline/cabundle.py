@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.errors import CaBundleNotConfigured, InvalidCaBundle
-from common.filetree import BytesContent, Node, NodeKind, Tree
+from common.image.filetree import BytesContent, Node, NodeKind, Tree
 
 # Where the common distributions keep the PEM bundle that OpenSSL, curl and most runtimes read:
 # Debian/Ubuntu/Alpine, then RHEL/Fedora/Amazon Linux, then the BSD-style path some images use.

@@ -10,8 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.blobstore import BlobStore
-from common.eif import Measurements, check_written
+from common.enclave.launch import LaunchSpec, launch_spec, parse_env
+from common.enclave.measure import Measurements
+from common.enclave.reader import check_written
+from common.enclave.shim import SHIM_DIR, through_shim
+from common.enclave.signing import EifSigner, load_signer
 from common.errors import (
     Cancelled,
     InvalidBlobs,
@@ -19,16 +22,15 @@ from common.errors import (
     InvalidSigningMaterial,
     MemoryTooSmall,
 )
-from common.filetree import NodeKind, Tree
-from common.launch import LaunchSpec, launch_spec, parse_env
-from common.layercompress import Compression, parse_compression
-from common.layers import Limits
+from common.image.compress import Compression, parse_compression
+from common.image.filetree import NodeKind, Tree
+from common.image.layers import Limits
 from common.options import check_java_mode
-from common.registry import Credentials, FetchedManifest
-from common.shim import SHIM_DIR, through_shim
-from common.signing import EifSigner, load_signer
+from common.registry.blobcache import BlobStore
+from common.registry.client import Credentials, FetchedManifest
 from worker.pipeline.build import EifIdentity, build_eif, docker_info
 from worker.pipeline.cabundle import append_ca_bundle, load_ca_bundle
+from worker.pipeline.emulatorboot import BootCheckPlan
 from worker.pipeline.memory import MEMORY_FACTOR, minimum_mem_mib
 from worker.pipeline.outputbase import BaseImage, base_reference, resolve_base
 from worker.pipeline.outputimage import ENTRYPOINT, Blob, config_json, labels, write_layer
@@ -186,7 +188,7 @@ def convert(
     eif_out: Path | None = None,
     limits: Limits | None = None,
     runtime_dir: Path | None = None,
-    boot_check: bool | float = False,
+    boot_check: bool | float | BootCheckPlan = False,
     output_base: str = "",
     keep_layer: Path | None = None,
     output_compression: Compression | str = Compression.GZIP,
@@ -319,7 +321,7 @@ def convert(
                                        insecure_registries=spec.insecure_registries, should_cancel=should_cancel)
         layer = write_layer(eif_path, files, scratch / "layer.blob", compression=output_compression,
                             written=built.written, sink=stream.write if stream is not None else None)
-        boot = _boot_check(eif_path, boot_check, scratch) if boot_check is not False else None
+        boot = _boot_check(eif_path, boot_check, scratch, built.measurements) if boot_check is not False else None
 
         stage(Stage.PUSHING)
         input_digest = image.input_digest or image.config_digest
@@ -369,12 +371,19 @@ def _move(src: Path, dest: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _boot_check(eif_path: Path, boot_check: bool | float, scratch: Path) -> dict[str, object]:
-    """Boot the EIF under QEMU; raise `BootCheckFailed` (with the result) unless the entrypoint was exec'd."""
-    from worker.pipeline.bootcheck import DEFAULT_TIMEOUT, boot_eif
+def _boot_check(eif_path: Path, boot_check: bool | float | BootCheckPlan, scratch: Path,
+                measurements: Measurements) -> dict[str, object]:
+    """Boot the EIF (in the emulator when the plan allows, worker/pipeline/emulatorboot.py); raise
+    `BootCheckFailed` (with the result) unless the entrypoint was exec'd and, in the emulator, the PCRs
+    it measured are the Build's and the heartbeat came."""
+    from worker.pipeline.emulatorboot import expected_registers, run_boot_check
 
-    timeout = DEFAULT_TIMEOUT if boot_check is True else float(boot_check)
-    result = boot_eif(eif_path, timeout=timeout, scratch=scratch)
+    if isinstance(boot_check, BootCheckPlan):
+        plan = boot_check
+    else:
+        plan = BootCheckPlan() if boot_check is True else BootCheckPlan(timeout=float(boot_check))
+    result = run_boot_check(eif_path, plan=plan, expected=expected_registers(measurements.registers()),
+                            scratch=scratch)
     result.raise_if_failed()
     return dict(result.to_json())
 

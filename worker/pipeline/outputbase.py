@@ -5,12 +5,12 @@ import json
 from dataclasses import dataclass
 from typing import IO
 
-from common.blobstore import BlobStore
 from common.errors import InvalidManifest, UnsupportedMediaType
-from common.hostpolicy import HostPolicy
-from common.oci import Descriptor
-from common.reference import Reference, parse_reference
-from common.registry import Credentials, RegistryClient
+from common.registry.blobcache import BlobStore
+from common.registry.client import Credentials, RegistryClient
+from common.registry.hostpolicy import HostPolicy
+from common.registry.manifests import Descriptor
+from common.registry.reference import Reference, parse_reference
 
 # Docker's layer types hold the same bytes as the OCI ones; an OCI manifest must name OCI types.
 _LAYER_TYPES = {

@@ -10,14 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from common.atomicfile import atomic_file
-from common.blobstore import open_layer
-from common.digest import Digest
-from common.eif import CrcOfStream, Measurements, WrittenEif
+from common.enclave.measure import Measurements
+from common.enclave.reader import CrcOfStream
+from common.enclave.writer import WrittenEif
 from common.errors import InvalidEif, InvalidManifest
-from common.hashpipe import HashPipe
-from common.hostpolicy import HostPolicy
-from common.layercompress import (
+from common.image.compress import (
     GZIP_BLOCK,
     MEDIA_TYPES,
     Compression,
@@ -25,8 +22,13 @@ from common.layercompress import (
     StreamCompressor,
     open_compressor,
 )
-from common.reference import parse_reference
-from common.registry import Credentials, RegistryClient
+from common.registry.blobcache import open_layer
+from common.registry.client import Credentials, RegistryClient
+from common.registry.digest import Digest
+from common.registry.hostpolicy import HostPolicy
+from common.registry.reference import parse_reference
+from common.util.atomicfile import atomic_file
+from common.util.hashpipe import HashPipe
 from worker.pipeline.outputbase import BaseImage
 
 LAYER_MEDIA_TYPE = MEDIA_TYPES[Compression.GZIP]
@@ -125,7 +127,7 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
 
     With `written` (what `write_eif` reported), the file's size must be the writer's and its CRC,
     recomputed from the bytes read here, the writer's: a torn, short or since-changed file fails with
-    `InvalidEif` before anything is pushed (see `common.eif.check_written` for the rest of that check).
+    `InvalidEif` before anything is pushed (see `common.enclave.reader.check_written` for the rest of that check).
 
     `sink` receives the compressed bytes as they are written to `out_path`, in order (a streamed upload, which
     commits nothing: the caller decides after every check whether what it received is pushed).
@@ -138,7 +140,7 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
     eif_sha = HashPipe(hashlib.sha256(), name="nitroconv-eifsha")
     heads = _tar_header("enclave", 0, 0o755, tarfile.DIRTYPE) + _tar_header("enclave/app.eif", size, 0o644)
     # The EIF's keyed sections (its kernel above all) sit at the same stream offsets in every layer: their
-    # deflated blocks are reused (common.layercompress.KnownRange); the CRC check below covers the bytes.
+    # deflated blocks are reused (common.image.compress.KnownRange); the CRC check below covers the bytes.
     known = [KnownRange(len(heads) + span.offset, span.size, span.key) for span in written.spans] if written else []
     try:
         with out_path.open("wb") as raw:
@@ -236,11 +238,16 @@ def manifest_json(config: Blob, layer: Blob, annotations: Mapping[str, str], bas
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecure_registries: frozenset[str]) -> str:
-    """Download a converted image and write its `/enclave/app.eif` to `out`; returns the EIF's sha256 hex."""
+def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecure_registries: frozenset[str],
+              launch_json: Path | None = None) -> str:
+    """Download a converted image and write its `/enclave/app.eif` to `out` (and its `/enclave/launch.json` to
+    `launch_json` when given); returns the EIF's sha256 hex."""
     ref = parse_reference(image)
     # The whole list, not just "is this host insecure": a token realm on another listed host must be reachable too.
     policy = HostPolicy.allowing(insecure_registries)
+    wanted = {"enclave/app.eif": out}
+    if launch_json is not None:
+        wanted["enclave/launch.json"] = launch_json
     with tempfile.TemporaryDirectory(prefix="nitroconv-fetch-") as tmp, \
             RegistryClient.for_reference(ref, credentials=credentials, policy=policy) as client:
         resolved = client.resolve(ref)
@@ -249,26 +256,34 @@ def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecur
         # Ours is the last layer; any before it are the output base's (NITROCONV_OUTPUT_BASE_IMAGE).
         descriptor, diff_id = resolved.layers[-1], resolved.diff_ids[-1]
         blob = client.fetch_blob(resolved.repository, descriptor, Path(tmp) / "layer")
-        found = extract_eif(blob, descriptor.media_type, diff_id, out)
-    if found is None:
-        raise InvalidManifest(f"{ref} has no /enclave/app.eif")
-    return found
+        found = extract_enclave_files(blob, descriptor.media_type, diff_id, wanted)
+    for name in wanted:
+        if name not in found:
+            raise InvalidManifest(f"{ref} has no /{name}")
+    return found["enclave/app.eif"]
 
 
 def extract_eif(layer: Path, media_type: str, diff_id: Digest, out: Path) -> str | None:
     """Write the `/enclave/app.eif` of an output layer blob to `out` (atomically); its sha256 hex, None if absent.
 
     The whole layer is read, so its DiffID is checked too."""
+    return extract_enclave_files(layer, media_type, diff_id, {"enclave/app.eif": out}).get("enclave/app.eif")
+
+
+def extract_enclave_files(layer: Path, media_type: str, diff_id: Digest, wanted: dict[str, Path]) -> dict[str, str]:
+    """Write the layer's regular files named in `wanted` (tar names) to their paths, atomically; their sha256 hex
+    by name. The whole layer is read, so its DiffID is checked too."""
+    found: dict[str, str] = {}
     with open_layer(layer, media_type, diff_id) as stream, \
             tarfile.open(fileobj=cast(BinaryIO, stream), mode="r|") as tar:
         for member in tar:
-            if member.name == "enclave/app.eif" and member.isfile():
+            if member.name in wanted and member.isfile() and member.name not in found:
                 source = tar.extractfile(member)
                 assert source is not None
                 sha = hashlib.sha256()
-                with atomic_file(out) as sink:
+                with atomic_file(wanted[member.name]) as sink:
                     while chunk := source.read(1 << 20):
                         sha.update(chunk)
                         sink.write(chunk)
-                return sha.hexdigest()
-    return None
+                found[member.name] = sha.hexdigest()
+    return found

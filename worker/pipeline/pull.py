@@ -13,15 +13,15 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import BinaryIO, cast
 
-from common.blobstore import BlobStore, open_layer
-from common.digest import Digest, HashingReader
 from common.errors import DigestMismatch, InvalidManifest, RegistryError
-from common.filetree import Tree
-from common.hostpolicy import HostPolicy
-from common.layers import ApplyState, Limits, apply_layer
-from common.oci import Descriptor, load_json_object, parse_image_config
-from common.reference import DaemonImage, Reference, parse_image_source
-from common.registry import Credentials, FetchedManifest, RegistryClient
+from common.image.filetree import Tree
+from common.image.layers import ApplyState, Limits, apply_layer
+from common.registry.blobcache import BlobStore, open_layer
+from common.registry.client import Credentials, FetchedManifest, RegistryClient
+from common.registry.digest import Digest, HashingReader
+from common.registry.hostpolicy import HostPolicy
+from common.registry.manifests import Descriptor, load_json_object, parse_image_config
+from common.registry.reference import DaemonImage, Reference, parse_image_source
 
 Progress = Callable[[float], None]
 

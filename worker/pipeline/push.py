@@ -6,12 +6,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
-from common.blobstore import BlobStore
-from common.digest import Digest
 from common.errors import InvalidReference
-from common.hostpolicy import HostPolicy
-from common.reference import Reference, parse_image_source
-from common.registry import Credentials, RegistryClient
+from common.registry.blobcache import BlobStore
+from common.registry.client import Credentials, RegistryClient
+from common.registry.digest import Digest
+from common.registry.hostpolicy import HostPolicy
+from common.registry.reference import Reference, parse_image_source
 from worker.pipeline.outputbase import BaseImage, copy_base_layers
 from worker.pipeline.outputimage import (
     CONFIG_MEDIA_TYPE,

@@ -20,20 +20,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
-from common.atomicfile import atomic_file
-from common.blobstore import DEFAULT_MAX_BYTES, BlobStore
-from common.digest import Digest
-from common.eif import Measurements
+from common.enclave.launch import parse_env
+from common.enclave.measure import Measurements
+from common.enclave.signing import load_signer
 from common.errors import Cancelled, InvalidManifest, NitroconvError
-from common.hostpolicy import HostPolicy
-from common.launch import parse_env
-from common.layers import Limits
-from common.memo import ProcessMemo, file_identity
-from common.oci import Descriptor
+from common.image.layers import Limits
 from common.options import check_java_mode
-from common.reference import Reference, parse_image_source
-from common.registry import FetchedManifest, RegistryClient
-from common.signing import load_signer
+from common.registry.blobcache import DEFAULT_MAX_BYTES, BlobStore
+from common.registry.client import FetchedManifest, RegistryClient
+from common.registry.digest import Digest
+from common.registry.hostpolicy import HostPolicy
+from common.registry.manifests import Descriptor
+from common.registry.reference import Reference, parse_image_source
+from common.util.atomicfile import atomic_file
+from common.util.memo import ProcessMemo, file_identity
 from worker.pipeline.convert import (
     BLOB_FILES,
     ConvertResult,
@@ -42,6 +42,7 @@ from worker.pipeline.convert import (
     convert,
     default_runtime_dir,
 )
+from worker.pipeline.emulatorboot import BootCheckPlan
 from worker.pipeline.outputbase import base_reference, resolve_base
 from worker.pipeline.outputimage import ENTRYPOINT, Blob, OutputLayer, config_json, extract_eif, labels
 from worker.pipeline.push import output_reference, push
@@ -104,7 +105,7 @@ def resolve_input(spec: ConvertSpec) -> tuple[Reference, FetchedManifest] | None
 
 
 def conversion_key(spec: ConvertSpec, input_ref: Reference, input_digest: str, *, blobs_dir: Path,
-                   runtime_dir: Path, output_base: str, boot_check: bool | float, limits: Limits | None,
+                   runtime_dir: Path, output_base: str, boot_check: bool | float | BootCheckPlan, limits: Limits | None,
                    extra: Mapping[str, object]) -> str | None:
     """sha256 over a canonical JSON of everything the output bytes depend on; None when a file is missing
     (then `convert()` runs and names what is missing)."""
@@ -138,7 +139,8 @@ def conversion_key(spec: ConvertSpec, input_ref: Reference, input_digest: str, *
         "ca_bundle": ca_bundle,
         "output_base": output_base.strip(),
         "output_compression": os.environ.get("NITROCONV_OUTPUT_COMPRESSION", ""),
-        "boot_check": boot_check is not False,
+        # A check recorded in one mode must not stand in for one asked in another (the emulator checks more).
+        "boot_check": boot_check.mode if isinstance(boot_check, BootCheckPlan) else boot_check is not False,
         "limits": repr(limits),
         "extra": {k: repr(v) for k, v in sorted(extra.items())},
     }
@@ -222,7 +224,7 @@ def convert_reusing(
     eif_out: Path | None = None,
     limits: Limits | None = None,
     runtime_dir: Path | None = None,
-    boot_check: bool | float = False,
+    boot_check: bool | float | BootCheckPlan = False,
     output_base: str = "",
     owner: str = "",
     build_id: str | None = None,

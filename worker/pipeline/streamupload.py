@@ -16,10 +16,10 @@ import queue
 import threading
 from collections.abc import Callable
 
-from common.digest import Digest
-from common.hostpolicy import HostPolicy
-from common.reference import Reference
-from common.registry import BlobUpload, Credentials, RegistryClient
+from common.registry.client import BlobUpload, Credentials, RegistryClient
+from common.registry.digest import Digest
+from common.registry.hostpolicy import HostPolicy
+from common.registry.reference import Reference
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Warm a worker before its pool forks: what every EIF of this host shares is measured and deflated once.
 
-Every EIF starts with this host's kernel, cmdline and bootstrap ramdisk (common.eifprefix) and every output
-layer holds that kernel at the same offset (common.layercompress.KnownRange). A pool child keeps both for
+Every EIF starts with this host's kernel, cmdline and bootstrap ramdisk (common.enclave.prefix) and every output
+layer holds that kernel at the same offset (common.image.compress.KnownRange). A pool child keeps both for
 its life, but each child (and each replacement of a recycled one) would pay for them on its first
 conversion; built once in the main process, they are inherited by every child instead.
 """
@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.filetree import Tree
-from common.launch import launch_spec
+from common.enclave.launch import launch_spec
+from common.image.filetree import Tree
 from worker.pipeline.build import EifIdentity, build_eif
 from worker.pipeline.outputimage import write_layer
 

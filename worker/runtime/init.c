@@ -5,11 +5,13 @@
  * Boot sequence (the initramfs is the bootstrap ramdisk `dev/ init nsm.ko` followed by the app
  * ramdisk `rootfs/… cmd env`):
  *   1. mount devtmpfs on /dev, put the console on fds 0, 1, 2;
- *   2. load /nsm.ko with finit_module when it is a real module (dev blobs carry an empty
- *      placeholder, which is skipped), then unlink it;
- *   3. send the "enclave ready" heartbeat (byte 0xB7 to vsock CID 3 port 9000, echoed back); the
- *      Debian kernel of the dev blobs has vsock as a module, so AF_VSOCK is usually absent and the
- *      init says so on the console and carries on;
+ *   2. load /nsm.ko with finit_module when it is a real module (an empty placeholder is skipped),
+ *      then unlink it; with /dev/nsm present, seed the kernel's entropy pool from the NSM's
+ *      GetRandom (an enclave has no other entropy source) and print PCR0, 1, 2 and 8 as the NSM
+ *      reports them, so a boot check can compare them with the measured ones; no /dev/nsm (a plain
+ *      QEMU boot) is one console line;
+ *   3. send the "enclave ready" heartbeat (byte 0xB7 to vsock CID 3 port 9000, echoed back); without
+ *      vsock (a plain QEMU boot) the init says so on the console and carries on;
  *   4. read /cmd (argv) and /env (envp), one item per line, then unlink both;
  *   5. make /rootfs the root (bind, move onto /, chroot) and mount the usual filesystems in it;
  *   6. fork; the child starts a session and execvpe()s argv[0] with the PATH of the AWS init;
@@ -33,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
@@ -42,9 +45,11 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/random.h>
 #include <linux/vm_sockets.h>
 
 #include "console.h"
+#include "nsm_cbor.h"
 
 /* Console markers (mirrored in worker/pipeline/bootcheck.py). */
 #define NCI_PREFIX "nitroconv-init: "
@@ -54,6 +59,9 @@
 #define NCI_EXEC_FAILED "nitroconv-init: exec failed: "
 #define NCI_EXIT "nitroconv-init: exit "
 #define NCI_FATAL "nitroconv-init: fatal: "
+#define NCI_PCR "nitroconv-init: pcr "
+#define NCI_NO_NSM "nitroconv-init: no nsm "
+#define NCI_NSM_ERROR "nitroconv-init: nsm error: "
 
 /* The AWS init looks commands up with this PATH whatever /env says; keeping it makes a boot check
  * here predict what happens on a Nitro host. It is also the whole environment when /env is
@@ -65,6 +73,25 @@
 #define HEARTBEAT_BYTE 0xB7
 #define HEARTBEAT_TIMEOUT_S 5
 #define ARGV0_SHOWN_MAX 200
+#define NSM_DEV "/dev/nsm"
+/* The PCRs a boot check compares: the image, the kernel and bootstrap, the application, the
+ * signing certificate (all zero when the EIF is unsigned). */
+static const uint16_t reported_pcrs[] = {0, 1, 2, 8};
+#define PCR_MAX_BYTES 64
+#define RANDOM_MAX_BYTES 1024
+
+/* The NSM driver's raw ioctl (include/uapi/linux/nsm.h, Linux 6.8+; the build host's headers may
+ * predate it). The driver refuses requests above 4 KiB and truncates responses to our buffer. */
+struct nsm_iovec {
+    uint64_t addr;
+    uint64_t len;
+};
+struct nsm_raw {
+    struct nsm_iovec request;
+    struct nsm_iovec response;
+};
+#define NSM_IOCTL_RAW _IOWR(0x0A, 0x0, struct nsm_raw)
+#define NSM_RESPONSE_MAX 0x3000
 
 static char *const default_argv[] = {"sh", NULL};
 static char *const default_envp[] = {LOOKUP_PATH_ENV, NULL};
@@ -143,6 +170,106 @@ static void load_nsm_driver(void)
     close(fd);
     if (unlink(NSM_PATH) < 0)
         say(NCI_PREFIX "cannot unlink " NSM_PATH ": %s", strerror(errno));
+}
+
+/* One request/response round trip; returns the response length, or -errno. */
+static ssize_t nsm_call(int fd, const uint8_t *req, size_t req_len, uint8_t *resp, size_t cap)
+{
+    struct nsm_raw raw = {
+        .request = {.addr = (uint64_t)(uintptr_t)req, .len = req_len},
+        .response = {.addr = (uint64_t)(uintptr_t)resp, .len = cap},
+    };
+    int rc;
+    do
+        rc = ioctl(fd, NSM_IOCTL_RAW, &raw);
+    while (rc < 0 && errno == EINTR);
+    if (rc < 0)
+        return -errno;
+    if (raw.response.len > cap) /* the driver never returns more than asked; refuse if it did */
+        return -EPROTO;
+    return (ssize_t)raw.response.len;
+}
+
+static void say_nsm_failure(const char *what, ssize_t n, int rc, const char *code)
+{
+    if (n < 0)
+        say(NCI_NSM_ERROR "%s: %s", what, strerror((int)-n));
+    else if (rc == NSM_CBOR_ERROR_REPLY)
+        say(NCI_NSM_ERROR "%s: the NSM answered %s", what, code);
+    else
+        say(NCI_NSM_ERROR "%s: malformed response (%zd bytes)", what, n);
+}
+
+static uint8_t nsm_response[NSM_RESPONSE_MAX];
+
+/* An enclave has no entropy source but the NSM; without this, early getrandom() calls block. */
+static void seed_entropy(int fd)
+{
+    uint8_t req[16];
+    size_t req_len = nsm_get_random_request(req, sizeof(req));
+    /* struct rand_pool_info ends in a flexible array: the bytes go right after its header. */
+    union {
+        struct rand_pool_info info;
+        uint8_t raw[sizeof(struct rand_pool_info) + RANDOM_MAX_BYTES];
+    } pool;
+    char code[64] = "";
+    size_t got = 0;
+    ssize_t n = nsm_call(fd, req, req_len, nsm_response, sizeof(nsm_response));
+    int rc = n < 0 ? NSM_CBOR_MALFORMED
+                   : nsm_parse_get_random(nsm_response, (size_t)n, pool.raw + sizeof(struct rand_pool_info),
+                                          RANDOM_MAX_BYTES, &got, code, sizeof(code));
+    explicit_bzero(nsm_response, sizeof(nsm_response));
+    if (n < 0 || rc != NSM_CBOR_OK || got == 0) {
+        say_nsm_failure("GetRandom", n, rc == NSM_CBOR_OK ? NSM_CBOR_MALFORMED : rc, code);
+        return;
+    }
+    pool.info.entropy_count = (int)(got * 8);
+    pool.info.buf_size = (int)got;
+    int rfd = open("/dev/random", O_WRONLY | O_CLOEXEC);
+    if (rfd < 0 || ioctl(rfd, RNDADDENTROPY, &pool.info) < 0)
+        say(NCI_NSM_ERROR "RNDADDENTROPY: %s", strerror(errno));
+    else
+        say(NCI_PREFIX "entropy pool seeded with %zu bytes from the NSM", got);
+    if (rfd >= 0)
+        close(rfd);
+    explicit_bzero(&pool, sizeof(pool));
+}
+
+static void print_pcrs(int fd)
+{
+    for (size_t i = 0; i < sizeof(reported_pcrs) / sizeof(reported_pcrs[0]); i++) {
+        uint16_t index = reported_pcrs[i];
+        uint8_t req[32], data[PCR_MAX_BYTES];
+        char hex[2 * PCR_MAX_BYTES + 1], code[64] = "", what[32];
+        size_t req_len = nsm_describe_pcr_request(req, sizeof(req), index), len = 0;
+        int locked = 0;
+        ssize_t n = nsm_call(fd, req, req_len, nsm_response, sizeof(nsm_response));
+        int rc = n < 0 ? NSM_CBOR_MALFORMED
+                       : nsm_parse_describe_pcr(nsm_response, (size_t)n, data, sizeof(data), &len, &locked, code,
+                                                sizeof(code));
+        if (n < 0 || rc != NSM_CBOR_OK || len == 0) {
+            snprintf(what, sizeof(what), "DescribePCR %u", (unsigned)index);
+            say_nsm_failure(what, n, rc == NSM_CBOR_OK ? NSM_CBOR_MALFORMED : rc, code);
+            continue;
+        }
+        for (size_t b = 0; b < len; b++)
+            snprintf(hex + 2 * b, 3, "%02x", data[b]);
+        say(NCI_PCR "%u %s", (unsigned)index, hex);
+    }
+}
+
+/* With the NSM driver loaded: seed the entropy pool, then report the PCRs. Neither is fatal: an
+ * enclave that cannot report them still runs, and a boot check fails on the missing lines. */
+static void use_nsm(void)
+{
+    int fd = open(NSM_DEV, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        say(NCI_NO_NSM "(%s: %s), PCRs not read, entropy not seeded", NSM_DEV, strerror(errno));
+        return;
+    }
+    seed_entropy(fd);
+    print_pcrs(fd);
+    close(fd);
 }
 
 /* Tell the parent (nitro-cli) the enclave booted. Without vsock there is nobody to tell: say so
@@ -417,6 +544,7 @@ int main(void)
     open_console();
     say(NCI_START);
     load_nsm_driver();
+    use_nsm();
     send_heartbeat();
 
     size_t envc, argc;

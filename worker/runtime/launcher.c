@@ -23,6 +23,17 @@
  * `--`) starts those, so `docker run IMAGE -v` passes `-v` on and `docker run IMAGE -- --dry-run`
  * passes a literal `--dry-run`. Values of the environment are never printed.
  *
+ * Emulated enclaves (`nitroconv run-local`, worker/emulator/runlocal.py): three environment variables
+ * switch the parent side from a Nitro host to QEMU's nitro-enclave machine with our vhost-user-vsock
+ * back-end, so the same launcher, the same launch.json rules and the same run-time protocol serve it.
+ * Variables, not options, because argv belongs to the program (`docker run IMAGE ARG…`):
+ *   NITROCONV_RUN_LAUNCH_JSON=PATH  read PATH instead of /enclave/launch.json;
+ *   NITROCONV_RUN_VSOCK_UDS=BASE    serve on the Unix socket BASE_9001, where the back-end delivers the
+ *                                   enclave's connections to port 9001 (the peer is the enclave: the
+ *                                   back-end only forwards the guest's own connections);
+ *   NITROCONV_RUN_NITRO_CLI=PATH    run PATH instead of nitro-cli, with nitro-cli's arguments; it stays
+ *                                   attached until the enclave ends and exits with its status.
+ *
  * Built with -DLAUNCHER_TEST_HOOKS (tests only), two more options exist: `--launch-json PATH`
  * reads another file, and `--serve-fd N` answers exactly one exchange on the inherited connected
  * socket N and exits (0 when served), so the protocol is tested over a socket pair.
@@ -42,6 +53,7 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +62,9 @@
 #define PROG "nitroconv-run: "
 #define LAUNCH_JSON "/enclave/launch.json"
 #define NITRO_CLI "nitro-cli"
+#define ENV_LAUNCH_JSON "NITROCONV_RUN_LAUNCH_JSON"
+#define ENV_VSOCK_UDS "NITROCONV_RUN_VSOCK_UDS"
+#define ENV_NITRO_CLI "NITROCONV_RUN_NITRO_CLI"
 #define RUNTIME_PORT 9001
 #define HELLO "NCRT1\n"
 #define HELLO_LEN 6
@@ -280,7 +295,7 @@ static int boolean(struct reader *r, int *out) {
     return fail(r, "expected true or false");
 }
 
-/* Environment names as the converter accepts them (common/launch.py::parse_env): not empty, no '='.
+/* Environment names as the converter accepts them (common/enclave/launch.py::parse_env): not empty, no '='.
  * Control characters are refused too: a name is printed in --dry-run and in logs. */
 static int env_name_ok(const char *s) {
     if (!*s)
@@ -586,10 +601,35 @@ static int listen_vsock(void) {
     return fd;
 }
 
-static int run(const char *nitro_cli, char *const cmd[], const struct answer *a, int attached) {
+/* The emulator's stand-in for vsock port 9001: the back-end's Unix socket BASE_9001 (stale ones replaced). */
+static int listen_uds(const char *base) {
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    int n = snprintf(addr.sun_path, sizeof addr.sun_path, "%s_%d", base, RUNTIME_PORT);
+    if (n < 0 || (size_t)n >= sizeof addr.sun_path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    if (lstat(addr.sun_path, &st) == 0 && S_ISSOCK(st.st_mode))
+        unlink(addr.sun_path);
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 16) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+static int run(const char *nitro_cli, char *const cmd[], const struct answer *a, int attached, const char *uds) {
     if (pipe2(wake_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
         die(1, "pipe: %s", strerror(errno));
-    int lfd = listen_vsock();
+    int lfd = uds ? listen_uds(uds) : listen_vsock();
     if (lfd < 0) {
         int err = errno;
         /* Docker's default seccomp profile refuses AF_VSOCK sockets; say what to change. */
@@ -688,8 +728,12 @@ static int run(const char *nitro_cli, char *const cmd[], const struct answer *a,
             struct sockaddr_vm peer;
             socklen_t peer_len = sizeof peer;
             memset(&peer, 0, sizeof peer);
-            int cfd = accept4(lfd, (struct sockaddr *)&peer, &peer_len, SOCK_CLOEXEC);
-            if (cfd >= 0) {
+            int cfd = accept4(lfd, uds ? NULL : (struct sockaddr *)&peer, uds ? NULL : &peer_len, SOCK_CLOEXEC);
+            if (cfd >= 0 && uds) {
+                if (serve_one(cfd, a, -1) == 0)
+                    served = 1;
+                close(cfd);
+            } else if (cfd >= 0) {
                 /* Enclaves have CIDs above the host's (2); the hypervisor, loopback and the host
                  * itself are not the enclave this launcher started. */
                 if (peer.svm_cid <= VMADDR_CID_HOST)
@@ -734,6 +778,15 @@ int main(int argc, char **argv) {
     int n_args = argc - i;
     char **args = argv + i;
 
+    if (strcmp(launch_path, LAUNCH_JSON) == 0 && getenv(ENV_LAUNCH_JSON) && *getenv(ENV_LAUNCH_JSON))
+        launch_path = getenv(ENV_LAUNCH_JSON);
+    const char *uds = getenv(ENV_VSOCK_UDS);
+    if (uds && !*uds)
+        uds = NULL;
+    const char *emulator = getenv(ENV_NITRO_CLI);
+    if (emulator && !*emulator)
+        emulator = NULL;
+
     static struct launch l;
     read_launch(launch_path, &l);
     struct answer a;
@@ -763,13 +816,16 @@ int main(int argc, char **argv) {
     }
     cmd[c] = NULL;
 
-    char *nitro_cli = find_on_path(NITRO_CLI);
+    char *nitro_cli = emulator ? strdup(emulator) : find_on_path(NITRO_CLI);
     if (dry_run) {
         printf("command:");
         for (int k = 0; k < c; k++)
             printf(" %s", cmd[k]);
         printf("\nnitro-cli: %s\n", nitro_cli ? nitro_cli : "not found (set NITROCONV_OUTPUT_BASE_IMAGE to an image with nitro-cli)");
-        printf("serve: vsock port %d\n", RUNTIME_PORT);
+        if (uds)
+            printf("serve: unix socket %s_%d\n", uds, RUNTIME_PORT);
+        else
+            printf("serve: vsock port %d\n", RUNTIME_PORT);
         printf("env:");
         for (size_t k = 0; k < l.n_env; k++)
             if (getenv(l.env[k].name))
@@ -783,11 +839,14 @@ int main(int argc, char **argv) {
         printf("enable_overlay_filesystem_persistence: %s\n", l.overlay_persistence ? "true" : "false");
         return 0;
     }
+    if (emulator && access(emulator, X_OK) != 0)
+        die(EXIT_NO_NITRO_CLI, "%s=%s is not an executable: %s", ENV_NITRO_CLI, emulator, strerror(errno));
     if (!nitro_cli)
         die(EXIT_NO_NITRO_CLI, "nitro-cli was not found on PATH: this output image has no nitro-cli. Convert with "
                                "NITROCONV_OUTPUT_BASE_IMAGE set to an image that has it (or run with --dry-run)");
     if (debug)
         say("debug mode: the enclave's console is attached and its attestation shows all-zero PCRs");
     fflush(stdout);
-    return run(nitro_cli, cmd, &a, debug);
+    /* The emulator stays attached until the enclave ends, like nitro-cli --attach-console. */
+    return run(nitro_cli, cmd, &a, debug || emulator != NULL, uds);
 }

@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any, cast
 
-from common.tasknames import QUEUE
+from common.queue.tasknames import QUEUE
 
 
 def unacked_conversions(redis: Any) -> list[bytes]:

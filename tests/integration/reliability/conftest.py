@@ -1,6 +1,7 @@
 """Fault-injection fixtures: a database and a Redis server per test, killable Celery workers, a beat, a tenant."""
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -19,13 +20,14 @@ from redis import Redis
 from sqlalchemy import select
 
 from api.app import create_app
-from common.db import session_scope
-from common.models import Build, BuildEvent
+from common.queue.tasknames import QUEUES
 from common.settings import Settings
-from common.tasknames import QUEUES
+from common.store.engine import session_scope
+from common.store.models import Build, BuildEvent
 from tests.fixtures.registries import free_port
+from tests.fixtures.repo import REPO
 from tests.fixtures.require import skip_or_fail
-from tests.integration.service.conftest import REPO, Tenant, fresh_database, new_tenant, worker_env
+from tests.fixtures.service import Tenant, fresh_database, new_tenant, worker_env
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
@@ -203,7 +205,7 @@ class Api:
     tenant: Tenant
     app_id: str
 
-    def submit(self, src: str, dst: str, auth: dict[str, str] | None = None, expect: int = 202, *,
+    def submit(self, src: str, dst: str, auth: dict[str, str] | None = None, expect: int = 200, *,
                output_auth: dict[str, str] | None = None, responses: list[str] | None = None) -> str:
         body = {"request": {"app_id": self.app_id, "input_image": {"name": src, "auth_config": auth},
                             "output_image": {"name": dst, "auth_config": output_auth}, "converter_options": {}},
@@ -213,7 +215,7 @@ class Api:
         if responses is not None:
             responses.append(resp.get_data(as_text=True))
         assert resp.status_code == expect, (resp.status_code, resp.json)
-        return resp.json["build_id"] if expect == 202 else ""
+        return resp.json["build_id"] if expect == 200 else ""
 
 
 def api_for(s: Settings) -> Api:
@@ -255,6 +257,16 @@ def wait_terminal(s: Settings, build_id: str, timeout: float = 180.0) -> Build:
 def scratch_dirs(s: Settings) -> list[Path]:
     root = s.state_dir / "scratch"
     return sorted(root.iterdir()) if root.exists() else []
+
+
+def blob_cache_is_sound(state: Path) -> None:
+    """Every blob in the cache hashes to its name, and no partial download was left in it."""
+    blobs = state / "cache" / "blobs"
+    for path in blobs.rglob("*") if blobs.exists() else []:
+        if path.is_file() and path.parent.name in ("sha256", "sha512"):
+            assert hashlib.new(path.parent.name, path.read_bytes()).hexdigest() == path.name, path
+        elif path.is_file():
+            assert path.name == ".lock", f"left in the blob cache: {path}"
 
 
 def with_hosts(s: Settings, *hosts: str) -> Settings:

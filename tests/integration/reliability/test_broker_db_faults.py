@@ -12,7 +12,7 @@ import requests
 from celery import Celery
 from sqlalchemy.engine import make_url
 
-from common.tasknames import CONVERT, QUEUE
+from common.queue.tasknames import CONVERT, QUEUE
 from tests.fixtures.images import push_test_image
 from tests.integration.service.tcpproxy import CuttableProxy
 

@@ -9,7 +9,7 @@ from typing import cast
 
 import pytest
 
-from common.queue import UNACKED_MUTEX_KEY
+from common.queue.publish import UNACKED_MUTEX_KEY
 
 from .brokerview import drained, queued_conversions, unacked_conversions, wait_restorable
 from .conftest import (

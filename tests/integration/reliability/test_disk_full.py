@@ -2,9 +2,11 @@
 small tmpfs, and the image inflates past it. Expected: FAILED `resource_limit`, scratch removed, not retried."""
 from __future__ import annotations
 
+import os
+import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,16 @@ import pytest
 from common.settings import Settings
 from tests.fixtures.images import make_tar, push_test_image
 
-from .conftest import api_for, events, row, scratch_dirs, tmpfs_over, wait_terminal, with_hosts
+from .conftest import (
+    api_for,
+    blob_cache_is_sound,
+    events,
+    row,
+    scratch_dirs,
+    tmpfs_over,
+    wait_terminal,
+    with_hosts,
+)
 
 pytestmark = pytest.mark.integration
 DISK_MIB = 24
@@ -25,26 +36,33 @@ def small_disk(rel_settings: Settings) -> Iterator[Path]:
         yield state
 
 
-@pytest.mark.parametrize("megabytes", [
-    64,  # the layer's file alone does not fit: ENOSPC while applying it
-    9,  # the applied tree fits, the ramdisk/EIF written after it does not
+@pytest.mark.parametrize("layer", [
+    # The compressed blob itself does not fit: ENOSPC while downloading it into the blob cache.
+    pytest.param(lambda: make_tar({"big/noise.bin": os.urandom(32 << 20)}), id="download"),
+    # Zeros: a few KiB of gzip in the blob cache, many MiB once applied.
+    pytest.param(lambda: make_tar({"big/zeros.bin": bytes(64 << 20), "hello.txt": b"hi"}), id="apply"),  # the file
+    pytest.param(lambda: make_tar({"big/zeros.bin": bytes(9 << 20), "hello.txt": b"hi"}), id="ramdisk"),  # the EIF
 ])
 def test_worker_disk_full_fails_resource_limit_once_and_cleans_scratch(
-        registry, rel_settings, small_disk, stack, megabytes: int):
-    # Zeros: a few KiB of gzip in the blob cache, `megabytes` MiB once applied.
-    layer = make_tar({"big/zeros.bin": bytes(megabytes << 20), "hello.txt": b"hi"})
-    image = push_test_image(registry, f"rel/full-{uuid.uuid4().hex[:6]}", "1", layers=[layer])
+        registry, rel_settings, small_disk, stack, layer: Callable[[], bytes]):
+    image = push_test_image(registry, f"rel/full-{uuid.uuid4().hex[:6]}", "1", layers=[layer()])
     s = with_hosts(rel_settings, registry.host)
     api = api_for(s)
     procs = stack(s)
-    procs.worker()
+    worker = procs.worker()
     procs.beat()  # the sweeper runs too: it must not resurrect the failed build
+    used_before, started = shutil.disk_usage(s.state_dir).used, time.monotonic()
     build_id = api.submit(f"{registry.host}/{image.repo}:1", f"{registry.host}/rel/full-out-{uuid.uuid4().hex[:6]}:1")
     build = wait_terminal(s, build_id, timeout=90)
     assert (build.conversion_state, build.error_code) == ("FAILED", "resource_limit"), build.error_message
+    assert time.monotonic() - started < 30
+    assert "blob read broke" not in worker.text()  # a full disk is not a broken connection: no resumed downloads
     assert build.approval_status == "REJECTED"
     assert scratch_dirs(s) == []
+    blob_cache_is_sound(s.state_dir)
     trail = events(s, build_id)
     time.sleep(3 * s.sweep_interval_seconds + s.requeue_after_seconds)  # several sweeps, no retry storm
     assert events(s, build_id) == trail
     assert row(s, build_id).attempts == 1
+    # The space is given back: what stays is at most the verified layer blob, kept in the cache.
+    assert shutil.disk_usage(s.state_dir).used - used_before <= len(image.layers[0].blob) + (1 << 20)

@@ -21,25 +21,31 @@ MAX_EXAMPLES = int(os.environ.get("NITROCONV_FUZZ_EXAMPLES", "12"))
 EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 
 
+def _fuzz(operation: schemathesis.APIOperation, headers: dict[str, str]) -> None:
+    # schemathesis' pytest plugin does not run under this pytest; drive Hypothesis directly instead.
+    @given(case=operation.as_strategy())
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def check(case: schemathesis.Case) -> None:
+        case.call_and_validate(headers=headers, excluded_checks=EXCLUDED)
+
+    check()
+
+
 def test_fuzz_every_operation_answers_within_its_contract(rel_settings):
     # The fuzzer submits many conversions quickly: quota and rate limit are tested elsewhere.
     s = replace(rel_settings, max_queued_per_account=1_000_000, rate_limit_per_minute=0, max_wait_seconds=1)
     app = create_app(s)
-    headers = {"Authorization": f"Bearer {new_tenant(s, app.test_client()).token('MANAGER')}"}
+    tenant = new_tenant(s, app.test_client())
     schema = schemathesis.openapi.from_wsgi("/v1/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 20
     failures: dict[str, str] = {}
     for operation in operations:
-        # schemathesis' pytest plugin does not run under this pytest; drive Hypothesis directly instead.
-        @given(case=operation.as_strategy())
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def check(case: schemathesis.Case) -> None:
-            case.call_and_validate(headers=headers, excluded_checks=EXCLUDED)
+        # A session per operation: POST /v1/sys/session/terminate ends the one it is called with.
+        headers = {"Authorization": f"Bearer {tenant.token('MANAGER')}"}
 
         try:
-            check()
+            _fuzz(operation, headers)
         except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collect every operation's finding
             failures[operation.label] = str(exc)[:3000]
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())

@@ -105,18 +105,21 @@ def test_gzip_bomb_through_the_service_fails_limit_exceeded_bounded(registry, re
     procs.beat()
     peaks = Peaks(worker, bounded_state)
     try:
+        submitted = time.monotonic()
         build_id = api.submit(f"{registry.host}/{image.repo}:1", f"{registry.host}/rel/bomb-out-{uuid.uuid4().hex[:6]}:1")
         build = wait_terminal(s, build_id, timeout=120)
+        took = time.monotonic() - submitted
     finally:
         peaks.stop()
     print(f"\ngzip bomb: {len(bomb.blob) / MiB:.1f} MiB gzip -> {FILES * FILE_BYTES / MiB:.0f} MiB tar "
           f"(made in {made:.1f} s); limit {LIMIT // MiB} MiB; worker child peak RSS {peaks.rss / MiB:.0f} MiB; "
-          f"state dir peak {peaks.disk / MiB:.0f} MiB")
+          f"state dir peak {peaks.disk / MiB:.0f} MiB; FAILED after {took:.1f} s")
     assert (build.conversion_state, build.error_code) == ("FAILED", "limit_exceeded"), build.error_message
     assert build.approval_status == "REJECTED"
     assert scratch_dirs(s) == []
     assert peaks.rss and peaks.rss < 400 * MiB  # streamed: the inflated bytes never sit in memory
     assert peaks.disk < LIMIT + 64 * MiB  # what was spooled before the limit, and nothing after it
+    assert took < 45  # stopped at the limit: the 3.5 GiB past it were never inflated (~10 s on a 2-core box)
     trail = events(s, build_id)
     time.sleep(3 * s.sweep_interval_seconds + s.requeue_after_seconds)  # sweeps pass; nothing retries it
     assert events(s, build_id) == trail and row(s, build_id).attempts == 1

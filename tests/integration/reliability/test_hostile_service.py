@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from common import db as database
-from common.db import create_database_if_missing, drop_database, migrate
 from common.settings import Settings
+from common.store import engine as database
+from common.store.engine import create_database_if_missing, drop_database, migrate
 from tests.fixtures.hostile import HostileRegistry, Reply, Seen
 from tests.fixtures.images import LayerBlob, make_layer, make_tar, push_test_image
 from tests.fixtures.registries import RunningRegistry
-from tests.integration.service.conftest import PG_BASE
+from tests.fixtures.service import PG_BASE
 from tests.layertar import LayerTar, header_block
 
 from .conftest import Api, RedisServer, Stack, api_for, blobs_dir, runtime_dir, scratch_dirs, wait_terminal

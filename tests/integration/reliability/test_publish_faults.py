@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from common.queue import enqueue_conversion
+from common.queue.publish import enqueue_conversion
+from common.queue.tasknames import QUEUE
 from common.settings import Settings
-from common.tasknames import QUEUE
 from tests.fixtures.images import push_test_image
 
 from .brokerview import drained

@@ -15,9 +15,9 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from common.db import session_scope
-from common.models import Task
 from common.settings import Settings
+from common.store.engine import session_scope
+from common.store.models import Task
 from tests.fixtures.hostile import HostileRegistry
 from tests.fixtures.images import push_test_image
 

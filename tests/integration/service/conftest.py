@@ -1,7 +1,6 @@
 """Service integration fixtures: a database per run, a Redis DB index, the API app, tenants, Celery workers."""
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 import signal
@@ -10,7 +9,6 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,32 +18,20 @@ from redis import Redis
 from sqlalchemy import text
 
 from api.app import create_app
-from common import db as database
-from common.accounts import create_account, create_user
-from common.db import create_database_if_missing, drop_database, migrate, session_scope
-from common.models import Membership
+from common.queue.tasknames import QUEUES
 from common.settings import Settings
-from common.tasknames import QUEUES
-from tests.e2e.conftest import build_dev_blobs, build_shim
-
-REPO = Path(__file__).resolve().parents[3]
-PG_BASE = os.environ.get("NITROCONV_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-REDIS_BASE = os.environ.get("NITROCONV_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_DB = int(os.environ.get("NITROCONV_TEST_REDIS_DB", "11"))
-PASSWORD = "correct horse battery"
-
-
-@contextmanager
-def fresh_database(prefix: str) -> Iterator[str]:
-    """A migrated database of its own (named `<prefix>_…`), dropped afterwards with its pooled connections."""
-    url = f"{PG_BASE}/{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
-    create_database_if_missing(url)
-    migrate(url)
-    try:
-        yield url
-    finally:
-        database.engine_for(url).dispose()
-        drop_database(url)
+from common.store.engine import session_scope
+from tests.fixtures.devblobs import build_dev_blobs, build_shim
+from tests.fixtures.emulator import emulator_qemu
+from tests.fixtures.repo import REPO
+from tests.fixtures.service import (
+    REDIS_BASE,
+    REDIS_DB,
+    Tenant,
+    fresh_database,
+    new_tenant,
+    worker_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +72,8 @@ def service_settings(service_db: str, service_redis: str, tmp_path_factory: pyte
                     runtime_dir=Path(os.environ.get("NITROCONV_RUNTIME_DIR", REPO / ".state" / "runtime")),
                     secret_key=secrets.token_urlsafe(32).encode(), lease_seconds=6, requeue_after_seconds=5,
                     sweep_interval_seconds=2, max_attempts=3, soft_time_limit=300, time_limit=330,
-                    visibility_timeout=900, insecure_registries=frozenset({"127.0.0.1:5000"}))
+                    visibility_timeout=900, insecure_registries=frozenset({"127.0.0.1:5000"}),
+                    emulator_qemu=emulator_qemu())
 
 
 @pytest.fixture(scope="session")
@@ -99,51 +86,6 @@ def client(flask_app):  # noqa: ANN001, ANN201
     return flask_app.test_client()
 
 
-def basic(email: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{email}:{password}".encode()).decode()}
-
-
-@dataclass
-class Tenant:
-    """An account with one user per role, and helpers to call the API as each of them."""
-
-    client: object
-    account_id: uuid.UUID
-    emails: dict[str, str]
-
-    def token(self, role: str = "MANAGER") -> str:
-        resp = self.client.post("/v1/sys/auth", headers=basic(self.emails[role], PASSWORD))  # type: ignore[attr-defined]
-        assert resp.status_code == 200, resp.json
-        return resp.json["access_token"]
-
-    def headers(self, role: str = "MANAGER", **extra: str) -> dict[str, str]:
-        cached = self.__dict__.setdefault("_tokens", {})
-        if role not in cached:
-            cached[role] = self.token(role)
-        return {"Authorization": f"Bearer {cached[role]}", **extra}
-
-    def create_app(self, **fields: object) -> str:
-        body = {"name": f"app-{secrets.token_hex(4)}", **fields}
-        resp = self.client.post("/v1/apps", json=body, headers=self.headers("WRITER"))  # type: ignore[attr-defined]
-        assert resp.status_code == 201, resp.json
-        return resp.json["app_id"]
-
-
-def new_tenant(s: Settings, client: object) -> Tenant:
-    """A fresh account with one MANAGER, one WRITER and one READER, all with PASSWORD."""
-    tag = secrets.token_hex(4)
-    with session_scope(s.database_url) as session:
-        manager = create_user(session, f"manager-{tag}@example.test", PASSWORD)
-        account = create_account(session, f"acct-{tag}", manager)
-        emails = {"MANAGER": manager.email}
-        for role in ("WRITER", "READER"):
-            user = create_user(session, f"{role.lower()}-{tag}@example.test", PASSWORD)
-            session.add(Membership(user_id=user.id, account_id=account.id, role=role))
-            emails[role] = user.email
-        account_id = account.id
-    return Tenant(client=client, account_id=account_id, emails=emails)
-
-
 @pytest.fixture
 def make_tenant(service_settings: Settings, client):  # noqa: ANN001, ANN201
     return lambda: new_tenant(service_settings, client)
@@ -152,26 +94,6 @@ def make_tenant(service_settings: Settings, client):  # noqa: ANN001, ANN201
 @pytest.fixture
 def tenant(make_tenant) -> Tenant:  # noqa: ANN001
     return make_tenant()
-
-
-def worker_env(s: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "NITROCONV_DATABASE_URL": s.database_url, "NITROCONV_REDIS_URL": s.redis_url,
-        "NITROCONV_STATE_DIR": str(s.state_dir), "NITROCONV_SECRET_KEY": s.secret_key.decode(),
-        "NITROCONV_BLOBS_DIR": str(s.blobs_dir), "NITROCONV_RUNTIME_DIR": str(s.runtime_dir), "NITROCONV_LEASE_SECONDS": str(s.lease_seconds),
-        "NITROCONV_REQUEUE_AFTER_SECONDS": str(s.requeue_after_seconds),
-        "NITROCONV_SWEEP_INTERVAL_SECONDS": str(s.sweep_interval_seconds),
-        "NITROCONV_MAX_ATTEMPTS": str(s.max_attempts), "NITROCONV_SOFT_TIME_LIMIT": str(s.soft_time_limit),
-        "NITROCONV_TIME_LIMIT": str(s.time_limit), "NITROCONV_VISIBILITY_TIMEOUT": str(s.visibility_timeout),
-        "NITROCONV_INSECURE_REGISTRIES": ",".join(sorted(s.insecure_registries)),
-        "NITROCONV_BOOT_CHECK": "1" if s.boot_check else "0",
-        "NITROCONV_BOOT_CHECK_TIMEOUT": str(s.boot_check_timeout),
-    })
-    for name, path in (("SIGNING_KEY", s.signing_key), ("SIGNING_CERT", s.signing_cert), ("CA_BUNDLE", s.ca_bundle)):
-        if path is not None:
-            env[f"NITROCONV_{name}"] = str(path)
-    return env
 
 
 @dataclass

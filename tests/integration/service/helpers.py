@@ -15,12 +15,12 @@ from marshmallow import Schema
 
 from api.schemas.builds import BuildSchema
 from api.schemas.common import ErrorSchema
-from common import buildstore
-from common.db import session_scope
-from common.models import Account, App
-from common.queue import broker_transport_options
+from common.queue.publish import broker_transport_options
 from common.settings import Settings
-from common.status import ConversionState
+from common.store import builds as buildstore
+from common.store.engine import session_scope
+from common.store.models import Account, App
+from common.store.status import ConversionState
 
 PCRS = {"pcr0": "a" * 96, "pcr1": "b" * 96, "pcr2": "c" * 96}
 
@@ -49,6 +49,12 @@ def body(app_id: str, **over: object) -> dict:
                "output_image": {"name": "127.0.0.1:5000/out:1"}, "converter_options": {}}
     request.update(over)
     return {"request": request, "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
+
+
+def submit(client, headers: dict[str, str], request: dict) -> str:  # noqa: ANN001
+    """Submit a conversion through the API (Flask test client); assert the 200 and its documented body."""
+    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=request, headers=headers)
+    return str(ok(resp, BuildSchema, 200)["build_id"])
 
 
 def convert_request(app_id: str, src: str, dst: str, auth: dict | None = None, env: str = "GREETING=hi") -> dict:
@@ -122,7 +128,7 @@ def race(target: Callable[[], None], threads: int, timeout: float = 60) -> None:
 @functools.cache
 def celery_producer(redis_url: str, visibility_timeout: int) -> Celery:
     """A publish-only Celery app, as a client other than the API would send tasks: the reference the API's own
-    hand-built conversion message is compared with (common.queue), and a way to send a sweep."""
+    hand-built conversion message is compared with (common.queue.publish), and a way to send a sweep."""
     app = Celery("nitroconv-test-producer", broker=redis_url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
                     broker_transport_options=broker_transport_options(visibility_timeout))

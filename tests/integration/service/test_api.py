@@ -13,15 +13,16 @@ from api.schemas.sys import (
     AccountListSchema,
     AccountSchema,
     HealthSchema,
+    SessionResponseSchema,
     TokenSchema,
     UserSchema,
     VersionSchema,
 )
 from api.schemas.tasks import TaskListSchema, TaskSchema
-from common.db import session_scope
-from common.models import Build, BuildEvent, Task
+from common.store.engine import session_scope
+from common.store.models import Build, BuildEvent, Task
+from tests.fixtures.service import PASSWORD, basic
 
-from .conftest import PASSWORD, basic
 from .helpers import PCRS, body, drive_to_success, err, ok
 
 pytestmark = pytest.mark.integration
@@ -74,7 +75,7 @@ def test_api_objects_of_another_account_are_404(client, make_tenant):
     a, b = make_tenant(), make_tenant()
     app_id = a.create_app()
     build = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=a.headers("WRITER")),
-               BuildSchema, 202)
+               BuildSchema, 200)
     other = b.headers("MANAGER")
     err(client.get(f"/v1/builds/{build['build_id']}", headers=other), 404, "not_found")
     err(client.delete(f"/v1/builds/{build['build_id']}", headers=other), 404, "not_found")
@@ -86,12 +87,12 @@ def test_api_objects_of_another_account_are_404(client, make_tenant):
     assert ok(client.get("/v1/builds", headers=other), BuildListSchema)["metadata"]["total_count"] == 0
 
 
-def test_api_submit_returns_202_build_location_and_redacts_passwords(client, tenant, service_settings):
+def test_api_submit_returns_200_build_location_and_redacts_passwords(client, tenant, service_settings):
     app_id = tenant.create_app(description="demo")
     req = body(app_id, input_image={"name": "127.0.0.1:5000/in:1",
                                     "auth_config": {"username": "alice", "password": "canary-pw-123"}})
     resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=req, headers=tenant.headers("WRITER"))
-    build = ok(resp, BuildSchema, 202)
+    build = ok(resp, BuildSchema, 200)
     assert resp.headers["Location"] == f"/v1/builds/{build['build_id']}"
     assert build["status"]["status"] == "PENDING" and build["conversion"]["state"] == "QUEUED"
     assert build["app_description"] == "demo" and build["mem_size"] == 512 and build["threads"] == 2
@@ -110,7 +111,7 @@ def test_api_submit_flat_form_and_app_defaults(client, tenant):
     flat = {"app_id": app_id, "input_image": {"name": "127.0.0.1:5000/in:1"},
             "output_image": {"name": "127.0.0.1:5000/out:1"}}
     build = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=flat, headers=tenant.headers("WRITER")),
-               BuildSchema, 202)
+               BuildSchema, 200)
     assert build["threads"] == 4 and build["mem_size"] == 4096
     assert build["advanced_settings"]["manifestEnv"] == ["FROM_APP=1"]
 
@@ -136,9 +137,9 @@ def test_api_idempotent_retry_gives_one_build(client, tenant, service_settings):
     app_id = tenant.create_app()
     headers = tenant.headers("WRITER", **{"Idempotency-Key": "retry-1"})
     first = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=headers),
-               BuildSchema, 202)
+               BuildSchema, 200)
     second = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=headers),
-                BuildSchema, 202)
+                BuildSchema, 200)
     assert first["build_id"] == second["build_id"]
     with session_scope(service_settings.database_url) as session:
         count = session.execute(select(func.count()).select_from(Build)
@@ -152,7 +153,7 @@ def test_api_idempotent_retry_gives_one_build(client, tenant, service_settings):
 def test_api_builds_list_paginates_filters_and_sorts(client, tenant):
     app_a, app_b = tenant.create_app(), tenant.create_app()
     h = tenant.headers("WRITER")
-    ids = [ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(a), headers=h), BuildSchema, 202)
+    ids = [ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(a), headers=h), BuildSchema, 200)
            ["build_id"] for a in (app_a, app_a, app_b)]
     page = ok(client.get("/v1/builds?limit=2&offset=0&sort_by=created_at:ASC", headers=h), BuildListSchema)
     assert page["metadata"] == {"page": 1, "pages": 2, "limit": 2, "total_count": 3, "filtered_count": 3}
@@ -167,17 +168,40 @@ def test_api_builds_list_paginates_filters_and_sorts(client, tenant):
 def test_api_cancel_of_a_queued_build_rejects_it(client, tenant):
     app_id = tenant.create_app()
     h = tenant.headers("WRITER")
-    build = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=h), BuildSchema, 202)
-    done = ok(client.delete(f"/v1/builds/{build['build_id']}", headers=h), BuildSchema, 200)
+    build = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=h), BuildSchema, 200)
+    done = ok(client.post(f"/v1/builds/{build['build_id']}/cancel", headers=h), BuildSchema, 200)
     assert done["conversion"]["state"] == "CANCELLED" and done["status"]["status"] == "REJECTED"
     assert done["conversion"]["error"]["code"] == "cancelled"
-    err(client.delete(f"/v1/builds/{build['build_id']}", headers=h), 409, "invalid_transition")
+    err(client.post(f"/v1/builds/{build['build_id']}/cancel", headers=h), 409, "invalid_transition")
+
+
+def test_api_delete_removes_a_build_cancelling_it_first(client, tenant, service_settings):
+    app_id = tenant.create_app()
+    h = tenant.headers("WRITER")
+    queued = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=h), BuildSchema, 200)
+    err(client.delete(f"/v1/builds/{queued['build_id']}", headers=tenant.headers("READER")), 403, "forbidden")
+    ok(client.delete(f"/v1/builds/{queued['build_id']}", headers=h), None, 204)
+    err(client.get(f"/v1/builds/{queued['build_id']}", headers=h), 404, "not_found")
+    err(client.delete(f"/v1/builds/{queued['build_id']}", headers=h), 404, "not_found")
+    # A finished build (CCM deletes any build, where a cancel would be a 409).
+    done = _converted(client, tenant, service_settings)
+    ok(client.delete(f"/v1/builds/{done['build_id']}", headers=h), None, 204)
+    with session_scope(service_settings.database_url) as session:
+        assert session.get(Build, uuid.UUID(done["build_id"])) is None
+
+
+def test_api_convert_answers_202_when_asked_to_respond_async(client, tenant):
+    app_id = tenant.create_app()
+    h = tenant.headers("WRITER", Prefer="respond-async")
+    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=h)
+    build = ok(resp, BuildSchema, 202)
+    assert resp.headers["Location"] == f"/v1/builds/{build['build_id']}"
 
 
 def _converted(client, tenant, settings, **app_fields):
     app_id = tenant.create_app(**app_fields)
     build = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id),
-                           headers=tenant.headers("WRITER")), BuildSchema, 202)
+                           headers=tenant.headers("WRITER")), BuildSchema, 200)
     drive_to_success(settings, build["build_id"])
     return ok(client.get(f"/v1/builds/{build['build_id']}", headers=tenant.headers("READER")), BuildSchema)
 
@@ -185,7 +209,8 @@ def _converted(client, tenant, settings, **app_fields):
 def test_api_approval_whitelists_and_only_a_manager_may(client, tenant, service_settings):
     build = _converted(client, tenant, service_settings)
     assert build["status"]["status"] == "PENDING" and build["conversion"]["state"] == "SUCCEEDED"
-    assert build["attributes"]["nitro_enclave"] == {"hash_algorithm": "Sha384", **PCRS}
+    assert build["attributes"] == {"eif": {"nitro_enclave": {"hash_algorithm": "Sha384", **PCRS}}}
+    assert build["docker_info"]["docker_version"] == ""  # the image did not say: still a string (CCM)
     assert build["docker_info"]["exposed_ports"] == [{"port": 8080, "protocol": "Tcp"}]
     task_id = build["pending_task_id"]
     task = ok(client.get(f"/v1/tasks/{task_id}", headers=tenant.headers("READER")), TaskSchema)
@@ -224,7 +249,7 @@ def test_api_auto_approve_whitelists_as_system(client, tenant, service_settings)
 def test_api_approving_an_unconverted_build_is_409(client, tenant, service_settings):
     app_id = tenant.create_app()
     build = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id),
-                           headers=tenant.headers("WRITER")), BuildSchema, 202)
+                           headers=tenant.headers("WRITER")), BuildSchema, 200)
     task_id = uuid.uuid4()
     with session_scope(service_settings.database_url) as session:
         session.add(Task(id=task_id, account_id=tenant.account_id, build_id=uuid.UUID(build["build_id"]),
@@ -251,7 +276,7 @@ def test_api_every_transition_leaves_an_event(client, tenant, service_settings):
 def test_api_apps_crud(client, tenant):
     h = tenant.headers("WRITER")
     app = ok(client.post("/v1/apps", json={"name": "crud", "auto_approve": True,
-                                           "input_image_name": "127.0.0.1:5000/x:1"}, headers=h), AppSchema, 201)
+                                           "input_image_name": "127.0.0.1:5000/x:1"}, headers=h), AppSchema, 200)
     err(client.post("/v1/apps", json={"name": "crud"}, headers=h), 409)
     app = ok(client.patch(f"/v1/apps/{app['app_id']}", json={"description": "d", "auto_approve": False},
                           headers=h), AppSchema)
@@ -263,10 +288,11 @@ def test_api_apps_crud(client, tenant):
 
 def test_api_accounts_and_users(client, tenant):
     h = tenant.headers()
-    acct = ok(client.post("/v1/accounts", json={"name": "second"}, headers=h), AccountSchema, 201)
+    acct = ok(client.post("/v1/accounts", json={"name": "second"}, headers=h), AccountSchema, 200)
     assert len(ok(client.get("/v1/accounts", headers=h), AccountListSchema)["items"]) == 2
-    switched = ok(client.post(f"/v1/sys/session/select_account/{acct['acct_id']}", headers=h), TokenSchema)
-    assert switched["session_info"]["acct_id"] == acct["acct_id"]
+    switched = ok(client.post(f"/v1/sys/session/select_account/{acct['acct_id']}", headers=h),
+                  SessionResponseSchema)
+    assert switched["session_info"]["selected_account_id"] == acct["acct_id"] == switched["session_info"]["acct_id"]
     err(client.post(f"/v1/sys/session/select_account/{uuid.uuid4()}", headers=h), 404)
     user = ok(client.post("/v1/users", json={"email": "new@example.test", "password": "long-enough-pw",
                                              "role": "WRITER"}, headers=h), UserSchema, 201)

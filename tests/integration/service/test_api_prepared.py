@@ -8,9 +8,9 @@ import psycopg2
 import pytest
 from sqlalchemy import event
 
-from common.db import engine_for
+from common.store.engine import engine_for
 
-from .helpers import body
+from .helpers import body, submit
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +32,7 @@ def sent(service_settings) -> Iterator[list[str]]:  # noqa: ANN001
 
 
 def _submit(client, tenant, app_id: str) -> str:  # noqa: ANN001
-    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id), headers=tenant.headers("WRITER"))
-    assert resp.status_code == 202, resp.json
-    return resp.json["build_id"]
+    return submit(client, tenant.headers("WRITER"), body(app_id))
 
 
 def _prepared_here(engine) -> list[str]:  # noqa: ANN001
@@ -57,7 +55,8 @@ def test_prepared_statements_serve_submissions_and_polls(client, tenant, service
     sent.clear()
     got = client.get(f"/v1/builds/{build_id}", headers=tenant.headers("READER"))
     assert got.status_code == 200 and got.json["build_id"] == build_id
-    assert sent[-1].startswith("EXECUTE nitroconv_"), sent
+    # The caller's session with its role (one indexed query), then the build: both prepared.
+    assert len(sent) == 2 and all(s.startswith("EXECUTE nitroconv_") for s in sent), sent
 
     # New connections (a restart of Postgres, a recycle) know no prepared statement: they are prepared again, once.
     engine.dispose()

@@ -11,9 +11,9 @@ from datetime import datetime
 import pytest
 from redis import Redis
 
-from common.queue import enqueue_conversion
+from common.queue.publish import enqueue_conversion
+from common.queue.tasknames import CONVERT, QUEUE
 from common.settings import Settings
-from common.tasknames import CONVERT, QUEUE
 
 from .conftest import CeleryProcess, settings_for_own_worker, start_worker
 from .helpers import celery_producer

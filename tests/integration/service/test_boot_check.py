@@ -19,19 +19,20 @@ from sqlalchemy import text
 
 from api.app import create_app
 from api.schemas.builds import BuildSchema
-from common.accounts import create_account, create_user
-from common.db import session_scope
-from common.eif import read_eif
-from common.models import Membership
-from common.oci import MANIFEST_ACCEPT
+from common.enclave.reader import read_eif
+from common.registry.manifests import MANIFEST_ACCEPT
+from common.store.accounts import create_account, create_user
+from common.store.engine import session_scope
+from common.store.models import Membership
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.require import skip_or_fail
+from tests.fixtures.service import PASSWORD, Tenant
 from worker.pipeline.bootcheck import QEMU
 from worker.pipeline.memory import MEM_STEP_MIB, minimum_mem_mib
 
-from .conftest import PASSWORD, Tenant, start_worker
-from .helpers import ok
+from .conftest import start_worker
+from .helpers import ok, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]
 GREETING = "hello from the enclave 4d1c"
@@ -73,8 +74,7 @@ def boot_flow(service_settings, registry) -> Iterator[Flow]:  # noqa: ANN001
 def _submit(flow: Flow, headers: dict[str, str], app_id: str, src: str, dst: str, **options: object) -> str:
     body = {"request": {"app_id": app_id, "input_image": {"name": src}, "output_image": {"name": dst}},
             "nitro_enclaves_options": {"cpu_count": 2, **options}}
-    return str(ok(flow.client.post("/v1/builds/convert-app/nitro-enclaves", json=body, headers=headers),
-                  BuildSchema, 202)["build_id"])
+    return submit(flow.client, headers, body)
 
 
 def _poll(flow: Flow, headers: dict[str, str], build_id: str, timeout: float = 300.0) -> dict:

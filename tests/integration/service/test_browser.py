@@ -17,14 +17,16 @@ from sqlalchemy import text
 from werkzeug.serving import make_server
 
 from api.app import create_app
-from common.db import session_scope
 from common.settings import Settings
-from tests.e2e.conftest import build_dev_blobs, build_shim
+from common.store.engine import session_scope
+from tests.fixtures.devblobs import build_dev_blobs, build_shim
 from tests.fixtures.images import push_test_image
 from tests.fixtures.registries import free_port
+from tests.fixtures.repo import REPO
 from tests.fixtures.require import skip_or_fail
+from tests.fixtures.service import PASSWORD
 
-from .conftest import PASSWORD, REPO, CeleryProcess, start_celery, start_worker
+from .conftest import CeleryProcess, start_celery, start_worker
 
 pytestmark = pytest.mark.integration
 FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-Pw-5d1c"

@@ -17,13 +17,15 @@ import pytest
 from werkzeug.serving import make_server
 
 from api.app import create_app
-from common.apiclient import Client
 from common.errors import WaitTimedOut
 from common.settings import Settings
 from tests.fixtures.images import push_test_image
 from tests.fixtures.registries import free_port
+from tests.fixtures.repo import REPO
+from tests.fixtures.service import PASSWORD
+from worker.cli.client import Client
 
-from .conftest import PASSWORD, REPO, CeleryProcess, settings_for_own_worker, start_worker
+from .conftest import CeleryProcess, settings_for_own_worker, start_worker
 
 pytestmark = pytest.mark.integration
 CANARY = "canary-cli-Pw-4b1d"
@@ -115,7 +117,7 @@ def test_cli_login_caches_token_0600_and_exit_statuses(http_api: str, tenant, tm
 
 def test_cli_apps_create_list_and_cancel_a_queued_build(http_api: str, tenant, tmp_path: Path):  # noqa: ANN001
     # No worker runs in this test (the module's worker starts with the first test that asks for it), so the
-    # build stays QUEUED and `builds delete` cancels it outright.
+    # build stays QUEUED and `builds cancel` cancels it outright.
     cli = _signed_in(http_api, tenant, tmp_path, "WRITER")
     name = f"cli-app-{uuid.uuid4().hex[:6]}"
     app_id = cli.ok("apps", "create", name, "--description", "from the CLI").strip()
@@ -143,13 +145,17 @@ def test_cli_apps_create_list_and_cancel_a_queued_build(http_api: str, tenant, t
                    "--mem-size", "1024", "--java-mode", "OPENJDK", "--idempotency-key", "k-1").strip()
     assert again == build_id
 
-    assert cli.ok("builds", "delete", build_id).strip() == f"{build_id} cancelled"
+    assert cli.ok("builds", "cancel", build_id).strip() == f"{build_id} cancelled"
     assert cli.json("builds", "get", build_id)["conversion"]["state"] == "CANCELLED"
-    done = cli.run("builds", "delete", build_id)
+    done = cli.run("builds", "cancel", build_id)
     assert done.returncode == 1 and done.stderr.startswith("nitroconv: invalid_transition: ")
     # `--wait` on a cancelled build: the one error line, exit 1.
     done = cli.run("builds", "get", build_id, "--wait")
     assert done.returncode == 1 and done.stderr == f"nitroconv: cancelled: cancelled by the user (build {build_id})\n"
+    # `builds delete` removes it (CCM's DELETE, 204).
+    assert cli.ok("builds", "delete", build_id).strip() == f"{build_id} deleted"
+    done = cli.run("builds", "get", build_id)
+    assert done.returncode == 1 and done.stderr.startswith("nitroconv: not_found: ")
 
 
 def test_cli_wait_timeout_exits_4(http_api: str, tenant, tmp_path: Path):  # noqa: ANN001
@@ -196,7 +202,7 @@ def test_cli_convert_wait_approve_fetch_and_verify(http_api: str, cli_worker, cl
                         "--timeout", "280")
     conv = build["conversion"]
     assert conv["state"] == "SUCCEEDED" and conv["input_digest"] == image.digest
-    nitro = build["attributes"]["nitro_enclave"]
+    nitro = build["attributes"]["eif"]["nitro_enclave"]
     task_id = build["pending_task_id"]
 
     summary = writer.ok("builds", "get", build["build_id"])

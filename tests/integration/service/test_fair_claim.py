@@ -8,9 +8,9 @@ import uuid
 import pytest
 from sqlalchemy import func, select, update
 
-from common import buildstore
-from common.db import session_scope
-from common.models import Build
+from common.store import builds as buildstore
+from common.store.engine import session_scope
+from common.store.models import Build
 
 from .helpers import new_account, new_build, race
 

@@ -1,4 +1,4 @@
-"""The API's direct Redis connections (common/redisconn.py) against the real Redis: a connection Redis closed is
+"""The API's direct Redis connections (common/queue/redisconn.py) against the real Redis: a connection Redis closed is
 replaced once, an unreachable Redis is an error at once, and the rate limit and the publish still fail as they
 did through redis-py's client."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from api.limits import check_rate
-from common import redisconn
 from common.errors import RateLimited
+from common.queue import redisconn
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 
 from api.schemas.builds import BuildSchema
 from common.errors import Unauthorized
-from common.registry import Credentials
+from common.registry.client import Credentials
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.require import skip_or_fail
@@ -34,7 +34,7 @@ def _submit_and_wait(client, tenant, body: dict) -> tuple[dict, float]:  # noqa:
     start = time.monotonic()
     resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=body, headers=tenant.headers("WRITER"))
     # Polled often: the time to SUCCEEDED of a reused conversion is a figure this module prints.
-    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"], every=0.02)
+    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 200)["build_id"], every=0.02)
     return build, time.monotonic() - start
 
 
@@ -64,7 +64,7 @@ def test_resubmission_reuses_the_conversion_and_mounts_the_layer(flow: Flow, reg
     assert c2["state"] == "SUCCEEDED", c2
     assert c2["reused_from"] == first["build_id"]
     assert c2["output_digest"] == c1["output_digest"] and c2["eif_sha256"] == c1["eif_sha256"]
-    assert second["attributes"]["nitro_enclave"] == first["attributes"]["nitro_enclave"]
+    assert second["attributes"]["eif"]["nitro_enclave"] == first["attributes"]["eif"]["nitro_enclave"]
     assert second["docker_info"]["docker_image_name"].startswith(f"{registry.host}/{out2}")
     # The layer was mounted from the first output repository: the only upload into the new one is the config's.
     assert len(_mounts_into(registry, out2)) == 1
@@ -106,7 +106,7 @@ def test_a_changed_option_is_a_miss(flow: Flow, registry):
     b, _ = _submit_and_wait(client, tenant, convert_request(app_id, src, f"{registry.host}/reuse/opt-b:1", env="GREETING=ho"))
     assert a["conversion"]["state"] == b["conversion"]["state"] == "SUCCEEDED"
     assert b["conversion"]["reused_from"] is None
-    assert a["attributes"]["nitro_enclave"]["pcr2"] != b["attributes"]["nitro_enclave"]["pcr2"]
+    assert a["attributes"]["eif"]["nitro_enclave"]["pcr2"] != b["attributes"]["eif"]["nitro_enclave"]["pcr2"]
 
 
 # --- the engine's entry point, in this process, against the same real registry --------------------------------

@@ -10,15 +10,14 @@ from redis import Redis
 from sqlalchemy import select
 
 from api.app import create_app
-from api.schemas.builds import BuildSchema
-from common.db import session_scope
-from common.models import Build
+from common.queue.tasknames import CONVERT, MAINTENANCE, QUEUE, SWEEP
 from common.settings import Settings
-from common.tasknames import CONVERT, MAINTENANCE, QUEUE, SWEEP
+from common.store.engine import session_scope
+from common.store.models import Build
 from tests.fixtures.images import push_test_image
 
 from .conftest import CeleryProcess, settings_for_own_worker, start_worker
-from .helpers import celery_producer, ok
+from .helpers import celery_producer, submit
 
 pytestmark = pytest.mark.integration
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -43,8 +42,7 @@ def _submit(client, tenant, app_id: str, src: str, dst: str) -> str:  # noqa: AN
     body = {"request": {"app_id": app_id, "input_image": {"name": src}, "output_image": {"name": dst},
                         "converter_options": {}},
             "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
-    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=body, headers=tenant.headers("WRITER"))
-    return str(ok(resp, BuildSchema, 202)["build_id"])
+    return submit(client, tenant.headers("WRITER"), body)
 
 
 def _rows(s: Settings, ids: list[str]) -> dict[str, Build]:

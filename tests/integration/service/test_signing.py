@@ -26,11 +26,11 @@ from sqlalchemy import text
 
 from api.app import create_app
 from api.schemas.builds import BuildSchema
-from common.cpio import iter_cpio
-from common.db import session_scope
-from common.eif import iter_section_data, read_eif
-from common.oci import MANIFEST_ACCEPT
-from tests.e2e.conftest import build_shim, runtime_target
+from common.enclave.cpio import iter_cpio
+from common.enclave.reader import iter_section_data, read_eif
+from common.registry.manifests import MANIFEST_ACCEPT
+from common.store.engine import session_scope
+from tests.fixtures.devblobs import build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.require import skip_or_fail
@@ -133,14 +133,14 @@ def test_service_signed_debug_build_reports_pcr8_warning_and_ca_bundle(signing_f
             "cpu_count": 2, "converter_options": {"debug": True, "add_ccm_ca_certificates": True,
                                                   "java_mode": "OPENJDK"}}
     submitted = ok(signing_flow.client.post("/v1/builds/convert-app/nitro-enclaves", json=body, headers=headers),
-                   BuildSchema, 202)
+                   BuildSchema, 200)
 
     build = _poll(signing_flow, headers, str(submitted["build_id"]))
 
     conv = build["conversion"]
     assert conv["state"] == "SUCCEEDED", conv["error"]
     expected_pcr8 = hashlib.sha384(b"\0" * 48 + hashlib.sha384(signing_flow.cert_der).digest()).hexdigest()
-    assert build["attributes"]["nitro_enclave"]["pcr8"] == expected_pcr8
+    assert build["attributes"]["eif"]["nitro_enclave"]["pcr8"] == expected_pcr8
     assert DEBUG_WARNING in conv["warnings"]
     assert build["advanced_settings"]["java_runtime"] == "OPENJDK"
     files = _enclave_files(signing_flow.registry, dst)

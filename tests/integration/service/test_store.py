@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text, update
 
-from api.schemas.builds import BuildSchema
-from common import buildstore
-from common.db import session_factory, session_scope
 from common.errors import Cancelled, InvalidTransition, RegistryUnavailable, Unauthorized
-from common.models import Build, BuildEvent
-from common.status import ConversionState
+from common.store import builds as buildstore
+from common.store.engine import session_factory, session_scope
+from common.store.models import Build, BuildEvent
+from common.store.status import ConversionState
 from worker import runner
 from worker.sweeper import sweep
 
 from .conftest import cancel_queued
-from .helpers import PCRS, body, ok
+from .helpers import PCRS, body, submit
 
 pytestmark = pytest.mark.integration
 C = ConversionState
@@ -29,10 +28,8 @@ OUTCOME = buildstore.Outcome(input_digest="sha256:" + "1" * 64, output_digest="s
 
 def _submit(client, tenant, **app_fields) -> uuid.UUID:  # noqa: ANN001
     app_id = tenant.create_app(**app_fields)
-    resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=body(app_id, input_image={
-        "name": "127.0.0.1:5000/in:1", "auth_config": {"username": "u", "password": "pw"}}),
-        headers=tenant.headers("WRITER"))
-    return uuid.UUID(ok(resp, BuildSchema, 202)["build_id"])
+    return uuid.UUID(submit(client, tenant.headers("WRITER"), body(app_id, input_image={
+        "name": "127.0.0.1:5000/in:1", "auth_config": {"username": "u", "password": "pw"}})))
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +159,7 @@ def test_runner_cancel_between_steps(client, tenant, service_settings):
 
     def cancel_during_build(stage, bid):  # noqa: ANN001
         if stage == "BUILDING":
-            resp = client.delete(f"/v1/builds/{bid}", headers=tenant.headers("WRITER"))
+            resp = client.post(f"/v1/builds/{bid}/cancel", headers=tenant.headers("WRITER"))
             assert resp.status_code == 202  # running: the worker stops at its next step
 
     result = runner.run(build_id, service_settings, FakeEngine(on=cancel_during_build))

@@ -15,10 +15,10 @@ from sqlalchemy import update
 
 from api.schemas.builds import BuildSchema
 from api.submission import roles_at_least, submit_build
-from common import buildstore
-from common.accounts import Role
-from common.db import engine_for, session_scope
-from common.models import App, Membership, User
+from common.store import builds as buildstore
+from common.store.accounts import Role
+from common.store.engine import engine_for, session_scope
+from common.store.models import App, Membership, User
 
 from .helpers import body, err, new_account, new_build, ok, race
 
@@ -156,12 +156,12 @@ def test_api_submit_takes_the_apps_changed_defaults_at_once(client, tenant):
     flat = {"app_id": app_id, "input_image": {"name": "127.0.0.1:5000/in:1"},
             "output_image": {"name": "127.0.0.1:5000/out:1"}}
     submit = "/v1/builds/convert-app/nitro-enclaves"
-    ok(client.post(submit, json=flat, headers=tenant.headers("WRITER")), None, 202)
-    build = ok(client.post(submit, json=flat, headers=tenant.headers("WRITER")), BuildSchema, 202)
+    ok(client.post(submit, json=flat, headers=tenant.headers("WRITER")), None, 200)
+    build = ok(client.post(submit, json=flat, headers=tenant.headers("WRITER")), BuildSchema, 200)
     assert build["threads"] == 4 and build["mem_size"] is None
     changed = {"default_build_settings": {"nitro_enclaves": {"cpu_count": 6, "mem_size": 2048}}}
     assert client.patch(f"/v1/apps/{app_id}", json=changed, headers=tenant.headers("WRITER")).status_code == 200
-    build = ok(client.post(submit, json=flat, headers=tenant.headers("WRITER")), BuildSchema, 202)
+    build = ok(client.post(submit, json=flat, headers=tenant.headers("WRITER")), BuildSchema, 200)
     assert build["threads"] == 6 and build["mem_size"] == 2048
     # The request's own values still win over the app's.
     build = client.post(submit, json=body(app_id), headers=tenant.headers("WRITER")).json
@@ -169,14 +169,14 @@ def test_api_submit_takes_the_apps_changed_defaults_at_once(client, tenant):
 
 
 def test_api_submit_answers_the_build_the_function_stored(client, tenant):
-    """The 202's Build is assembled from the values sent and the row's timestamps; the function's INSERT sets
+    """The 200's Build is assembled from the values sent and the row's timestamps; the function's INSERT sets
     the rest (state, progress, attempts…) itself: a later GET must read the very same Build."""
     app_id = tenant.create_app(default_build_settings={"nitro_enclaves": {"converter_options": {"debug": True}}})
     request = body(app_id)
     request["request"]["input_image"]["auth_config"] = {"username": "u", "password": "p"}
     request["request"]["converter_options"] = {"env_vars": ["A=1"], "entrypoint": ["/bin/app"]}
     submitted = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=request,
-                               headers=tenant.headers("WRITER")), BuildSchema, 202)
+                               headers=tenant.headers("WRITER")), BuildSchema, 200)
     stored = ok(client.get(f"/v1/builds/{submitted['build_id']}", headers=tenant.headers("READER")), BuildSchema)
     assert submitted == stored
 
@@ -190,7 +190,7 @@ def test_api_submit_checks_the_role_before_the_requests_own_errors(client, tenan
     err(client.post(submit, json=body(app_id), headers=tenant.headers("READER")), 403, "forbidden")
     # The wait query and a body of another JSON type go the documented way (webargs), with the same outcome.
     build = ok(client.post(f"{submit}?wait=0", data=json.dumps(body(app_id)), content_type="application/json",
-                           headers=tenant.headers("WRITER")), BuildSchema, 202)
+                           headers=tenant.headers("WRITER")), BuildSchema, 200)
     assert build["app_id"] == app_id
     err(client.post(submit, json=[body(app_id)], headers=tenant.headers("WRITER")), 422, "validation_failed")
 
@@ -207,9 +207,9 @@ def test_api_submit_reads_the_settings_under_the_lock_when_they_keep_changing(cl
             "output_image": {"name": "127.0.0.1:5000/out:1"}}
     submit = "/v1/builds/convert-app/nitro-enclaves"
     build = ok(client.post(submit, json=flat, headers=tenant.headers("WRITER", **{"Idempotency-Key": "again"})),
-               BuildSchema, 202)
+               BuildSchema, 200)
     assert build["threads"] == 4 and build["advanced_settings"]["manifestEnv"] == ["FROM_APP=1"]
     retried = ok(client.post(submit, json=flat, headers=tenant.headers("WRITER", **{"Idempotency-Key": "again"})),
-                 BuildSchema, 202)
+                 BuildSchema, 200)
     assert retried["build_id"] == build["build_id"]
     err(client.post(submit, json=body(str(uuid.uuid4())), headers=tenant.headers("WRITER")), 422, "validation_failed")

@@ -7,9 +7,9 @@ import uuid
 import pytest
 
 from api.limits import lock_account_app
-from common import buildstore
-from common.db import session_scope
 from common.errors import QuotaExceeded
+from common.store import builds as buildstore
+from common.store.engine import session_scope
 
 from .helpers import new_account, new_build, race
 

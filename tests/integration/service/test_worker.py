@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from api.schemas.builds import BuildSchema
 from api.schemas.tasks import TaskSchema
-from common.db import session_scope
+from common.store.engine import session_scope
 from tests.fixtures.images import push_test_image
 from worker.pipeline import convert as convert_module
 
@@ -29,7 +29,7 @@ def test_worker_converts_and_records_the_engines_pcrs(flow: Flow, registry, tmp_
     app_id = tenant.create_app()
     resp = client.post("/v1/builds/convert-app/nitro-enclaves",
                        json=convert_request(app_id, src, f"{registry.host}/svc/out:1"), headers=tenant.headers("WRITER"))
-    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
+    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 200)["build_id"])
     conv = build["conversion"]
     assert conv["state"] == "SUCCEEDED", conv
     assert conv["progress"] == 1.0 and conv["attempts"] == 1 and conv["error"] is None
@@ -45,7 +45,7 @@ def test_worker_converts_and_records_the_engines_pcrs(flow: Flow, registry, tmp_
     direct = convert_module.convert(spec, scratch=tmp_path / "scratch", blobs_dir=s.blobs_dir,
                                     cache_dir=tmp_path / "cache", on_stage=lambda *_: None,
                                     runtime_dir=s.runtime_dir)
-    nitro = build["attributes"]["nitro_enclave"]
+    nitro = build["attributes"]["eif"]["nitro_enclave"]
     assert (nitro["pcr0"], nitro["pcr1"], nitro["pcr2"]) == (
         direct.measurements.pcr0, direct.measurements.pcr1, direct.measurements.pcr2)
     assert conv["eif_sha256"] == direct.eif_sha256
@@ -68,7 +68,7 @@ def test_worker_auto_approve_and_denial(flow: Flow, registry):
     auto, manual = tenant.create_app(auto_approve=True), tenant.create_app()
     ids = [ok(client.post("/v1/builds/convert-app/nitro-enclaves",
                           json=convert_request(app, src, f"{registry.host}/svc/auto-out-{i}:1"),
-                          headers=tenant.headers("WRITER")), BuildSchema, 202)["build_id"]
+                          headers=tenant.headers("WRITER")), BuildSchema, 200)["build_id"]
            for i, app in enumerate((auto, manual))]
     auto_build, manual_build = (wait_ended(client, tenant.headers(), i) for i in ids)
     assert auto_build["conversion"]["state"] == "SUCCEEDED" and auto_build["status"]["status"] == "WHITELISTED"
@@ -88,7 +88,7 @@ def test_worker_wrong_credentials_fail_unauthorized_and_leak_nowhere(flow: Flow,
                    auth={"username": basic_registry.username, "password": CANARY})
     resp = client.post("/v1/builds/convert-app/nitro-enclaves", json=req, headers=tenant.headers("WRITER"))
     assert CANARY not in resp.get_data(as_text=True)
-    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 202)["build_id"])
+    build = wait_ended(client, tenant.headers(), ok(resp, BuildSchema, 200)["build_id"])
     assert build["conversion"]["state"] == "FAILED"
     assert build["conversion"]["error"]["code"] == "unauthorized"
     assert build["status"]["status"] == "REJECTED"

@@ -9,7 +9,7 @@ import pytest
 
 from api.presenters import _options, build_view
 from api.schemas.builds import BuildSchema, ConverterOptionsSchema
-from common.models import App, Build
+from common.store.models import App, Build
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 500_000, tzinfo=UTC)
 ALL_OPTIONS = {"add_ccm_ca_certificates": False, "allow_cmdline_args": True, "debug": False,

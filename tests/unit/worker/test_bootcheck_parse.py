@@ -215,6 +215,11 @@ def test_boot_result_to_json_and_raise_if_failed():
         "program_output": [],
         "exit_status": 127,
         "reason": "exec failed: /x: No such file or directory",
+        "mode": "plain",
+        "fallback_reason": None,
+        "pcrs": None,
+        "pcrs_match": None,
+        "heartbeat": None,
     }
     with pytest.raises(BootCheckFailed) as info:
         failed.raise_if_failed()

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common.errors import CaBundleNotConfigured, InvalidCaBundle, InvalidOptions
-from common.filetree import BytesContent, NodeKind, SpoolContent, Tree
+from common.image.filetree import BytesContent, NodeKind, SpoolContent, Tree
 from common.options import JAVA_MODES, check_java_mode
 from worker.pipeline.cabundle import append_ca_bundle, load_ca_bundle
 from worker.pipeline.convert import DEBUG_WARNING, ConverterOptions, option_warnings

@@ -5,9 +5,12 @@ import argparse
 
 import pytest
 
-from common.apiclient import UsageError, conversion_request, exit_status
 from common.errors import InvalidEif, ServiceUnreachable, WaitTimedOut
-from worker.cli import _expected_pcr, build_parser
+from worker.cli import build_parser
+from worker.cli import client as cli_client
+from worker.cli.client import UsageError, exit_status
+from worker.cli.local import _expected_pcr
+from worker.cli.service import conversion_request
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -45,3 +48,27 @@ def test_cli_client_expect_pcr_parsing():
     for bad in ("0", "5=" + "a" * 96, "0=" + "a" * 95, "0=" + "g" * 96):
         with pytest.raises(argparse.ArgumentTypeError):
             _expected_pcr(bad)
+
+
+class _Scripted(cli_client.Client):
+    """A client whose polls answer from a script: a state, or None for a service that does not answer."""
+
+    def __init__(self, script: list[str | None]) -> None:
+        super().__init__("http://nowhere.invalid")
+        object.__setattr__(self, "script", script)
+
+    def build(self, build_id: str) -> cli_client.JsonObject:
+        state = self.script.pop(0)  # type: ignore[attr-defined]
+        if state is None:
+            raise ServiceUnreachable("cannot reach")
+        return {"build_id": build_id, "conversion": {"state": state, "progress": 0.5}}
+
+
+def test_cli_client_wait_rides_through_an_outage_only_after_an_answer(monkeypatch):
+    assert _Scripted(["QUEUED", None, None, "PULLING", None, "SUCCEEDED"]).wait(
+        "b", poll=0.001)["conversion"]["state"] == "SUCCEEDED"
+    with pytest.raises(ServiceUnreachable):  # never answered: a wrong URL fails at once
+        _Scripted([None, "SUCCEEDED"]).wait("b", poll=0.001)
+    monkeypatch.setattr(cli_client, "UNREACHABLE_GRACE_SECONDS", 0.05)
+    with pytest.raises(ServiceUnreachable):  # gone for longer than the grace
+        _Scripted(["QUEUED", *[None] * 1000]).wait("b", poll=0.01)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from common.enclave.launch import LaunchSpec
 from common.errors import InvalidBlobs
-from common.filetree import BytesContent, Tree
-from common.launch import LaunchSpec
+from common.image.filetree import BytesContent, Tree
 from worker.pipeline.convert import _shim, command_warnings, default_runtime_dir
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.digest import Digest
-from common.oci import Descriptor
-from common.reference import parse_reference
+from common.registry.digest import Digest
+from common.registry.manifests import Descriptor
+from common.registry.reference import parse_reference
 from worker.pipeline.outputbase import BaseImage, BaseLayer
 from worker.pipeline.outputimage import (
     ENTRYPOINT,

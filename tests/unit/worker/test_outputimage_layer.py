@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from common.eif import Section, WrittenEif, write_eif
+from common.enclave.writer import Section, WrittenEif, write_eif
 from common.errors import InvalidEif
-from common.layercompress import Compression
-from tests.unit.common.test_eif import TV1_METADATA
+from common.image.compress import Compression
+from tests.fixtures.eif_vector import TV1_METADATA
 from worker.pipeline.outputimage import OutputLayer, write_layer
 
 FILES = {"run": b"\x7fELF launcher", "measurements.json": b'{"Measurements": {}}\n', "launch.json": b"{}\n"}

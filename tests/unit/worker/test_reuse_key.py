@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.reference import parse_reference
+from common.registry.reference import parse_reference
 from worker.pipeline.convert import ConverterOptions, ConvertSpec
 from worker.pipeline.reuse import KEY_BLOB_FILES, RUNTIME_FILES, _precheck, conversion_key
 

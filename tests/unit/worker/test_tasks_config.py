@@ -1,8 +1,8 @@
 """Celery configuration derived from Settings (DESIGN.md §7, RELIABILITY.md §3); no broker needed."""
 from __future__ import annotations
 
+from common.queue.tasknames import CONVERT, SWEEP
 from common.settings import Settings
-from common.tasknames import CONVERT, SWEEP
 from worker.celery_app import celery_config
 
 
@@ -35,7 +35,7 @@ def test_tasks_are_registered_under_their_stable_names():
 
 
 def test_tasks_config_queue_per_host_class():
-    from common.tasknames import MAINTENANCE, QUEUE
+    from common.queue.tasknames import MAINTENANCE, QUEUE
 
     conf = celery_config(Settings())
     assert QUEUE == "convert" and conf["task_default_queue"] == "convert"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from common.eifprefix import PREFIXES
-from common.layercompress import DEFLATED, GZIP_BLOCK
-from tests.e2e.conftest import blobs_target, build_dev_blobs
+from common.enclave.prefix import PREFIXES
+from common.image.compress import DEFLATED, GZIP_BLOCK
+from tests.fixtures.devblobs import blobs_target, build_dev_blobs
 from worker.pipeline.warm import warm
 
 

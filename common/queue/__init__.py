@@ -1,0 +1,1 @@
+"""The broker's producer side: task names, Redis connections, and publishing a conversion."""

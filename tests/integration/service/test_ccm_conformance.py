@@ -1,0 +1,205 @@
+"""Every operation of CCM's API document under /v1/sys, /v1/accounts, /v1/user(s), /v1/apps, /v1/builds and
+/v1/tasks (tests/data/ccm/contract.json), called as a client generated from that document calls it: each request
+is checked against CCM's request schema (documented fields only), each answer must carry the documented success
+code and read as CCM's response schema (required fields, types, formats, enums); the operations for other
+platforms or nodes must answer our error envelope with a code saying so. Our OpenAPI document must declare the
+same operations, codes and required fields."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from tests.fixtures.images import push_test_image
+from tests.fixtures.service import PASSWORD, basic
+
+from .ccm_contract import OPERATIONS, our_path, problems, request_problems, resolve
+from .helpers import err
+
+pytestmark = pytest.mark.integration
+
+# CCM operations whose subject this service does not have: (status, error code).
+UNSUPPORTED = {
+    ("POST", "/v1/builds"): (422, "platform_not_supported"),
+    ("POST", "/v1/builds/convert-app/aci"): (422, "platform_not_supported"),
+    ("GET", "/v1/builds/deployments/{build-id}"): (404, "nodes_not_supported"),
+    ("GET", "/v1/apps/{app-id}/node/{node-id}/certificate"): (404, "nodes_not_supported"),
+    ("GET", "/v1/apps/{app-id}/node/{node-id}/certificate-details"): (404, "nodes_not_supported"),
+}
+
+
+class CcmClient:
+    """Calls operations by CCM's method and path template, checking each against the contract."""
+
+    def __init__(self, client, token: str | None = None) -> None:  # noqa: ANN001
+        self.client = client
+        self.token = token
+        self.called: set[tuple[str, str]] = set()
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        # CCM documents `Authentication: Bearer`, as its generated client sends it.
+        return {**({"Authentication": f"Bearer {self.token}"} if self.token else {}), **(extra or {})}
+
+    def call(self, method: str, template: str, *, params: dict[str, object] | None = None, body: object = None,
+             query: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> object:
+        op = OPERATIONS[(method, template)]
+        if body is not None:
+            assert request_problems(body, op["body"]) == [], (template, request_problems(body, op["body"]))
+        assert set(query or {}) <= set(op["query"]), (template, set(query or {}) - set(op["query"]))
+        path = template
+        for name, value in (params or {}).items():
+            path = path.replace("{" + name + "}", str(value))
+        resp = self.client.open(path, method=method, json=body, query_string=query,
+                                headers=self.headers(headers))
+        self.called.add((method, template))
+        if (method, template) in UNSUPPORTED:
+            status, code = UNSUPPORTED[(method, template)]
+            err(resp, status, code)
+            return None
+        assert resp.status_code == op["success"], (method, template, resp.status_code, resp.json)
+        if op["success"] == 204:
+            assert resp.get_data() == b""
+            return None
+        found = problems(resp.json, op["response"])
+        assert found == [], (method, template, found)
+        return resp.json
+
+
+def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN001
+    client, tenant = flow.client, flow.tenant()
+    image = push_test_image(registry, f"ccm/app-{uuid.uuid4().hex[:6]}", "1")
+    src, dst = f"{registry.host}/{image.repo}:1", f"{registry.host}/ccm/out-{uuid.uuid4().hex[:6]}:1"
+    anonymous = CcmClient(client)
+    version = anonymous.call("GET", "/v1/sys/version")
+    assert version["version"]
+    assert anonymous.call("POST", "/v1/sys/auth/discover", body={"user_email": tenant.emails["MANAGER"]})[
+        "auth_methods"] == [{"password": {}}]
+    auth = anonymous.call("POST", "/v1/sys/auth", headers=basic(tenant.emails["MANAGER"], PASSWORD))
+    ccm = CcmClient(client, auth["access_token"])
+    ccm.called |= anonymous.called
+    session = auth["session_info"]
+    me = ccm.call("GET", "/v1/user")
+    assert me["user_id"] == session["subject_id"]
+
+    # Accounts and the session's account.
+    acct = ccm.call("POST", "/v1/accounts", body={"name": "conformance", "component": "DEFAULT",
+                                                  "node_enrollment": {"attestation_enforcement_disabled_insecure": False}})
+    assert acct["acct_id"] in [a["acct_id"] for a in ccm.call("GET", "/v1/accounts", query={"limit": "10"})["items"]]
+    ccm.call("GET", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]})
+    ccm.call("PATCH", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]},
+             body={"name": "conformance-renamed", "custom_logo": "bG9nbw=="})
+    moved = ccm.call("POST", "/v1/sys/session/select_account/{account-id}", params={"account-id": acct["acct_id"]})
+    assert moved["session_info"]["selected_account_id"] == acct["acct_id"]
+    ccm.call("POST", "/v1/sys/session/refresh")
+
+    # Users of the account.
+    new_email = f"ccm-{uuid.uuid4().hex[:8]}@example.test"
+    created = ccm.call("POST", "/v1/users", body={"user_email": new_email, "user_password": "long-enough-pw"})
+    invited = ccm.call("POST", "/v1/users/invite", body={"user_email": f"inv-{uuid.uuid4().hex[:8]}@example.test",
+                                                         "roles": ["READER"]})
+    assert {u["user_id"] for u in ccm.call("GET", "/v1/users", query={"limit": "50", "offset": "0"})["items"]} >= {
+        created["user_id"], invited["user_id"]}
+    ccm.call("GET", "/v1/users/{user-id}", params={"user-id": created["user_id"]})
+    ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": created["user_id"]}, body={"roles": ["WRITER"]})
+    accounts = ccm.call("GET", "/v1/users/{user-id}/accounts", params={"user-id": me["user_id"]})
+    assert accounts[acct["acct_id"]]["roles"] == ["MANAGER"]
+    ccm.call("DELETE", "/v1/users/{user-id}/accounts", params={"user-id": invited["user_id"]})
+    ccm.call("DELETE", "/v1/users/{user-id}", params={"user-id": created["user_id"]})
+
+    # Apps.
+    app = ccm.call("POST", "/v1/apps", body={
+        "name": "conformance", "description": "d", "input_image_name": src, "output_image_name": dst, "isvprodid": 1, "isvsvn": 1, "mem_size": 2048, "threads": 2,
+        "allowed_domains": ["example.com"], "labels": {"team": "ccm"}, "custom_metadata": {"k": "v"},
+        "advanced_settings": {"entrypoint": ["/bin/app"]},
+        "default_build_settings": {"nitro_enclaves": {"cpu_count": 2}}})
+    ccm.call("GET", "/v1/apps", query={"all_search": "conf", "sort_by": "name:ASC,created_at:DESC", "limit": "5"})
+    ccm.call("GET", "/v1/apps/{app-id}", params={"app-id": app["app_id"]})
+    ccm.call("PATCH", "/v1/apps/{app-id}", params={"app-id": app["app_id"]},
+             body={"isvsvn": 2, "labels": [{"op": "add", "path": "/", "value": {"tier": "1"}}]})
+    ccm.call("GET", "/v1/apps/unique_labels/count")
+
+    # A conversion by the module's real worker, its Build (every poll read as CCM's Build), its task.
+    request = {"request": {"app_id": app["app_id"], "input_image": {"name": src}, "output_image": {"name": dst},
+                           "converter_options": {"env_vars": ["A=1"]}},
+               "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
+    build = ccm.call("POST", "/v1/builds/convert-app/nitro-enclaves", body=request)
+    ccm.call("GET", "/v1/builds", query={"all_search": "ccm/out", "sort_by": "status:ASC,created_at:DESC",
+                                         "status": "PENDING", "limit": "10", "offset": "0", "filter": "groups"})
+    deadline = time.monotonic() + 240
+    while (done := ccm.call("GET", "/v1/builds/{build-id}", params={"build-id": build["build_id"]})
+           )["pending_task_id"] is None:
+        assert done["conversion"]["state"] not in ("FAILED", "CANCELLED") and time.monotonic() < deadline, done
+        time.sleep(0.5)
+    assert done["conversion"]["state"] == "SUCCEEDED"
+    assert done["attributes"]["eif"]["nitro_enclave"]["hash_algorithm"] == "Sha384"
+    assert done["docker_info"]["docker_image_sha"] == done["conversion"]["output_digest"]
+    ccm.call("PATCH", "/v1/builds/{build-id}", params={"build-id": build["build_id"]}, body={"configs": {}})
+    task_id = done["pending_task_id"]
+    ccm.call("GET", "/v1/tasks", query={"status": "PENDING", "task_type": "BUILD_WHITELIST", "limit": "10"})
+    ccm.call("GET", "/v1/tasks/{task-id}", params={"task-id": task_id})
+    ccm.call("GET", "/v1/tasks/status/{task-id}", params={"task-id": task_id})
+    ccm.call("PATCH", "/v1/tasks/{task-id}", params={"task-id": task_id}, body={"status": "APPROVED"})
+    ccm.call("DELETE", "/v1/tasks/{task-id}", params={"task-id": task_id})
+
+    # What is not here answers so.
+    ccm.call("POST", "/v1/builds", body={"app_id": app["app_id"], "mrenclave": "00" * 32})
+    ccm.call("POST", "/v1/builds/convert-app/aci", body=None)
+    ccm.call("GET", "/v1/builds/deployments/{build-id}", params={"build-id": build["build_id"]})
+    for template in ("/v1/apps/{app-id}/node/{node-id}/certificate",
+                     "/v1/apps/{app-id}/node/{node-id}/certificate-details"):
+        ccm.call("GET", template, params={"app-id": app["app_id"], "node-id": uuid.uuid4()})
+
+    # Deletions, then the session's end.
+    ccm.call("DELETE", "/v1/builds/{build-id}", params={"build-id": build["build_id"]})
+    ccm.call("DELETE", "/v1/apps/{app-id}", params={"app-id": app["app_id"]})
+    ccm.call("DELETE", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]})
+    ccm.call("POST", "/v1/sys/session/terminate")
+    err(client.get("/v1/user", headers=ccm.headers()), 401, "unauthenticated")
+
+    assert ccm.called == set(OPERATIONS), set(OPERATIONS) - ccm.called
+
+
+def _our_schema(doc: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def test_our_openapi_declares_ccms_operations_codes_and_required_fields(client):
+    doc = client.get("/v1/openapi.json").json
+    for (method, template), op in OPERATIONS.items():
+        ours = doc["paths"].get(our_path(template), {}).get(method.lower())
+        assert ours is not None, (method, template)
+        if (method, template) in UNSUPPORTED:
+            status, _ = UNSUPPORTED[(method, template)]
+            assert str(status) in ours["responses"], (method, template)
+            continue
+        assert str(op["success"]) in ours["responses"], (method, template, list(ours["responses"]))
+        if op["response"] is None or op["success"] == 204:
+            continue
+        ccm_schema = resolve(op["response"])
+        content = ours["responses"][str(op["success"])].get("content", {}).get("application/json", {})
+        assert "schema" in content, (method, template)
+        our_schema = _our_schema(doc, content["schema"])
+        if ccm_schema.get("type", "object") == "object" and "properties" in ccm_schema:
+            missing = set(ccm_schema.get("required", [])) - set(our_schema.get("required", []))
+            assert not missing, (method, template, missing)
+
+
+def test_the_checker_refuses_what_a_ccm_client_would():
+    """The shapes issue 15 found, each refused by the checker (so the test above can fail)."""
+    build = {"$ref": "#/definitions/Build"}
+    status = {"status": "PENDING", "status_updated_at": 1}
+    pcrs = {"hash_algorithm": "Sha384", "pcr0": "00", "pcr1": "11", "pcr2": "22"}
+    good = {"status": status, "docker_info": {"docker_image_name": "x", "docker_version": ""},
+            "attributes": {"eif": {"nitro_enclave": pcrs}}}
+    assert problems(good, build) == []
+    assert problems({**good, "docker_info": {"docker_image_name": "x", "docker_version": None}}, build)
+    assert problems({**good, "attributes": {"nitro_enclave": pcrs}}, build)  # the PCRs one level too high
+    assert problems({**good, "status": {"status": "QUEUED", "status_updated_at": 1}}, build)
+    assert problems({"session_info": {"user_id": str(uuid.uuid4())}}, {"$ref": "#/definitions/SelectAccountResponse"})
+    assert problems({"task_id": str(uuid.uuid4()), "entity_id": str(uuid.uuid4()), "status": status},
+                    {"$ref": "#/definitions/Task"})
+    assert request_problems({"name": "a", "input_image_name": "i", "output_image_name": "o", "colour": "red"},
+                            {"$ref": "#/definitions/AppRequest"})

@@ -1,0 +1,252 @@
+"""`nitro-cli run-enclave` for the emulator: what the launcher runs instead of nitro-cli under `run-local`.
+
+    python -m worker.emulator.enclave --qemu PATH --uds BASE --workdir DIR [--guest-cid N] [--console] \\
+        run-enclave --eif-path EIF --cpu-count N --memory MIB [--debug-mode] [--attach-console]
+
+It plays nitro-cli's part of the parent: starts the vsock back-end and QEMU's `nitro-enclave` machine (TCG),
+answers the enclave's ready heartbeat on vsock port 9000 (the byte 0xB7 echoed, as nitro-cli does), shows
+the console, and stays attached until the enclave ends; its exit status is the program's (the init's
+`exit status=N` console line; a signal N gives 128+N), 1 if the enclave ended without one.
+
+Without --console (or --attach-console) only the program's own output is shown: everything before the
+init's first line, and the kernel's and the init's lines after it, are left out, as a Nitro enclave shows no console unless it runs in debug mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from common.errors import EmulatorUnavailable
+from worker.emulator.spawn import spawn_backend
+
+HEARTBEAT = b"\xb7"
+HEARTBEAT_PORT = 9000
+PREFIX = "nitroconv-run-local: "
+INIT_PREFIX = "nitroconv-init: "
+_KERNEL_LINE = re.compile(r"^\s*\[\s*\d+\.\d+\]")
+_EXIT = re.compile(r"^nitroconv-init: exit (status|signal)=(\d+)")
+QEMU_STOP_SECONDS = 5.0
+
+
+def qemu_command(*, qemu: str, eif: str, vhost_socket: str, cpu_count: int, memory_mib: int,
+                 name: str) -> list[str]:
+    """QEMU's nitro-enclave machine loading the EIF itself (header, sections, CRC and PCRs checked by its
+    loader), software emulation (nested KVM is not available here), only the serial console on stdout, a
+    reset (the init's end) ends QEMU. The machine allocates its RAM as a shared memfd itself."""
+    return [
+        qemu,
+        "-M", f"nitro-enclave,vsock=vsock0,id={name}",
+        "-accel", "tcg",
+        "-cpu", "max",
+        "-smp", str(cpu_count),
+        "-m", str(memory_mib),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-serial", "stdio",
+        "-no-reboot",
+        "-chardev", f"socket,id=vsock0,path={vhost_socket}",
+        "-kernel", eif,
+        # Appended to the EIF's cmdline, not measured. The AWS cmdline's reboot=k needs a keyboard
+        # controller this machine lacks, and the enclave kernel then resets in a way -no-reboot does not
+        # catch: it boots again (deploy/emulator/README.md). A triple fault ends QEMU.
+        "-append", "reboot=t",
+    ]
+
+
+class Attached:
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.show_all = args.console or args.attach_console
+        self.exit_status: int | None = None
+        self.init_started = False
+        self.heartbeats = 0
+        self.stop_signal: int | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def say(self, text: str) -> None:
+        print(PREFIX + text, file=self.err, flush=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stop_signal = signum
+
+    def console_line(self, line: str) -> None:
+        m = _EXIT.match(line)
+        if m:
+            n = int(m.group(2))
+            self.exit_status = n if m.group(1) == "status" else 128 + n
+        if line.startswith(INIT_PREFIX):
+            self.init_started = True
+        # Before the init, everything is the kernel's (and the boot loader's, which has no timestamps);
+        # after the program's exit, the shutdown's.
+        program = self.init_started and self.exit_status is None and not m
+        if self.show_all or (program and not (line.startswith(INIT_PREFIX) or _KERNEL_LINE.match(line))):
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def run(self) -> int:
+        a = self.args
+        workdir = Path(a.workdir)
+        vhost = workdir / "vhost.sock"
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+
+        heartbeat = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        hb_path = f"{a.uds}_{HEARTBEAT_PORT}"
+        if os.path.lexists(hb_path):
+            os.unlink(hb_path)
+        heartbeat.bind(hb_path)
+        heartbeat.listen(4)
+        heartbeat.setblocking(False)
+
+        try:
+            self.procs.append(spawn_backend(vhost, Path(a.uds), a.guest_cid, quiet=not self.show_all))
+        except EmulatorUnavailable as exc:
+            self.say(str(exc))
+            return 1
+
+        name = f"nitroconv-{os.getpid()}"
+        argv = qemu_command(qemu=a.qemu, eif=a.eif_path, vhost_socket=str(vhost), cpu_count=a.cpu_count,
+                            memory_mib=a.memory, name=name)
+        try:
+            qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    start_new_session=True)
+        except OSError as exc:
+            self.say(f"emulator_unavailable: cannot start {a.qemu}: {exc.strerror or exc}")
+            self._stop_all()
+            return 1
+        self.procs.insert(0, qemu)
+        self.say(f"enclave {name} starting: CID {a.guest_cid}, {a.cpu_count} CPU(s), {a.memory} MiB, "
+                 f"EIF {a.eif_path}")
+        assert qemu.stdout is not None and qemu.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(qemu.stdout, selectors.EVENT_READ, "console")
+        sel.register(qemu.stderr, selectors.EVENT_READ, "stderr")
+        sel.register(heartbeat, selectors.EVENT_READ, "heartbeat")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        partial = b""
+        qemu_err = bytearray()
+        open_streams = 2
+        ended_at: float | None = None
+        while open_streams and self.stop_signal is None:
+            if self.exit_status is not None and ended_at is None:
+                ended_at = time.monotonic()
+            if ended_at is not None and time.monotonic() - ended_at > QEMU_STOP_SECONDS and qemu.poll() is None:
+                # The init resets the machine once its program is done; a QEMU still running has not
+                # turned that reset into an exit: stop it rather than let the enclave boot again.
+                qemu.terminate()
+            for key, _ in sel.select(1.0):
+                if key.data == "wake":
+                    try:
+                        wake_r.recv(64)
+                    except BlockingIOError:
+                        pass
+                elif key.data == "heartbeat":
+                    self._heartbeat(heartbeat)
+                else:
+                    data = os.read(key.fd, 1 << 16)
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        open_streams -= 1
+                        if key.data == "console" and partial:
+                            self.console_line(partial.decode("utf-8", "replace"))
+                        continue
+                    if key.data == "stderr":
+                        qemu_err += data[: max(0, 8192 - len(qemu_err))]
+                        continue
+                    partial += data
+                    *lines, partial = partial.split(b"\n")
+                    for raw in lines:
+                        self.console_line(raw.decode("utf-8", "replace").rstrip("\r"))
+        sel.close()
+        heartbeat.close()
+        try:
+            os.unlink(hb_path)
+        except FileNotFoundError:
+            pass
+        if self.stop_signal is not None:
+            self.say(f"stopping the enclave on {signal.Signals(self.stop_signal).name}")
+            self._stop_all()
+            return 128 + self.stop_signal
+        code = qemu.wait()
+        self._stop_all()
+        if self.heartbeats == 0:
+            self.say("warning: the enclave never sent its ready heartbeat (vsock port 9000)")
+        if self.exit_status is None:
+            detail = " ".join(qemu_err.decode("utf-8", "replace").split())[:500]
+            self.say(f"the enclave ended without its program's exit status (qemu status {code}"
+                     f"{': ' + detail if detail else ''})")
+            return 1
+        self.say(f"the enclave's program exited with status {self.exit_status}")
+        return self.exit_status
+
+    def _heartbeat(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(5)
+            try:
+                b = conn.recv(1)
+                if b == HEARTBEAT:
+                    conn.sendall(HEARTBEAT)
+                    self.heartbeats += 1
+                    self.say("heartbeat received: the enclave booted")
+                else:
+                    self.say(f"refused a heartbeat of {b!r} (expected {HEARTBEAT!r})")
+            except OSError as exc:
+                self.say(f"heartbeat failed: {exc}")
+
+    def _stop_all(self) -> None:
+        """QEMU first (the back-end then sees its front-end go and exits 0), then the back-end."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(QEMU_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.emulator.enclave",
+                                     description="nitro-cli run-enclave, emulated (QEMU nitro-enclave + vsock)")
+    parser.add_argument("--qemu", required=True)
+    parser.add_argument("--uds", required=True, help="the vsock back-end's host socket base")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--guest-cid", type=int, default=16)
+    parser.add_argument("--console", action="store_true", help="show the whole console")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run-enclave")
+    run.add_argument("--eif-path", required=True)
+    run.add_argument("--cpu-count", type=int, required=True)
+    run.add_argument("--memory", type=int, required=True)
+    run.add_argument("--debug-mode", action="store_true")
+    run.add_argument("--attach-console", action="store_true")
+    args = parser.parse_args(argv)
+    return Attached(args, sys.stdout, sys.stderr).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
