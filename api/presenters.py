@@ -112,7 +112,7 @@ def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> 
         },
         "build_name": None,
         "pending_task_id": _str(build.pending_task_id),
-        "configs": {},
+        "configs": dict(build.configs or {}),  # None on a build just submitted, before the database filled it
         "marketplace_build_id": None,
         "launch_hint": None,
         "enable_overlay_filesystem_persistence": build.enable_overlay_filesystem_persistence,
@@ -152,6 +152,8 @@ def app_view(app: App) -> dict[str, object]:
         "isvprodid": app.isvprodid, "isvsvn": app.isvsvn, "mem_size": app.mem_size, "threads": app.threads,
         "allowed_domains": list(app.allowed_domains), "labels": dict(app.labels),
         "custom_metadata": dict(app.custom_metadata), "advanced_settings": dict(app.advanced_settings),
+        "certificate_policy": dict(app.certificate_policy) if app.certificate_policy is not None else None,
+        "signers": list(app.signers or ()), "group_id": app.group_id,
     }
 
 

@@ -10,15 +10,18 @@ from flask_smorest import Blueprint
 
 from api.auth import principal
 from api.context import db
-from api.presenters import epoch
+from api.presenters import epoch, page_metadata
 from api.schemas.sys import (
     ROLES,
     AccountCreateSchema,
+    AccountListQuerySchema,
     AccountListSchema,
+    AccountQuerySchema,
     AccountSchema,
     AccountUpdateSchema,
     InviteUserSchema,
     UserCreateSchema,
+    UserListQuerySchema,
     UserListSchema,
     UserSchema,
     UserUpdateSchema,
@@ -33,11 +36,15 @@ users_blp = Blueprint("users", __name__, url_prefix="/v1/users", description="Me
 user_blp = Blueprint("user", __name__, url_prefix="/v1/user", description="The signed-in user")
 
 
-def _account(account: Account, role: str) -> dict[str, object]:
+def _account(account: Account, role: str, totals: bool = False) -> dict[str, object]:
     return {"acct_id": account.id, "name": account.name, "created_at": epoch(account.created_at), "role": role,
             "roles": [role], "status": "ACTIVE", "account_status": "Active",
             "node_enrollment": dict(account.node_enrollment), "component": account.component,
-            "custom_logo": account.custom_logo}
+            "custom_logo": account.custom_logo,
+            "auth_configs": {accounts.auth_config_id(account.id): accounts.PASSWORD_CONFIG},
+            "totals": {"datasets": 0, "final_workflows": 0, "nodes": 0} if totals else None,
+            "default_group_id": account.default_group_id, "marketplace_group_id": account.marketplace_group_id,
+            "azure_cvm_pcr_priority": account.azure_cvm_pcr_priority}
 
 
 def _status(user: User) -> str:
@@ -47,7 +54,8 @@ def _status(user: User) -> str:
 def _user(user: User, membership: Membership | None) -> dict[str, object]:
     role = membership.role if membership is not None else None
     return {"user_id": user.id, "user_email": user.email, "role": role, "roles": [role] if role else [],
-            "status": _status(user), "user_account_status": _status(user), "first_name": None, "last_name": None,
+            "status": _status(user), "user_account_status": _status(user), "first_name": user.first_name,
+            "last_name": user.last_name,
             "created_at": epoch(membership.created_at if membership is not None else user.created_at)}
 
 
@@ -58,23 +66,26 @@ class AccountList(MethodView):
     def post(self, body: dict[str, object]) -> dict[str, object]:
         """Create an account; the caller becomes its MANAGER."""
         me = principal()
+        accounts.check_auth_configs(body.get("auth_configs"), "auth_configs")
         account = accounts.new_account(db(), me.user_id, str(body["name"]))
         account, role = accounts.update_account(db(), me.user_id, account.id, {
             key: body[key] for key in ("custom_logo", "node_enrollment", "component")})
         return _account(account, role)
 
+    @accounts_blp.arguments(AccountListQuerySchema, location="query")
     @accounts_blp.response(200, AccountListSchema)
-    def get(self) -> dict[str, object]:
-        """The caller's accounts."""
-        return {"items": [_account(a, r) for a, r in accounts.memberships(db(), principal().user_id)]}
+    def get(self, query: dict[str, object]) -> dict[str, object]:
+        """The caller's accounts (scope USER), a page after `previous_id`."""
+        return {"items": [_account(a, r) for a, r in accounts.account_page(db(), principal().user_id, query)]}
 
 
 @accounts_blp.route("/<uuid:acct_id>")
 class AccountItem(MethodView):
+    @accounts_blp.arguments(AccountQuerySchema, location="query")
     @accounts_blp.response(200, AccountSchema)
-    def get(self, acct_id: uuid.UUID) -> dict[str, object]:
+    def get(self, query: dict[str, object], acct_id: uuid.UUID) -> dict[str, object]:
         """One of the caller's accounts."""
-        return _account(*accounts.member_account(db(), principal().user_id, acct_id))
+        return _account(*accounts.member_account(db(), principal().user_id, acct_id), bool(query["with_totals"]))
 
     @accounts_blp.arguments(AccountUpdateSchema)
     @accounts_blp.response(200, AccountSchema)
@@ -108,10 +119,13 @@ class UserList(MethodView):
         """Add a user to the account with a role (MANAGER)."""
         return _user(*accounts.add_member(db(), principal().require(Role.MANAGER), body))
 
+    @users_blp.arguments(UserListQuerySchema, location="query")
     @users_blp.response(200, UserListSchema)
-    def get(self) -> dict[str, object]:
-        """Members of the account."""
-        return {"items": [_user(u, m) for u, m in accounts.list_members(db(), principal().require(Role.READER))]}
+    def get(self, query: dict[str, object]) -> dict[str, object]:
+        """Members of the account, CCM's pagination envelope."""
+        rows, total, filtered = accounts.list_members(db(), principal().require(Role.READER), query)
+        return {"metadata": page_metadata(int(query["limit"]), int(query["offset"]), total, filtered),  # type: ignore[call-overload]
+                "items": [_user(u, m) for u, m in rows]}
 
 
 @users_blp.route("/invite")
@@ -134,12 +148,12 @@ class UserItem(MethodView):
     @users_blp.arguments(UserUpdateSchema)
     @users_blp.response(200, UserSchema)
     def patch(self, body: dict[str, object], user_id: uuid.UUID) -> dict[str, object]:
-        """Change a member's role (MANAGER): `role`, or CCM's `roles` (the highest applies)."""
-        roles = [str(body["role"])] if body.get("role") else [str(r) for r in body.get("roles") or ()]  # type: ignore[attr-defined]
-        if not roles:
-            raise ValidationFailed("The request is invalid.", details={"fields": {"roles": ["give role or roles"]}})
-        role = max((Role(r) for r in roles), key=list(Role).index)
-        return _user(*accounts.change_role(db(), principal().require(Role.MANAGER), user_id, role.value))
+        """Change a member: the role (MANAGER; `role`, or CCM's `roles`: the highest applies), the names (the user
+        or a MANAGER), the e-mail (the user's own)."""
+        me = principal()
+        account = me.require(Role.READER)
+        assert me.role is not None
+        return _user(*accounts.update_user(db(), account, me.user_id, me.role, user_id, body))
 
     @users_blp.response(204)
     def delete(self, user_id: uuid.UUID) -> None:

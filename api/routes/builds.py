@@ -154,13 +154,10 @@ class Build(MethodView):
     @blp.arguments(BuildUpdateSchema())
     @blp.response(200, BuildSchema)
     def patch(self, body: dict[str, object], build_id: uuid.UUID) -> Response:
-        """CCM's update of a build (its application configs; none are kept here, so only `{}` is accepted)."""
+        """CCM's update of a build: attach application configs by id (an object), or detach them (null)."""
         account = principal().require(Role.WRITER)
-        row = builds.get(db(), account, build_id)
-        if body.get("configs"):
-            raise ValidationFailed("The request is invalid.", code="app_configs_unsupported", details={
-                "fields": {"configs": ["application configs are not supported by this service"]}})
-        return jsonify(_view(row))
+        builds.update_configs(db(), account, build_id, body["configs"])  # type: ignore[arg-type]
+        return jsonify(_view(builds.get(db(), account, build_id)))
 
     @blp.response(204)
     def delete(self, build_id: uuid.UUID) -> None:

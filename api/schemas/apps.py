@@ -56,6 +56,41 @@ class LabelsPatchField(fields.Field):
         return _labels().deserialize(value)
 
 
+class CertificatePolicySchema(Schema):
+    """CCM's CertificateIssuancePolicy: recorded and returned (this service issues no certificates)."""
+
+    require_known_image = fields.Boolean(required=True)
+    require_known_signer = fields.Boolean(required=True)
+    require_known_node = fields.Boolean(load_default=True)
+
+
+class SgxSignerSchema(Schema):
+    mrsigner = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-fA-F]{64}$"))
+    isvprodid = fields.Integer(required=True, validate=_ISV)
+
+
+class NitroSignerSchema(Schema):
+    pcr8 = fields.String(required=True, validate=validate.Regexp(r"^[0-9a-fA-F]{96}$"),
+                         metadata={"description": "PCR8 (SHA-384 of the signing certificate) in hex"})
+
+
+class ApplicationSignerSchema(Schema):
+    """CCM's ApplicationSigner: exactly one of `sgx` and `nitro_enclave`."""
+
+    sgx = fields.Nested(SgxSignerSchema)
+    nitro_enclave = fields.Nested(NitroSignerSchema)
+
+    @validates_schema
+    def _exactly_one(self, data: dict[str, object], **_: object) -> None:
+        if len(data) != 1:
+            raise ValidationError("give exactly one of sgx and nitro_enclave")
+
+
+def _signers(**kwargs: object) -> fields.List:
+    return fields.List(fields.Nested(ApplicationSignerSchema), validate=validate.Length(max=100),
+                       **kwargs)  # type: ignore[arg-type]
+
+
 class AppCreateSchema(Schema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=255))
     description = fields.String(load_default="", validate=validate.Length(max=4096))
@@ -73,6 +108,9 @@ class AppCreateSchema(Schema):
     labels = _labels(load_default=dict, validate=validate.Length(max=1000))
     custom_metadata = _labels(load_default=dict, validate=validate.Length(max=1000))
     advanced_settings = fields.Dict(keys=fields.String(), values=fields.Raw(allow_none=True), load_default=dict)
+    certificate_policy = fields.Nested(CertificatePolicySchema, load_default=None, allow_none=True)
+    signers = _signers(load_default=list)
+    group_id = fields.UUID(load_default=None, allow_none=True, metadata={"description": "recorded (no groups here)"})
 
 
 class AppUpdateSchema(Schema):
@@ -91,6 +129,9 @@ class AppUpdateSchema(Schema):
     labels = LabelsPatchField(metadata={"description": "a map replacing the labels, or CCM's PatchRequest"})
     custom_metadata = LabelsPatchField(metadata={"description": "a map replacing it, or CCM's PatchRequest"})
     advanced_settings = fields.Dict(keys=fields.String(), values=fields.Raw(allow_none=True))
+    certificate_policy = fields.Nested(CertificatePolicySchema, allow_none=True)
+    signers = _signers()
+    group_id = fields.UUID(allow_none=True)
 
 
 class AppSchema(Schema):
@@ -112,6 +153,9 @@ class AppSchema(Schema):
     labels = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
     custom_metadata = fields.Dict(keys=fields.String(), values=fields.String(), required=True)
     advanced_settings = fields.Dict(required=True)
+    certificate_policy = fields.Nested(CertificatePolicySchema, allow_none=True)
+    signers = fields.List(fields.Nested(ApplicationSignerSchema), required=True)
+    group_id = fields.UUID(allow_none=True)
 
 
 class AppListQuerySchema(Schema):

@@ -348,7 +348,8 @@ class BuildSchema(Schema):
     advanced_settings = fields.Nested(AdvancedSettingsSchema, required=True)
     build_name = fields.String(required=True, allow_none=True)
     pending_task_id = fields.UUID(required=True, allow_none=True)
-    configs = fields.Dict(required=True)
+    configs = fields.Dict(keys=fields.String(), values=fields.Dict(allow_none=True), required=True, metadata={
+        "description": "CCM's application configs attached to the image, by config id (PATCH sets them)"})
     marketplace_build_id = fields.UUID(required=True, allow_none=True)
     launch_hint = fields.Dict(required=True, allow_none=True)
     enable_overlay_filesystem_persistence = fields.Boolean(required=True)
@@ -369,14 +370,22 @@ class BuildListQuerySchema(Schema):
         "description": "in the image names, the app's name and the digests (case-insensitive)"})
     deployed_status = fields.String(load_default=None, validate=validate.OneOf(("DEPLOYED", "UNDEPLOYED")),
                                     metadata={"description": "builds here are never deployed"})
-    config_id = fields.String(load_default=None, metadata={"description": "no app configs here: matches none"})
+    config_id = fields.String(load_default=None, validate=validate.Length(min=1, max=255),
+                              metadata={"description": "builds whose `configs` have this config id"})
     filter = fields.String(load_default=None, metadata={"description": "CCM's group filter; no groups here: ignored"})
 
 
-class BuildUpdateSchema(Schema):
-    """CCM's BuildUpdateRequest: application configs attached to the image (none here)."""
+MAX_CONFIGS = 100
+MAX_CONFIGS_BYTES = 64 * 1024
 
-    configs = fields.Dict(keys=fields.String(), values=fields.Dict(allow_none=True), load_default=dict)
+
+class BuildUpdateSchema(Schema):
+    """CCM's BuildUpdateRequest: application configs to attach to the image, by config id. Each id given with
+    an object attaches it (or replaces what that id had); with null, detaches it; ids not named stay."""
+
+    configs = fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=255)),
+                          values=fields.Dict(allow_none=True), load_default=dict,
+                          validate=validate.Length(max=MAX_CONFIGS))
 
 
 class BuildListSchema(Schema):

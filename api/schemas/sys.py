@@ -1,7 +1,9 @@
 """Schemas of the session, account, user, version and health resources."""
 from __future__ import annotations
 
-from marshmallow import Schema, fields, pre_load, validate
+from marshmallow import Schema, ValidationError, fields, pre_load, validate
+
+from api.schemas.common import MAX_OFFSET, PageMetadataSchema
 
 ROLES = ("READER", "WRITER", "MANAGER")
 
@@ -70,8 +72,32 @@ class NodeEnrollmentSchema(Schema):
     attestation_enforcement_disabled_insecure = fields.Boolean(required=True)
 
 
+class AuthConfigPasswordSchema(Schema):
+    require_2fa = fields.Boolean(required=True)
+    administrators_only = fields.Boolean(required=True)
+
+
+class AuthenticationConfigSchema(Schema):
+    """CCM's AuthenticationConfig. Only password sign-in without 2FA, open to every member, exists here: that is
+    what an account's one auth config says; any other is refused with `auth_method_unsupported`."""
+
+    password = fields.Nested(AuthConfigPasswordSchema)
+    oauth = fields.Dict(metadata={"description": "refused: no SSO here"})
+    cluster_auth_ref = fields.Dict(metadata={"description": "refused: no clusters here"})
+
+
+ACCOUNT_STATUSES = ("Active", "Deactivated")
+
+
+def _pcr_priority(value: list[int]) -> None:
+    if sorted(value) != list(range(23)):
+        raise ValidationError("exactly the integers 0 through 22, each once")
+
+
 class AccountCreateSchema(Schema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=255))
+    auth_configs = fields.List(fields.Nested(AuthenticationConfigSchema), validate=validate.Length(max=10),
+                               metadata={"description": "only the password config of every account is accepted"})
     custom_logo = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=1 << 20))
     node_enrollment = fields.Nested(NodeEnrollmentSchema, load_default=lambda: {
         "attestation_enforcement_disabled_insecure": False})
@@ -83,6 +109,25 @@ class AccountUpdateSchema(Schema):
     custom_logo = fields.String(allow_none=True, validate=validate.Length(max=1 << 20))
     node_enrollment = fields.Nested(NodeEnrollmentSchema)
     component = fields.String(validate=validate.OneOf(COMPONENTS))
+    add_auth_configs = fields.List(fields.Nested(AuthenticationConfigSchema), validate=validate.Length(max=10))
+    mod_auth_configs = fields.Dict(keys=fields.UUID(), values=fields.Nested(AuthenticationConfigSchema),
+                                   validate=validate.Length(max=10))
+    del_auth_configs = fields.List(fields.UUID(), validate=validate.Length(max=10))
+    enabled = fields.Boolean(metadata={"description": "`false` is refused (`account_deactivation_unsupported`)"})
+    account_status = fields.String(validate=validate.OneOf(ACCOUNT_STATUSES), metadata={
+        "description": "`Deactivated` is refused (`account_deactivation_unsupported`)"})
+    default_group_id = fields.UUID(allow_none=True, metadata={"description": "recorded (no groups here)"})
+    marketplace_group_id = fields.UUID(allow_none=True, metadata={"description": "recorded (no marketplace here)"})
+    azure_cvm_pcr_priority = fields.List(fields.Integer(), allow_none=True, validate=_pcr_priority,
+                                         metadata={"description": "recorded (no Azure CVMs here)"})
+
+
+class ObjectCountsSchema(Schema):
+    """CCM's ObjectCounts: datasets, workflows and nodes, none of which exist here."""
+
+    datasets = fields.Integer(required=True)
+    final_workflows = fields.Integer(required=True)
+    nodes = fields.Integer(required=True)
 
 
 class AccountSchema(Schema):
@@ -96,6 +141,30 @@ class AccountSchema(Schema):
     component = fields.String(required=True, validate=validate.OneOf(COMPONENTS))
     custom_logo = fields.String(allow_none=True)
     role = fields.String(required=True, metadata={"description": "ours: the caller's role (CCM: roles)"})
+    auth_configs = fields.Dict(keys=fields.UUID(), values=fields.Nested(AuthenticationConfigSchema), required=True)
+    totals = fields.Nested(ObjectCountsSchema, allow_none=True, metadata={"description": "with `?with_totals=true`"})
+    default_group_id = fields.UUID(allow_none=True)
+    marketplace_group_id = fields.UUID(allow_none=True)
+    azure_cvm_pcr_priority = fields.List(fields.Integer(), allow_none=True)
+
+
+class AccountQuerySchema(Schema):
+    with_totals = fields.Boolean(load_default=False, metadata={"description": "add `totals` (all 0 here)"})
+
+
+ACCOUNT_SORT_KEYS = ("name", "created_at", "acct_id")
+
+
+class AccountListQuerySchema(Schema):
+    """CCM's getAccounts: `scope` USER (the caller's accounts) or SYSTEM (every account: a system administrator's;
+    there are none here, so it is refused with `system_scope_forbidden`), keyset pages after `previous_id`."""
+
+    scope = fields.String(load_default="USER", validate=validate.OneOf(("USER", "SYSTEM")))
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    previous_id = fields.UUID(load_default=None, metadata={"description": "the last account of the previous page"})
+    sort_by = fields.String(load_default="created_at:ASC", validate=validate.Regexp(
+        r"^(name|created_at|acct_id)(:(ASC|DESC))?(,(name|created_at|acct_id)(:(ASC|DESC))?){0,2}$"),
+        metadata={"description": "CCM's `key1:ASC,key2:DESC` over name, created_at, acct_id"})
 
 
 class AccountListSchema(Schema):
@@ -112,20 +181,47 @@ class UserCreateSchema(Schema):
             for ccm, ours in (("user_email", "email"), ("user_password", "password")):
                 if ccm in data and ours not in data:
                     data[ours] = data.pop(ccm)
-            for ignored in ("first_name", "last_name", "recaptcha_response"):
-                data.pop(ignored, None)
+            data.pop("recaptcha_response", None)  # no captcha: a MANAGER adds members here
         return data
 
     email = fields.Email(required=True, validate=validate.Length(max=320))
     password = fields.String(load_default=None, validate=validate.Length(min=8, max=1024),
                              metadata={"description": "required when the e-mail is new to the service"})
     role = fields.String(load_default="READER", validate=validate.OneOf(ROLES))
+    first_name = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=255))
+    last_name = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=255))
+
+
+USER_STATUSES = ("ACTIVE", "PENDING", "DISABLED")
 
 
 class UserUpdateSchema(Schema):
+    """CCM's UpdateUserRequest (and our `role`). Roles are a MANAGER's to change; names the user's own or a
+    MANAGER's; the e-mail only the user's own. `user_account_status` can only be the current one here
+    (`user_account_status_unsupported`): a member is ACTIVE, or PENDING until given a password."""
+
     role = fields.String(validate=validate.OneOf(ROLES))
     roles = fields.List(fields.String(validate=validate.OneOf(ROLES)), validate=validate.Length(min=1, max=3),
                         metadata={"description": "CCM's form; the highest role given applies"})
+    first_name = fields.String(allow_none=True, validate=validate.Length(max=255))
+    last_name = fields.String(allow_none=True, validate=validate.Length(max=255))
+    user_account_status = fields.String(validate=validate.OneOf(USER_STATUSES))
+    user_email = fields.Email(validate=validate.Length(max=320), metadata={"description": "the caller's own only"})
+
+
+USER_SORT_KEYS = ("user_email", "first_name", "last_name", "created_at")
+
+
+class UserListQuerySchema(Schema):
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+    offset = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_OFFSET))
+    all_search = fields.String(load_default=None, validate=validate.Length(max=255),
+                               metadata={"description": "in the e-mail, first and last name (case-insensitive)"})
+    sort_by = fields.String(load_default="created_at:ASC", validate=validate.Regexp(
+        r"^(user_email|first_name|last_name|created_at)(:(ASC|DESC))?"
+        r"(,(user_email|first_name|last_name|created_at)(:(ASC|DESC))?){0,3}$"),
+        metadata={"description": "CCM's `key1:ASC,key2:DESC` over user_email, first_name, last_name, created_at "
+                                 "(the membership's)"})
 
 
 class UserSchema(Schema):
@@ -154,4 +250,5 @@ class UserAccountInfoSchema(Schema):
 
 
 class UserListSchema(Schema):
+    metadata = fields.Nested(PageMetadataSchema, required=True)
     items = fields.List(fields.Nested(UserSchema), required=True)

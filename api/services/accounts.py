@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,6 +26,29 @@ def sign_in(session: Session, email: str, password: str) -> tuple[User, uuid.UUI
     if user is None:
         raise Unauthenticated("wrong e-mail or password")
     return user, first_account(session, user.id)
+
+
+_ACCOUNT_SORT = {"name": lambda a: a.name.casefold(), "created_at": lambda a: a.created_at, "acct_id": lambda a: str(a.id)}
+
+
+def account_page(session: Session, user_id: uuid.UUID, q: Mapping[str, object]) -> list[tuple[Account, str]]:
+    """CCM's getAccounts over the caller's accounts (a user has few): sorted by `sort_by` (then id), the page of
+    `limit` after `previous_id` (an id not in the list is a 422: the client's page no longer exists)."""
+    if q["scope"] == "SYSTEM":
+        raise Forbidden("the SYSTEM scope is a system administrator's; there are none here",
+                        code="system_scope_forbidden")
+    rows = sorted(memberships(session, user_id), key=lambda r: str(r[0].id))
+    for part in reversed(str(q["sort_by"]).split(",")):  # stable sorts, last key first
+        key, _, direction = part.partition(":")
+        rows.sort(key=lambda r, k=key: _ACCOUNT_SORT[k](r[0]), reverse=direction == "DESC")  # type: ignore[misc]
+    start = 0
+    if q.get("previous_id") is not None:
+        ids = [a.id for a, _ in rows]
+        if q["previous_id"] not in ids:
+            raise ValidationFailed("The request is invalid.", details={
+                "fields": {"previous_id": ["not one of your accounts"]}})
+        start = ids.index(q["previous_id"]) + 1  # type: ignore[arg-type]
+    return rows[start:start + int(q["limit"])]  # type: ignore[call-overload]
 
 
 def memberships(session: Session, user_id: uuid.UUID) -> list[tuple[Account, str]]:
@@ -55,10 +78,64 @@ def new_account(session: Session, user_id: uuid.UUID, name: str) -> Account:
     return account
 
 
-def list_members(session: Session, account_id: uuid.UUID) -> list[tuple[User, Membership]]:
-    rows = session.execute(select(User, Membership).join(Membership, Membership.user_id == User.id)
-                           .where(Membership.account_id == account_id).order_by(Membership.created_at, User.id)).all()
-    return [(r[0], r[1]) for r in rows]
+_USER_SORT = {"user_email": User.email, "first_name": User.first_name, "last_name": User.last_name,
+              "created_at": Membership.created_at}
+
+
+def list_members(session: Session, account_id: uuid.UUID, q: Mapping[str, object] | None = None
+                 ) -> tuple[list[tuple[User, Membership]], int, int]:
+    """(a page of the account's members, members in all, members matching `all_search`)."""
+    q = q or {"limit": 1000, "offset": 0, "sort_by": "created_at:ASC"}
+    filters = [Membership.account_id == account_id]
+    total = session.execute(select(func.count()).select_from(Membership).where(*filters)).scalar_one()
+    if q.get("all_search"):
+        needle = "%" + str(q["all_search"]).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        filters.append(or_(*(column.ilike(needle, escape="\\")
+                             for column in (User.email, User.first_name, User.last_name))))
+    joined = select(User, Membership).join(Membership, Membership.user_id == User.id).where(*filters)
+    filtered = session.execute(select(func.count()).select_from(joined.subquery())).scalar_one()
+    order = []
+    for part in str(q.get("sort_by") or "created_at:ASC").split(","):
+        key, _, direction = part.partition(":")
+        column = _USER_SORT[key]
+        order.append(column.desc().nulls_last() if direction == "DESC" else column.asc().nulls_last())
+    rows = session.execute(joined.order_by(*order, User.id).limit(int(q["limit"]))  # type: ignore[call-overload]
+                           .offset(int(q["offset"]))).all()  # type: ignore[call-overload]
+    return [(r[0], r[1]) for r in rows], total, filtered
+
+
+def update_user(session: Session, account_id: uuid.UUID, caller: uuid.UUID, caller_role: Role,
+                user_id: uuid.UUID, body: Mapping[str, object]) -> tuple[User, Membership]:
+    """CCM's UpdateUser within the session's account: roles by a MANAGER, names by the user or a MANAGER, the
+    e-mail by the user only; the account status can only stay what it is."""
+    user, membership = _member(session, account_id, user_id)
+    own = user_id == caller
+    roles = [str(body["role"])] if body.get("role") else [str(r) for r in body.get("roles") or ()]  # type: ignore[attr-defined]
+    if (roles or (not own and ("first_name" in body or "last_name" in body))) and caller_role is not Role.MANAGER:
+        raise Forbidden("this needs the MANAGER role")
+    if "user_email" in body and not own:
+        raise Forbidden("only a user's own e-mail can be changed", code="not_own_user")
+    status = "PENDING" if user.password_hash == "!" else "ACTIVE"
+    if body.get("user_account_status") not in (None, status):
+        raise ValidationFailed("The request is invalid.", code="user_account_status_unsupported", details={
+            "fields": {"user_account_status": [f"a member's status here follows their sign-in ({status}); "
+                                               "remove the member instead of disabling them"]}})
+    if roles:
+        role = max((Role(r) for r in roles), key=list(Role).index).value
+        if membership.role == Role.MANAGER.value and role != Role.MANAGER.value and _managers(session, account_id) <= 1:
+            raise Forbidden("an account keeps at least one MANAGER")
+        membership.role = role
+    for key in ("first_name", "last_name"):
+        if key in body:
+            setattr(user, key, body[key] or None)
+    if "user_email" in body:
+        user.email = normalise_email(str(body["user_email"]))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict("another user has this e-mail", code="email_taken") from None
+    return user, membership
 
 
 def add_member(session: Session, account_id: uuid.UUID, body: Mapping[str, object]) -> tuple[User, Membership]:
@@ -69,6 +146,7 @@ def add_member(session: Session, account_id: uuid.UUID, body: Mapping[str, objec
             raise ValidationFailed("The request is invalid.",
                                    details={"fields": {"password": ["required for a new user"]}})
         user = create_user(session, email, str(body["password"]))
+        user.first_name, user.last_name = body.get("first_name") or None, body.get("last_name") or None  # type: ignore[assignment]
     elif user.password_hash == "!" and body.get("password"):  # invited, never signed in: this sets the password
         user.password_hash = hash_password(str(body["password"]))
     membership = Membership(user_id=user.id, account_id=account_id, role=Role(str(body["role"])).value)
@@ -121,12 +199,52 @@ def member_account(session: Session, user_id: uuid.UUID, account_id: uuid.UUID) 
     return row[0], row[1]
 
 
+# The one way into every account: e-mail and password, no second factor, for every member.
+PASSWORD_CONFIG = {"password": {"require_2fa": False, "administrators_only": False}}
+_AUTH_CONFIG_NS = uuid.UUID("6d1f3b0e-5a43-4f7b-9c55-0c2f1c7e8a11")
+
+
+def auth_config_id(account_id: uuid.UUID) -> uuid.UUID:
+    """The id of the account's password config (derived: it is the same for the account's whole life)."""
+    return uuid.uuid5(_AUTH_CONFIG_NS, str(account_id))
+
+
+def check_auth_configs(configs: object, field: str) -> None:
+    """CCM's AuthenticationConfigs in a request: only the one every account has is accepted."""
+    for config in configs or ():  # type: ignore[attr-defined]
+        if config != PASSWORD_CONFIG:
+            raise ValidationFailed("The request is invalid.", code="auth_method_unsupported", details={"fields": {
+                field: ["only password sign-in without 2FA for every member exists here: "
+                        "{'password': {'require_2fa': false, 'administrators_only': false}}"]}})
+
+
+_ACCOUNT_FIELDS = ("name", "custom_logo", "node_enrollment", "component", "default_group_id", "marketplace_group_id",
+                   "azure_cvm_pcr_priority")
+
+
 def update_account(session: Session, user_id: uuid.UUID, account_id: uuid.UUID,
                    body: Mapping[str, object]) -> tuple[Account, str]:
     account, role = member_account(session, user_id, account_id)
     if role != Role.MANAGER.value:
         raise Forbidden("this needs the MANAGER role")
-    for key in ("name", "custom_logo", "node_enrollment", "component"):
+    if body.get("enabled") is False or body.get("account_status") == "Deactivated":
+        raise ValidationFailed("The request is invalid.", code="account_deactivation_unsupported", details={
+            "fields": {"account_status" if "account_status" in body else "enabled": [
+                "accounts cannot be deactivated here; delete the account instead"]}})
+    check_auth_configs(body.get("add_auth_configs"), "add_auth_configs")
+    mods = body.get("mod_auth_configs") or {}
+    assert isinstance(mods, Mapping)
+    check_auth_configs(mods.values(), "mod_auth_configs")
+    own = auth_config_id(account_id)
+    deleted = body.get("del_auth_configs") or []
+    assert isinstance(deleted, list)
+    for config_id in [*mods, *deleted]:
+        if config_id != own:
+            raise NotFound(f"no auth config {config_id} in this account", code="auth_config_not_found")
+    if deleted:
+        raise ValidationFailed("The request is invalid.", code="auth_config_required", details={"fields": {
+            "del_auth_configs": ["password sign-in is the only way into an account here: it cannot be removed"]}})
+    for key in _ACCOUNT_FIELDS:
         if key in body:
             setattr(account, key, body[key])
     session.commit()
@@ -160,7 +278,8 @@ def invite(session: Session, account_id: uuid.UUID, body: Mapping[str, object]) 
     found = session.execute(select(User).where(User.email == email)).scalar_one_or_none()
     pending = found is None
     if found is None:
-        found = User(id=uuid.uuid4(), email=email, password_hash="!")  # no hash verifies against "!"
+        found = User(id=uuid.uuid4(), email=email, password_hash="!",  # no hash verifies against "!"
+                     first_name=body.get("first_name") or None, last_name=body.get("last_name") or None)
         session.add(found)
         session.flush()
     roles = list(body["roles"])  # type: ignore[call-overload]

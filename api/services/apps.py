@@ -18,7 +18,8 @@ def _settings_json(value: object) -> dict[str, object]:
     return {k: (_settings_json(v) if isinstance(v, Mapping) else v) for k, v in value.items() if v is not None}
 
 
-_CCM_FIELDS = ("isvprodid", "isvsvn", "mem_size", "threads", "allowed_domains", "advanced_settings")
+_CCM_FIELDS = ("isvprodid", "isvsvn", "mem_size", "threads", "allowed_domains", "advanced_settings",
+               "certificate_policy", "signers", "group_id")
 
 
 def _patched(current: Mapping[str, str], change: object) -> dict[str, str]:

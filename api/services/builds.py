@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from api import sessions
 from api.auth import Principal
 from api.limits import lock_account_app
+from api.schemas.builds import MAX_CONFIGS, MAX_CONFIGS_BYTES
 from api.submission import roles_at_least, submit_build
 from common.errors import (
     Conflict,
@@ -280,6 +281,26 @@ _SORT = {"created_at": _BUILDS.c.created_at, "updated_at": _BUILDS.c.updated_at,
          "status": _BUILDS.c.approval_status, "app_name": App.name}
 
 
+def update_configs(session: Session, account_id: uuid.UUID, build_id: uuid.UUID,
+                   change: Mapping[str, object]) -> None:
+    """Attach (an object) or detach (null) application configs by id; the others stay."""
+    build = session.execute(select(Build).where(Build.id == build_id, Build.account_id == account_id)
+                            .with_for_update()).scalar_one_or_none()
+    if build is None:
+        raise NotFound("no such build")
+    configs = {**build.configs, **{k: v for k, v in change.items() if v is not None}}
+    for key in (k for k, v in change.items() if v is None):
+        configs.pop(key, None)
+    if len(configs) > MAX_CONFIGS or len(json.dumps(configs)) > MAX_CONFIGS_BYTES:
+        session.rollback()
+        raise ValidationFailed("The request is invalid.", code="configs_too_large", details={"fields": {"configs": [
+            f"a build carries at most {MAX_CONFIGS} configs of {MAX_CONFIGS_BYTES} bytes of JSON in all"]}})
+    if configs != build.configs:
+        build.configs = configs
+        build.updated_at = func.now()
+    session.commit()
+
+
 def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
                 ) -> tuple[Sequence[Row[Any]], int, int]:
     """(page of builds as `get` gives them, total in account, total matching the filters)."""
@@ -296,8 +317,10 @@ def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
             _BUILDS.c.input_image_name, _BUILDS.c.output_image_name, _BUILDS.c.output_digest,
             _BUILDS.c.input_digest)), _BUILDS.c.app_id.in_(
                 select(App.id).where(App.account_id == account_id, App.name.ilike(needle, escape="\\")))))
-    if q.get("deployed_status") == "DEPLOYED" or q.get("config_id"):
-        filters.append(false())  # never deployed here, and no app configs
+    if q.get("deployed_status") == "DEPLOYED":
+        filters.append(false())  # never deployed here
+    if q.get("config_id"):
+        filters.append(_BUILDS.c.configs.has_key(str(q["config_id"])))
     order = []
     for part in str(q["sort_by"]).split(","):
         key, _, direction = part.partition(":")

@@ -45,6 +45,10 @@ class Account(Base):
         JSONB, nullable=False, server_default=text("'{\"attestation_enforcement_disabled_insecure\": false}'::jsonb"))
     component: Mapped[str] = mapped_column(String(32), nullable=False, server_default=text("'DEFAULT'"))
     custom_logo: Mapped[str | None] = mapped_column(Text)
+    # Migration 0009: recorded and returned; this service has no groups or Azure CVMs to apply them to.
+    default_group_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    marketplace_group_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    azure_cvm_pcr_priority: Mapped[list[int] | None] = mapped_column(JSONB)
 
 
 class User(Base):
@@ -53,6 +57,8 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(320), nullable=False, unique=True)  # stored lower-cased
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
     created_at: Mapped[datetime] = _created()
+    first_name: Mapped[str | None] = mapped_column(String(255))  # migration 0009
+    last_name: Mapped[str | None] = mapped_column(String(255))
 
 
 class Membership(Base):
@@ -106,6 +112,10 @@ class App(Base):
     custom_metadata: Mapped[dict[str, str]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     advanced_settings: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False,
                                                                  server_default=text("'{}'::jsonb"))
+    # Migration 0009: recorded and returned (no certificates are issued here, and there are no groups).
+    certificate_policy: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    signers: Mapped[list[dict[str, object]]] = mapped_column(JSONB, nullable=False, server_default=text("'[]'::jsonb"))
+    group_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
 
 
 class Build(Base):
@@ -119,6 +129,7 @@ class Build(Base):
         Index("ix_builds_account_claimed", "account_id", "claimed_at"),
         Index("ix_builds_unfinished", "account_id", "conversion_state", "created_at",
               postgresql_where=text("conversion_state IN ('QUEUED', 'PULLING', 'BUILDING', 'MEASURING', 'PUSHING')")),
+        Index("ix_builds_configs", "configs", postgresql_using="gin"),
     )
     id: Mapped[uuid.UUID] = _uuid_pk()
     account_id: Mapped[uuid.UUID] = mapped_column(
@@ -185,6 +196,8 @@ class Build(Base):
     boot_check: Mapped[dict[str, object] | None] = mapped_column(JSONB)
     # The earlier conversion this one reused (worker.pipeline.reuse); NULL when converted afresh (migration 0004).
     reused_from: Mapped[str | None] = mapped_column(String(200))
+    # CCM's application configs attached to the build, by config id (migration 0009).
+    configs: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
 
 
 class Task(Base):
