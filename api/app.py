@@ -54,6 +54,18 @@ def _nul_in(value: object, path: str) -> str | None:
     return None
 
 
+def _document_both_conversion_forms(api: EnvelopeApi) -> None:
+    """The submission takes CCM's wrapped NitroEnclavesConversionRequest and the flat form; flask-smorest
+    documents the schema that loads them (the flat one), so the document gets both, as `oneOf`."""
+    from api.schemas.builds import WrappedConversionRequestSchema
+
+    api.spec.components.schema("NitroEnclavesConversionRequest", schema=WrappedConversionRequestSchema)
+    body = api.spec._paths["/v1/builds/convert-app/nitro-enclaves"]["post"]["requestBody"]  # noqa: SLF001
+    flat = body["content"]["application/json"]["schema"]
+    body["content"]["application/json"]["schema"] = {"oneOf": [
+        {"$ref": "#/components/schemas/NitroEnclavesConversionRequest"}, flat]}
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API; tests pass their own Settings, gunicorn uses the environment's."""
     app = Flask("nitroconv")
@@ -81,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blp in (sys.blp, health.blp, accounts.accounts_blp, accounts.user_blp, accounts.users_blp, apps.blp,
                 builds.blp, tasks.blp, attestation.blp, unsupported.blp):
         api.register_blueprint(blp)
+    _document_both_conversion_forms(api)
     register_error_handlers(app)
 
     @app.get(SWAGGER_UI_STATIC + "/<path:filename>")

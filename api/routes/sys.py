@@ -14,6 +14,7 @@ from api import sessions
 from api.auth import issuer, principal
 from api.context import db, settings
 from api.schemas.sys import (
+    AuthDiscoverQuerySchema,
     AuthDiscoverResponseSchema,
     AuthDiscoverSchema,
     SessionResponseSchema,
@@ -21,7 +22,7 @@ from api.schemas.sys import (
     VersionSchema,
 )
 from api.services import accounts
-from common.errors import Unauthenticated
+from common.errors import Unauthenticated, ValidationFailed
 
 blp = Blueprint("sys", __name__, url_prefix="/v1/sys", description="Sessions and service information")
 API_VERSION = "v1"
@@ -59,9 +60,16 @@ def session_info(user_id: uuid.UUID, session_id: uuid.UUID, account_id: uuid.UUI
 @blp.route("/auth")
 class Auth(MethodView):
     @blp.response(200, TokenSchema)
-    @blp.doc(security=[{"basicAuth": []}])
+    @blp.doc(security=[{"basicAuth": []}], requestBody={"required": False, "content": {"application/json": {
+        "schema": {"type": "object", "properties": {"oauth_auth_code": {
+            "type": "object", "description": "CCM's OAuth code: refused (`auth_method_unsupported`), no SSO here"}}}}}})
     def post(self) -> dict[str, object]:
-        """Sign in with HTTP Basic `email:password`: a new session (in the user's first account) and its token."""
+        """Sign in with HTTP Basic `email:password`: a new session (in the user's first account) and its token.
+        CCM's OAuth body (`oauth_auth_code`) is refused with `auth_method_unsupported`: there is no SSO here."""
+        body = request.get_json(silent=True)
+        if isinstance(body, dict) and "oauth_auth_code" in body and not request.authorization:
+            raise ValidationFailed("The request is invalid.", code="auth_method_unsupported", details={"fields": {
+                "oauth_auth_code": ["no SSO here: sign in with HTTP Basic e-mail and password"]}})
         email, password = _basic_credentials()
         user, account_id = accounts.sign_in(db(), email, password)
         s = settings()
@@ -74,10 +82,11 @@ class Auth(MethodView):
 
 @blp.route("/auth/discover")
 class AuthDiscover(MethodView):
+    @blp.arguments(AuthDiscoverQuerySchema, location="query")
     @blp.arguments(AuthDiscoverSchema)
     @blp.response(200, AuthDiscoverResponseSchema)
     @blp.doc(security=[])
-    def post(self, _: dict[str, object]) -> dict[str, object]:
+    def post(self, _: dict[str, object], __: dict[str, object]) -> dict[str, object]:
         """How to sign in (CCM's discovery): e-mail and password here, for every user (no SSO)."""
         return {"auth_methods": [{"password": {}}]}
 

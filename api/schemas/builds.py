@@ -73,6 +73,23 @@ class NitroEnclavesOptionsSchema(Schema):
     enable_overlay_filesystem_persistence = fields.Boolean(load_default=None, allow_none=True)
 
 
+class ImageConversionRequestSchema(Schema):
+    """CCM's ImageConversionRequest (the `request` of the wrapped form)."""
+
+    app_id = fields.UUID(required=True)
+    input_image = fields.Nested(ImageInfoSchema, required=True)
+    output_image = fields.Nested(ImageInfoSchema, required=True)
+    converter_options = fields.Nested(ConverterOptionsSchema, allow_none=True)
+
+
+class WrappedConversionRequestSchema(Schema):
+    """CCM's NitroEnclavesConversionRequest: the wrapped form of ConversionRequest (documentation only: the
+    route loads both forms with ConversionRequestSchema)."""
+
+    request = fields.Nested(ImageConversionRequestSchema, required=True)
+    nitro_enclaves_options = fields.Nested(NitroEnclavesOptionsSchema, required=True)
+
+
 class ConversionRequestSchema(NitroEnclavesOptionsSchema):
     """POST /v1/builds/convert-app/nitro-enclaves, flat form; the seed's wrapped form is unwrapped first."""
 

@@ -43,6 +43,10 @@ class SessionResponseSchema(Schema):
     session_info = fields.Nested(SessionInfoSchema, required=True)
 
 
+class AuthDiscoverQuerySchema(Schema):
+    acct_id = fields.UUID(load_default=None, metadata={"description": "every account signs in the same way here"})
+
+
 class AuthDiscoverSchema(Schema):
     user_email = fields.String(load_default=None, validate=validate.Length(max=320))
 
@@ -172,24 +176,26 @@ class AccountListSchema(Schema):
 
 
 class UserCreateSchema(Schema):
-    """Ours (email, password, role) or CCM's SignupRequest names (user_email, user_password)."""
+    """CCM's SignupRequest (user_email, user_password, names, recaptcha_response: no captcha here, a MANAGER
+    adds the member) with our `role`; our earlier names `email` and `password` are still taken."""
 
     @pre_load
-    def _ccm_names(self, data: object, **_: object) -> object:
+    def _our_names(self, data: object, **_: object) -> object:
         if isinstance(data, dict):
             data = dict(data)
-            for ccm, ours in (("user_email", "email"), ("user_password", "password")):
-                if ccm in data and ours not in data:
-                    data[ours] = data.pop(ccm)
-            data.pop("recaptcha_response", None)  # no captcha: a MANAGER adds members here
+            for ours, ccm in (("email", "user_email"), ("password", "user_password")):
+                if ours in data and ccm not in data:
+                    data[ccm] = data.pop(ours)
         return data
 
-    email = fields.Email(required=True, validate=validate.Length(max=320))
-    password = fields.String(load_default=None, validate=validate.Length(min=8, max=1024),
+    email = fields.Email(required=True, data_key="user_email", validate=validate.Length(max=320))
+    password = fields.String(load_default=None, data_key="user_password", validate=validate.Length(min=8, max=1024),
                              metadata={"description": "required when the e-mail is new to the service"})
     role = fields.String(load_default="READER", validate=validate.OneOf(ROLES))
     first_name = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=255))
     last_name = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=255))
+    recaptcha_response = fields.String(load_default=None, allow_none=True, load_only=True,
+                                       metadata={"description": "accepted and not checked"})
 
 
 USER_STATUSES = ("ACTIVE", "PENDING", "DISABLED")

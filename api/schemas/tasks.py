@@ -76,7 +76,9 @@ class TaskListQuerySchema(Schema):
     approver = fields.String(load_default=None, metadata={"description": "the approver's e-mail"})
     all_search = fields.String(load_default=None, validate=validate.Length(max=255),
                                metadata={"description": "in the requester's e-mail and the build's image names"})
-    sort_by = fields.String(load_default=None, metadata={"description": "accepted; tasks come newest first"})
+    sort_by = fields.String(load_default="created_at:DESC", validate=validate.Regexp(
+        r"^(created_at|updated_at|status)(:(ASC|DESC))?(,(created_at|updated_at|status)(:(ASC|DESC))?){0,2}$"),
+        metadata={"description": "CCM's `key1:ASC,key2:DESC` over created_at, updated_at, status"})
     base_filters = fields.String(load_default=None, metadata={"description": "accepted and ignored"})
 
 

@@ -62,7 +62,10 @@ def list_tasks(session: Session, account_id: uuid.UUID, q: Mapping[str, object])
                 Build.input_image_name.ilike(needle, escape="\\"),
                 Build.output_image_name.ilike(needle, escape="\\"))))))
     filtered = session.execute(select(func.count()).select_from(Task).where(*filters)).scalar_one()
-    rows = session.execute(_query().where(*filters).order_by(Task.created_at.desc(), Task.id)  # type: ignore[attr-defined]
+    columns = {"created_at": Task.created_at, "updated_at": Task.updated_at, "status": Task.status}
+    order = [columns[k].desc() if d == "DESC" else columns[k].asc()
+             for k, _, d in (part.partition(":") for part in str(q.get("sort_by") or "created_at:DESC").split(","))]
+    rows = session.execute(_query().where(*filters).order_by(*order, Task.id)  # type: ignore[attr-defined]
                            .limit(int(q["limit"])).offset(int(q["offset"]))).all()  # type: ignore[call-overload]
     return [(r[0], r[1], r[2], r[3]) for r in rows], total, filtered
 

@@ -6,10 +6,13 @@ platforms or nodes must answer our error envelope with a code saying so. Our Ope
 same operations, codes and required fields."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections import defaultdict
 
 import pytest
+from werkzeug.exceptions import HTTPException
 
 from tests.fixtures.images import push_test_image
 from tests.fixtures.service import PASSWORD, basic
@@ -36,13 +39,25 @@ class CcmClient:
         self.client = client
         self.token = token
         self.called: set[tuple[str, str]] = set()
+        # What the calls sent of each operation's documented request: top-level body fields, query parameters.
+        self.fields: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self.queries: dict[tuple[str, str], set[str]] = defaultdict(set)
+
+    def adopt(self, other: CcmClient) -> None:
+        self.called |= other.called
+        for key, names in other.fields.items():
+            self.fields[key] |= names
+        for key, names in other.queries.items():
+            self.queries[key] |= names
 
     def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         # CCM documents `Authentication: Bearer`, as its generated client sends it.
         return {**({"Authentication": f"Bearer {self.token}"} if self.token else {}), **(extra or {})}
 
     def call(self, method: str, template: str, *, params: dict[str, object] | None = None, body: object = None,
-             query: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> object:
+             query: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+             refused: tuple[int, str] | None = None) -> object:
+        """The operation's answer, checked; with `refused`, the documented request must get that error."""
         op = OPERATIONS[(method, template)]
         if body is not None:
             assert request_problems(body, op["body"]) == [], (template, request_problems(body, op["body"]))
@@ -53,6 +68,12 @@ class CcmClient:
         resp = self.client.open(path, method=method, json=body, query_string=query,
                                 headers=self.headers(headers))
         self.called.add((method, template))
+        if isinstance(body, dict):
+            self.fields[(method, template)] |= set(body)
+        self.queries[(method, template)] |= set(query or {})
+        if refused is not None:
+            err(resp, *refused)
+            return None
         if (method, template) in UNSUPPORTED:
             status, code = UNSUPPORTED[(method, template)]
             err(resp, status, code)
@@ -73,35 +94,58 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
     anonymous = CcmClient(client)
     version = anonymous.call("GET", "/v1/sys/version")
     assert version["version"]
-    assert anonymous.call("POST", "/v1/sys/auth/discover", body={"user_email": tenant.emails["MANAGER"]})[
-        "auth_methods"] == [{"password": {}}]
+    assert anonymous.call("POST", "/v1/sys/auth/discover", body={"user_email": tenant.emails["MANAGER"]},
+                          query={"acct_id": str(tenant.account_id)})["auth_methods"] == [{"password": {}}]
+    anonymous.call("POST", "/v1/sys/auth", body={"oauth_auth_code": {"idp_id": "aWRw", "code": "c"}},
+                   refused=(422, "auth_method_unsupported"))
     auth = anonymous.call("POST", "/v1/sys/auth", headers=basic(tenant.emails["MANAGER"], PASSWORD))
     ccm = CcmClient(client, auth["access_token"])
-    ccm.called |= anonymous.called
+    ccm.adopt(anonymous)
     session = auth["session_info"]
     me = ccm.call("GET", "/v1/user")
     assert me["user_id"] == session["subject_id"]
 
     # Accounts and the session's account.
-    acct = ccm.call("POST", "/v1/accounts", body={"name": "conformance", "component": "DEFAULT",
-                                                  "node_enrollment": {"attestation_enforcement_disabled_insecure": False}})
-    assert acct["acct_id"] in [a["acct_id"] for a in ccm.call("GET", "/v1/accounts", query={"limit": "10"})["items"]]
-    ccm.call("GET", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]})
+    password_config = {"password": {"require_2fa": False, "administrators_only": False}}
+    acct = ccm.call("POST", "/v1/accounts", body={
+        "name": "conformance", "component": "DEFAULT", "custom_logo": "bG9nbw==", "auth_configs": [password_config],
+        "node_enrollment": {"attestation_enforcement_disabled_insecure": False}})
+    listed = ccm.call("GET", "/v1/accounts", query={"limit": "10", "scope": "USER", "sort_by": "created_at:ASC"})
+    assert [a["acct_id"] for a in listed["items"]] == [str(tenant.account_id), acct["acct_id"]]
+    assert [a["acct_id"] for a in ccm.call("GET", "/v1/accounts", query={
+        "previous_id": str(tenant.account_id), "sort_by": "created_at:ASC"})["items"]] == [acct["acct_id"]]
+    assert ccm.call("GET", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]},
+                    query={"with_totals": "true"})["totals"] == {"datasets": 0, "final_workflows": 0, "nodes": 0}
+    [config_id] = acct["auth_configs"]
+    ccm.call("PATCH", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]}, body={
+        "name": "conformance-renamed", "custom_logo": "bG9nbw==", "add_auth_configs": [password_config],
+        "mod_auth_configs": {config_id: password_config}, "del_auth_configs": [], "enabled": True,
+        "account_status": "Active", "default_group_id": str(uuid.uuid4()), "marketplace_group_id": str(uuid.uuid4()),
+        "azure_cvm_pcr_priority": list(range(23))})
     ccm.call("PATCH", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]},
-             body={"name": "conformance-renamed", "custom_logo": "bG9nbw=="})
+             body={"account_status": "Deactivated"}, refused=(422, "account_deactivation_unsupported"))
     moved = ccm.call("POST", "/v1/sys/session/select_account/{account-id}", params={"account-id": acct["acct_id"]})
     assert moved["session_info"]["selected_account_id"] == acct["acct_id"]
     ccm.call("POST", "/v1/sys/session/refresh")
 
     # Users of the account.
     new_email = f"ccm-{uuid.uuid4().hex[:8]}@example.test"
-    created = ccm.call("POST", "/v1/users", body={"user_email": new_email, "user_password": "long-enough-pw"})
+    created = ccm.call("POST", "/v1/users", body={"user_email": new_email, "user_password": "long-enough-pw",
+                                                  "first_name": "New", "last_name": "Member", "recaptcha_response": ""})
     invited = ccm.call("POST", "/v1/users/invite", body={"user_email": f"inv-{uuid.uuid4().hex[:8]}@example.test",
-                                                         "roles": ["READER"]})
+                                                         "roles": ["READER"], "first_name": "In", "last_name": "Vited"})
     assert {u["user_id"] for u in ccm.call("GET", "/v1/users", query={"limit": "50", "offset": "0"})["items"]} >= {
         created["user_id"], invited["user_id"]}
+    assert [u["user_id"] for u in ccm.call("GET", "/v1/users", query={
+        "all_search": "vited", "sort_by": "last_name:ASC,user_email:DESC"})["items"]] == [invited["user_id"]]
     ccm.call("GET", "/v1/users/{user-id}", params={"user-id": created["user_id"]})
-    ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": created["user_id"]}, body={"roles": ["WRITER"]})
+    changed = ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": created["user_id"]}, body={
+        "roles": ["WRITER"], "first_name": "Renamed", "last_name": "Member", "user_account_status": "ACTIVE"})
+    assert (changed["roles"], changed["first_name"]) == (["WRITER"], "Renamed")
+    assert ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": me["user_id"]},
+                    body={"user_email": tenant.emails["MANAGER"]})["user_email"] == tenant.emails["MANAGER"]
+    ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": created["user_id"]},
+             body={"user_account_status": "DISABLED"}, refused=(422, "user_account_status_unsupported"))
     accounts = ccm.call("GET", "/v1/users/{user-id}/accounts", params={"user-id": me["user_id"]})
     assert accounts[acct["acct_id"]]["roles"] == ["MANAGER"]
     ccm.call("DELETE", "/v1/users/{user-id}/accounts", params={"user-id": invited["user_id"]})
@@ -111,12 +155,24 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
     app = ccm.call("POST", "/v1/apps", body={
         "name": "conformance", "description": "d", "input_image_name": src, "output_image_name": dst, "isvprodid": 1, "isvsvn": 1, "mem_size": 2048, "threads": 2,
         "allowed_domains": ["example.com"], "labels": {"team": "ccm"}, "custom_metadata": {"k": "v"},
-        "advanced_settings": {"entrypoint": ["/bin/app"]},
+        "advanced_settings": {"entrypoint": ["/bin/app"]}, "group_id": str(uuid.uuid4()),
+        "certificate_policy": {"require_known_image": True, "require_known_signer": False},
+        "signers": [{"nitro_enclave": {"pcr8": "ab" * 48}}],
         "default_build_settings": {"nitro_enclaves": {"cpu_count": 2}}})
-    ccm.call("GET", "/v1/apps", query={"all_search": "conf", "sort_by": "name:ASC,created_at:DESC", "limit": "5"})
+    assert app["signers"] == [{"nitro_enclave": {"pcr8": "ab" * 48}}]
+    assert [a["app_id"] for a in ccm.call("GET", "/v1/apps", query={
+        "all_search": "conf", "sort_by": "name:ASC,created_at:DESC", "limit": "5", "offset": "0",
+        "name": "conformance", "description": "d", "filter": "groups"})["items"]] == [app["app_id"]]
     ccm.call("GET", "/v1/apps/{app-id}", params={"app-id": app["app_id"]})
-    ccm.call("PATCH", "/v1/apps/{app-id}", params={"app-id": app["app_id"]},
-             body={"isvsvn": 2, "labels": [{"op": "add", "path": "/", "value": {"tier": "1"}}]})
+    patched = ccm.call("PATCH", "/v1/apps/{app-id}", params={"app-id": app["app_id"]}, body={
+        "description": "d", "input_image_name": src, "output_image_name": dst, "isvsvn": 2, "isvprodid": 1,
+        "mem_size": 2048, "threads": 2, "default_build_settings": {"nitro_enclaves": {"cpu_count": 2}},
+        "allowed_domains": ["example.com"], "advanced_settings": {"entrypoint": ["/bin/app"]},
+        "labels": [{"op": "add", "path": "/", "value": {"tier": "1"}}],
+        "custom_metadata": [{"op": "add", "path": "/", "value": {"k2": "v2"}}],
+        "certificate_policy": {"require_known_image": False, "require_known_signer": True},
+        "signers": [], "group_id": str(uuid.uuid4())})
+    assert patched["labels"] == {"team": "ccm", "tier": "1"} and patched["custom_metadata"] == {"k": "v", "k2": "v2"}
     ccm.call("GET", "/v1/apps/unique_labels/count")
 
     # A conversion by the module's real worker, its Build (every poll read as CCM's Build), its task.
@@ -125,7 +181,8 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
                "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
     build = ccm.call("POST", "/v1/builds/convert-app/nitro-enclaves", body=request)
     ccm.call("GET", "/v1/builds", query={"all_search": "ccm/out", "sort_by": "status:ASC,created_at:DESC",
-                                         "status": "PENDING", "limit": "10", "offset": "0", "filter": "groups"})
+                                         "status": "PENDING", "limit": "10", "offset": "0", "filter": "groups",
+                                         "docker_image_name": dst, "deployed_status": "UNDEPLOYED"})
     deadline = time.monotonic() + 240
     while (done := ccm.call("GET", "/v1/builds/{build-id}", params={"build-id": build["build_id"]})
            )["pending_task_id"] is None:
@@ -134,12 +191,21 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
     assert done["conversion"]["state"] == "SUCCEEDED"
     assert done["attributes"]["eif"]["nitro_enclave"]["hash_algorithm"] == "Sha384"
     assert done["docker_info"]["docker_image_sha"] == done["conversion"]["output_digest"]
-    ccm.call("PATCH", "/v1/builds/{build-id}", params={"build-id": build["build_id"]}, body={"configs": {}})
+    config = {"app_config": {}, "labels": {"k": "v"}, "zone_ca": []}
+    assert ccm.call("PATCH", "/v1/builds/{build-id}", params={"build-id": build["build_id"]},
+                    body={"configs": {"cfg": config}})["configs"] == {"cfg": config}
+    assert [b["build_id"] for b in ccm.call("GET", "/v1/builds", query={"config_id": "cfg"})["items"]] == [
+        build["build_id"]]
     task_id = done["pending_task_id"]
-    ccm.call("GET", "/v1/tasks", query={"status": "PENDING", "task_type": "BUILD_WHITELIST", "limit": "10"})
+    assert [t["task_id"] for t in ccm.call("GET", "/v1/tasks", query={
+        "status": "PENDING", "task_type": "BUILD_WHITELIST", "limit": "10", "offset": "0",
+        "requester": tenant.emails["MANAGER"], "all_search": "ccm/out", "sort_by": "created_at:DESC",
+        "base_filters": "created_at:ASC"})["items"]] == [task_id]
+    ccm.call("GET", "/v1/tasks", query={"approver": tenant.emails["MANAGER"]})
     ccm.call("GET", "/v1/tasks/{task-id}", params={"task-id": task_id})
     ccm.call("GET", "/v1/tasks/status/{task-id}", params={"task-id": task_id})
-    ccm.call("PATCH", "/v1/tasks/{task-id}", params={"task-id": task_id}, body={"status": "APPROVED"})
+    ccm.call("PATCH", "/v1/tasks/{task-id}", params={"task-id": task_id},
+             body={"status": "APPROVED", "denial_reason": ""})
     ccm.call("DELETE", "/v1/tasks/{task-id}", params={"task-id": task_id})
 
     # What is not here answers so.
@@ -158,6 +224,27 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
     err(client.get("/v1/user", headers=ccm.headers()), 401, "unauthenticated")
 
     assert ccm.called == set(OPERATIONS), set(OPERATIONS) - ccm.called
+    # Every documented request field and query parameter of what is served was sent, and answered as above.
+    for key, op in OPERATIONS.items():
+        if key in UNSUPPORTED:
+            continue
+        documented = set(resolve(op["body"]).get("properties", {})) if op["body"] else set()
+        assert documented <= ccm.fields[key], (key, "body fields never sent", documented - ccm.fields[key])
+        assert set(op["query"]) <= ccm.queries[key], (key, "query never sent", set(op["query"]) - ccm.queries[key])
+
+
+def test_every_ccm_operation_is_routed(flask_app):  # noqa: ANN001
+    """Each operation of the groups reaches a view of ours (the router neither 404s nor 405s it), so an operation
+    CCM documents that this service lacks fails here, by name, before any flow runs."""
+    adapter = flask_app.url_map.bind("localhost")
+    missing = []
+    for method, template in OPERATIONS:
+        path = re.sub(r"\{[^}]+\}", str(uuid.uuid4()), template)
+        try:
+            adapter.match(path, method=method)
+        except HTTPException:
+            missing.append((method, template))
+    assert missing == []
 
 
 def _our_schema(doc: dict, schema: dict) -> dict:
@@ -175,6 +262,16 @@ def test_our_openapi_declares_ccms_operations_codes_and_required_fields(client):
             status, _ = UNSUPPORTED[(method, template)]
             assert str(status) in ours["responses"], (method, template)
             continue
+        # The request: every documented query parameter and top-level body field is declared.
+        declared = {p["name"] for p in ours.get("parameters", []) if p["in"] == "query"}
+        assert set(op["query"]) <= declared, (method, template, set(op["query"]) - declared)
+        if op["body"] is not None:
+            content = ours.get("requestBody", {}).get("content", {}).get("application/json", {})
+            assert "schema" in content, (method, template, "no request body")
+            forms = content["schema"].get("oneOf", [content["schema"]])  # the submission: wrapped or flat
+            fields = set().union(*(_our_schema(doc, form).get("properties", {}) for form in forms))
+            missing = set(resolve(op["body"]).get("properties", {})) - fields
+            assert not missing, (method, template, missing)
         assert str(op["success"]) in ours["responses"], (method, template, list(ours["responses"]))
         if op["response"] is None or op["success"] == 204:
             continue
