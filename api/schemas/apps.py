@@ -4,7 +4,7 @@ from __future__ import annotations
 from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from api.schemas.builds import ConverterOptionsSchema, NitroEnclavesOptionsSchema, image_reference
-from api.schemas.common import MAX_OFFSET, PageMetadataSchema
+from api.schemas.common import MAX_OFFSET, PageMetadataSchema, group_filter
 
 
 class NitroDefaultsSchema(NitroEnclavesOptionsSchema):
@@ -168,7 +168,7 @@ class AppListQuerySchema(Schema):
     sort_by = fields.String(load_default="created_at:ASC", validate=validate.Regexp(
         r"^(created_at|updated_at|name)(:(ASC|DESC))?(,(created_at|updated_at|name)(:(ASC|DESC))?){0,2}$"),
         metadata={"description": "CCM's `key1:ASC,key2:DESC`"})
-    filter = fields.String(load_default=None, metadata={"description": "CCM's group filter; no groups here: ignored"})
+    filter = group_filter(load_default=None)
 
 
 class AppListSchema(Schema):

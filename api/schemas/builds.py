@@ -8,7 +8,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, pre_load, types, validate, validates_schema
 
-from api.schemas.common import MAX_OFFSET, PageMetadataSchema, StatusSchema
+from api.schemas.common import MAX_OFFSET, PageMetadataSchema, StatusSchema, group_filter
 from common.errors import InvalidReference
 from common.options import JAVA_MODES
 from common.registry.reference import parse_reference
@@ -389,7 +389,7 @@ class BuildListQuerySchema(Schema):
                                     metadata={"description": "builds here are never deployed"})
     config_id = fields.String(load_default=None, validate=validate.Length(min=1, max=255),
                               metadata={"description": "builds whose `configs` have this config id"})
-    filter = fields.String(load_default=None, metadata={"description": "CCM's group filter; no groups here: ignored"})
+    filter = group_filter(load_default=None)
 
 
 MAX_CONFIGS = 100

@@ -1,7 +1,11 @@
 """Schemas shared by every resource: the error envelope and the CCM pagination envelope."""
 from __future__ import annotations
 
-from marshmallow import Schema, fields, validate
+import json
+import uuid
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate
 
 # Offsets reach Postgres as a BIGINT-bounded OFFSET; past this an offset is only an overflow (a 500).
 MAX_OFFSET = 2**31 - 1
@@ -37,3 +41,22 @@ class PageQuerySchema(Schema):
 class StatusSchema(Schema):
     status = fields.String(required=True)
     status_updated_at = fields.Integer(required=True)
+
+
+def group_ids(value: str) -> list[uuid.UUID]:
+    """CCM's `filter` of apps and builds ("currently supports list of groups"), in the JSON syntax CCM documents for
+    its other filters: `{"groups": ["<group id>", ...]}`."""
+    try:
+        parsed = json.loads(value)
+        groups = parsed["groups"]
+        if not isinstance(parsed, dict) or set(parsed) != {"groups"} or not isinstance(groups, list) \
+                or len(groups) > 100:
+            raise ValueError
+        return [uuid.UUID(str(group)) for group in groups]
+    except (ValueError, TypeError, KeyError):
+        raise ValidationError('{"groups": ["<group id>", ...]} (at most 100 ids)') from None
+
+
+def group_filter(**kwargs: Any) -> fields.String:
+    return fields.String(validate=group_ids, metadata={
+        "description": 'CCM\'s group filter: {"groups": ["<group id>", ...]}'}, **kwargs)

@@ -8,6 +8,7 @@ from sqlalchemy import func, or_, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.schemas.common import group_ids
 from common.errors import Conflict, NotFound, ValidationFailed
 from common.store.models import App
 
@@ -71,6 +72,8 @@ def list_apps(session: Session, account_id: uuid.UUID, q: Mapping[str, object]) 
         filters.append(App.name == q["name"])
     if q.get("description"):
         filters.append(App.description == q["description"])
+    if q.get("filter"):
+        filters.append(App.group_id.in_(group_ids(str(q["filter"]))))
     if q.get("all_search"):
         needle = "%" + str(q["all_search"]).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         filters.append(or_(App.name.ilike(needle, escape="\\"), App.description.ilike(needle, escape="\\")))

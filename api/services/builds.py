@@ -18,6 +18,7 @@ from api import sessions
 from api.auth import Principal
 from api.limits import lock_account_app
 from api.schemas.builds import MAX_CONFIGS, MAX_CONFIGS_BYTES
+from api.schemas.common import group_ids
 from api.submission import roles_at_least, submit_build
 from common.errors import (
     Conflict,
@@ -317,6 +318,9 @@ def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
             _BUILDS.c.input_image_name, _BUILDS.c.output_image_name, _BUILDS.c.output_digest,
             _BUILDS.c.input_digest)), _BUILDS.c.app_id.in_(
                 select(App.id).where(App.account_id == account_id, App.name.ilike(needle, escape="\\")))))
+    if q.get("filter"):  # a build's group is its app's
+        filters.append(_BUILDS.c.app_id.in_(select(App.id).where(
+            App.account_id == account_id, App.group_id.in_(group_ids(str(q["filter"]))))))
     if q.get("deployed_status") == "DEPLOYED":
         filters.append(false())  # never deployed here
     if q.get("config_id"):

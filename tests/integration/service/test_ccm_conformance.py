@@ -6,6 +6,7 @@ platforms or nodes must answer our error envelope with a code saying so. Our Ope
 same operations, codes and required fields."""
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -152,17 +153,19 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
     ccm.call("DELETE", "/v1/users/{user-id}", params={"user-id": created["user_id"]})
 
     # Apps.
+    group = str(uuid.uuid4())
+    groups = json.dumps({"groups": [group]})
     app = ccm.call("POST", "/v1/apps", body={
         "name": "conformance", "description": "d", "input_image_name": src, "output_image_name": dst, "isvprodid": 1, "isvsvn": 1, "mem_size": 2048, "threads": 2,
         "allowed_domains": ["example.com"], "labels": {"team": "ccm"}, "custom_metadata": {"k": "v"},
-        "advanced_settings": {"entrypoint": ["/bin/app"]}, "group_id": str(uuid.uuid4()),
+        "advanced_settings": {"entrypoint": ["/bin/app"]}, "group_id": group,
         "certificate_policy": {"require_known_image": True, "require_known_signer": False},
         "signers": [{"nitro_enclave": {"pcr8": "ab" * 48}}],
         "default_build_settings": {"nitro_enclaves": {"cpu_count": 2}}})
     assert app["signers"] == [{"nitro_enclave": {"pcr8": "ab" * 48}}]
     assert [a["app_id"] for a in ccm.call("GET", "/v1/apps", query={
         "all_search": "conf", "sort_by": "name:ASC,created_at:DESC", "limit": "5", "offset": "0",
-        "name": "conformance", "description": "d", "filter": "groups"})["items"]] == [app["app_id"]]
+        "name": "conformance", "description": "d", "filter": groups})["items"]] == [app["app_id"]]
     ccm.call("GET", "/v1/apps/{app-id}", params={"app-id": app["app_id"]})
     patched = ccm.call("PATCH", "/v1/apps/{app-id}", params={"app-id": app["app_id"]}, body={
         "description": "d", "input_image_name": src, "output_image_name": dst, "isvsvn": 2, "isvprodid": 1,
@@ -171,7 +174,7 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
         "labels": [{"op": "add", "path": "/", "value": {"tier": "1"}}],
         "custom_metadata": [{"op": "add", "path": "/", "value": {"k2": "v2"}}],
         "certificate_policy": {"require_known_image": False, "require_known_signer": True},
-        "signers": [], "group_id": str(uuid.uuid4())})
+        "signers": [], "group_id": group})
     assert patched["labels"] == {"team": "ccm", "tier": "1"} and patched["custom_metadata"] == {"k": "v", "k2": "v2"}
     ccm.call("GET", "/v1/apps/unique_labels/count")
 
@@ -181,7 +184,7 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
                "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 512}}
     build = ccm.call("POST", "/v1/builds/convert-app/nitro-enclaves", body=request)
     ccm.call("GET", "/v1/builds", query={"all_search": "ccm/out", "sort_by": "status:ASC,created_at:DESC",
-                                         "status": "PENDING", "limit": "10", "offset": "0", "filter": "groups",
+                                         "status": "PENDING", "limit": "10", "offset": "0", "filter": groups,
                                          "docker_image_name": dst, "deployed_status": "UNDEPLOYED"})
     deadline = time.monotonic() + 240
     while (done := ccm.call("GET", "/v1/builds/{build-id}", params={"build-id": build["build_id"]})

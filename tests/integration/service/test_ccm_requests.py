@@ -3,11 +3,12 @@ an account's auth configs, status and group ids, a user's names, e-mail and acco
 users' list parameters, and a build's application configs. Each is kept and returned, or refused with a code."""
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 
-from api.schemas.apps import AppSchema
+from api.schemas.apps import AppListSchema, AppSchema
 from api.schemas.builds import BuildListSchema, BuildSchema
 from api.schemas.sys import AccountListSchema, AccountSchema, UserListSchema, UserSchema
 from tests.fixtures.service import PASSWORD, basic
@@ -196,3 +197,26 @@ def test_build_configs_attach_detach_and_find(client, tenant):
     err(client.patch(path, json={"configs": {"cfg-9": {}}}, headers=tenant.headers("READER")), 403, "forbidden")
     err(client.patch(f"/v1/builds/{uuid.uuid4()}", json={"configs": {"cfg-9": {}}}, headers=h), 404, "not_found")
     assert ok(client.get(path, headers=h), BuildSchema)["configs"] == two["configs"]
+
+
+def test_apps_and_builds_filter_by_group(client, tenant):
+    h = tenant.headers("WRITER")
+    group, other = str(uuid.uuid4()), str(uuid.uuid4())
+    grouped = ok(client.post("/v1/apps", json={"name": f"g-{uuid.uuid4().hex[:6]}", "group_id": group}, headers=h),
+                 AppSchema)["app_id"]
+    loose = tenant.create_app()
+    build = ok(client.post(SUBMIT, json=body(grouped), headers=h), BuildSchema)["build_id"]
+    ok(client.post(SUBMIT, json=body(loose), headers=h), BuildSchema)
+    one = json.dumps({"groups": [group]})
+    assert [a["app_id"] for a in ok(client.get("/v1/apps", query_string={"filter": one}, headers=h),
+                                    AppListSchema)["items"]] == [grouped]
+    assert [b["build_id"] for b in ok(client.get("/v1/builds", query_string={"filter": one}, headers=h),
+                                      BuildListSchema)["items"]] == [build]
+    both = json.dumps({"groups": [group, other]})
+    assert ok(client.get("/v1/apps", query_string={"filter": both}, headers=h), AppListSchema)["metadata"][
+        "filtered_count"] == 1
+    assert ok(client.get("/v1/apps", query_string={"filter": json.dumps({"groups": [other]})}, headers=h),
+              AppListSchema)["items"] == []
+    for bad in ("groups", "{}", '{"groups": "x"}', '{"groups": ["not-a-uuid"]}', '{"groups": [], "labels": {}}'):
+        for path in ("/v1/apps", "/v1/builds"):
+            err(client.get(path, query_string={"filter": bad}, headers=h), 422, "validation_failed")
