@@ -11,11 +11,21 @@ class NitroDefaultsSchema(NitroEnclavesOptionsSchema):
     converter_options = fields.Nested(ConverterOptionsSchema, load_default=None, allow_none=True)
 
 
+_ISV = validate.Range(min=0, max=65535)
+
+
+class SgxDefaultsSchema(Schema):
+    """CCM's DefaultSgxBuildSettings: recorded and returned (no SGX builds here)."""
+
+    isvprodid = fields.Integer(validate=_ISV)
+    mem_size = fields.Integer(validate=validate.Range(min=1, max=2**40))
+    threads = fields.Integer(validate=validate.Range(min=1, max=4096))
+
+
 class DefaultBuildSettingsSchema(Schema):
     nitro_enclaves = fields.Nested(NitroDefaultsSchema, load_default=None, allow_none=True)
+    sgx = fields.Nested(SgxDefaultsSchema, load_default=None, allow_none=True)
 
-
-_ISV = validate.Range(min=0, max=65535)
 def _labels(**kwargs: object) -> fields.Dict:
     """A map of strings (CCM's labels and custom_metadata)."""
     return fields.Dict(keys=fields.String(validate=validate.Length(min=1, max=255)),
@@ -45,6 +55,13 @@ class PatchOperationSchema(Schema):
                 raise ValidationError("an object of strings (keys 1-255, values up to 4096 characters)", "value")
         elif not isinstance(value, str) or len(value) > 4096:
             raise ValidationError("a string of up to 4096 characters", "value")
+
+
+# How LabelsPatchField is documented: a map, or CCM's PatchRequest.
+_LABELS_FORMS = [{"type": "object", "additionalProperties": {"type": "string"}}, {"type": "array", "items": {
+    "type": "object", "required": ["op", "path"], "properties": {
+        "op": {"type": "string", "enum": ["add", "replace", "remove"]}, "path": {"type": "string"},
+        "value": {"description": "a string for `/key`, an object of strings for `/`"}}}}]
 
 
 class LabelsPatchField(fields.Field):
@@ -126,8 +143,10 @@ class AppUpdateSchema(Schema):
     threads = fields.Integer(validate=validate.Range(min=1, max=4096))
     allowed_domains = fields.List(fields.String(validate=validate.Length(min=1, max=255)),
                                   validate=validate.Length(max=1000))
-    labels = LabelsPatchField(metadata={"description": "a map replacing the labels, or CCM's PatchRequest"})
-    custom_metadata = LabelsPatchField(metadata={"description": "a map replacing it, or CCM's PatchRequest"})
+    labels = LabelsPatchField(metadata={"description": "a map replacing the labels, or CCM's PatchRequest",
+                                        "oneOf": _LABELS_FORMS})
+    custom_metadata = LabelsPatchField(metadata={"description": "a map replacing it, or CCM's PatchRequest",
+                                                 "oneOf": _LABELS_FORMS})
     advanced_settings = fields.Dict(keys=fields.String(), values=fields.Raw(allow_none=True))
     certificate_policy = fields.Nested(CertificatePolicySchema, allow_none=True)
     signers = _signers()

@@ -36,6 +36,13 @@ def test_app_certificate_policy_signers_and_group_are_kept(client, tenant):
         "require_known_image": False, "require_known_signer": True, "require_known_node": False}}, headers=h),
         AppSchema)
     assert patched["signers"] == [] and patched["certificate_policy"]["require_known_signer"] is True
+    sgx = {"isvprodid": 3, "mem_size": 1024, "threads": 8}
+    both = ok(client.patch(f"/v1/apps/{app['app_id']}", json={"default_build_settings": {
+        "sgx": sgx, "nitro_enclaves": {"cpu_count": 4}}}, headers=h), AppSchema)
+    assert both["default_build_settings"] == {"sgx": sgx, "nitro_enclaves": {"cpu_count": 4}}
+    built = ok(client.post(SUBMIT, json=body(app["app_id"]) | {"nitro_enclaves_options": {}}, headers=h),
+               BuildSchema)
+    assert built["threads"] == 4  # the Nitro defaults apply; the SGX ones are only recorded
     plain = ok(client.post("/v1/apps", json={"name": f"p-{uuid.uuid4().hex[:6]}"}, headers=h), AppSchema)
     assert plain["signers"] == [] and plain["certificate_policy"] is None and plain["group_id"] is None
     for bad in ({"signers": [{}]}, {"signers": [{"nitro_enclave": {"pcr8": pcr8}, "sgx": {"mrsigner": "cd" * 32,
