@@ -11,9 +11,10 @@ import pytest
 from api.schemas.apps import AppListSchema, AppSchema
 from api.schemas.builds import BuildListSchema, BuildSchema
 from api.schemas.sys import AccountListSchema, AccountSchema, UserListSchema, UserSchema
+from api.schemas.tasks import TaskListSchema
 from tests.fixtures.service import PASSWORD, basic
 
-from .helpers import body, err, ok
+from .helpers import body, drive_to_success, err, ok
 
 pytestmark = pytest.mark.integration
 SUBMIT = "/v1/builds/convert-app/nitro-enclaves"
@@ -227,3 +228,16 @@ def test_apps_and_builds_filter_by_group(client, tenant):
     for bad in ("groups", "{}", '{"groups": "x"}', '{"groups": ["not-a-uuid"]}', '{"groups": [], "labels": {}}'):
         for path in ("/v1/apps", "/v1/builds"):
             err(client.get(path, query_string={"filter": bad}, headers=h), 422, "validation_failed")
+
+
+def test_tasks_sort_by(client, tenant, service_settings):
+    h = tenant.headers("WRITER")
+    app_id = tenant.create_app()
+    builds = [ok(client.post(SUBMIT, json=body(app_id), headers=h), BuildSchema)["build_id"] for _ in "ab"]
+    for build in builds:
+        drive_to_success(service_settings, build)
+    newest_first = [t["build_id"] for t in ok(client.get("/v1/tasks", headers=h), TaskListSchema)["items"]]
+    assert newest_first == builds[::-1]
+    assert [t["build_id"] for t in ok(client.get("/v1/tasks?sort_by=created_at:ASC", headers=h),
+                                      TaskListSchema)["items"]] == builds
+    err(client.get("/v1/tasks?sort_by=requester_password:ASC", headers=h), 422, "validation_failed")
