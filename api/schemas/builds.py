@@ -382,7 +382,8 @@ class BuildListQuerySchema(Schema):
         r"(:(ASC|DESC))?){0,3}$"), metadata={"description": "CCM's `key1:ASC,key2:DESC`"})
     status = fields.String(load_default=None, validate=validate.OneOf(("PENDING", "WHITELISTED", "REJECTED")))
     app_id = fields.UUID(load_default=None)
-    docker_image_name = fields.String(load_default=None)
+    docker_image_name = fields.String(load_default=None, metadata={
+        "description": "the build's output image name, or its app's output image name"})
     all_search = fields.String(load_default=None, validate=validate.Length(max=255), metadata={
         "description": "in the image names, the app's name and the digests (case-insensitive)"})
     deployed_status = fields.String(load_default=None, validate=validate.OneOf(("DEPLOYED", "UNDEPLOYED")),

@@ -310,8 +310,10 @@ def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
         filters.append(_BUILDS.c.approval_status == q["status"])
     if q.get("app_id"):
         filters.append(_BUILDS.c.app_id == q["app_id"])
-    if q.get("docker_image_name"):
-        filters.append(_BUILDS.c.output_image_name == q["docker_image_name"])
+    if q.get("docker_image_name"):  # CCM: the build's image name, or its app's output image name
+        name = str(q["docker_image_name"])
+        filters.append(or_(_BUILDS.c.output_image_name == name, _BUILDS.c.app_id.in_(
+            select(App.id).where(App.account_id == account_id, App.output_image_name == name))))
     if q.get("all_search"):
         needle = "%" + str(q["all_search"]).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         filters.append(or_(*(column.ilike(needle, escape="\\") for column in (

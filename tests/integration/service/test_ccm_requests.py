@@ -241,3 +241,17 @@ def test_tasks_sort_by(client, tenant, service_settings):
     assert [t["build_id"] for t in ok(client.get("/v1/tasks?sort_by=created_at:ASC", headers=h),
                                       TaskListSchema)["items"]] == builds
     err(client.get("/v1/tasks?sort_by=requester_password:ASC", headers=h), 422, "validation_failed")
+
+
+def test_builds_by_docker_image_name_of_the_build_or_its_app(client, tenant):
+    h = tenant.headers("WRITER")
+    named = ok(client.post("/v1/apps", json={"name": f"n-{uuid.uuid4().hex[:6]}",
+                                             "output_image_name": "127.0.0.1:5000/app-out:1"}, headers=h),
+               AppSchema)["app_id"]
+    by_app = ok(client.post(SUBMIT, json=body(named), headers=h), BuildSchema)["build_id"]
+    by_build = ok(client.post(SUBMIT, json=body(tenant.create_app(), output_image={
+        "name": "127.0.0.1:5000/app-out:1"}), headers=h), BuildSchema)["build_id"]
+    ok(client.post(SUBMIT, json=body(tenant.create_app()), headers=h), BuildSchema)
+    found = ok(client.get("/v1/builds", query_string={"docker_image_name": "127.0.0.1:5000/app-out:1"}, headers=h),
+               BuildListSchema)
+    assert sorted(b["build_id"] for b in found["items"]) == sorted([by_app, by_build])
