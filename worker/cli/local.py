@@ -98,20 +98,17 @@ def _host(args: argparse.Namespace, settings: Settings) -> ConversionHost:
     """The service's host as the settings make it, with what the command line says instead.
 
     Registries are reached over plain HTTP or on private addresses only when --insecure-registry names them
-    (the service's default allows its own development registry). The signing identity is the flags' when either
-    is given; the boot check runs only with --boot-check."""
+    (the service's default allows its own development registry). A local conversion is signed, given a CA bundle
+    or boot-checked only when its flags ask: the service's signing identity is not the user's."""
     from worker.pipeline.host import ConversionHost
 
-    signing = (args.signing_key, args.signing_cert)
-    if signing == (None, None):
-        signing = (settings.signing_key, settings.signing_cert)
     return replace(
         ConversionHost.from_settings(settings),
         blobs_dir=args.blobs or settings.blobs_dir,
         runtime_dir=args.runtime or settings.runtime_dir,
         insecure_registries=frozenset(args.insecure_registry or ()),
-        signing_key=signing[0],
-        signing_cert=signing[1],
+        signing_key=args.signing_key,
+        signing_cert=args.signing_cert,
         ca_bundle=args.ca_bundle,
         output_base=settings.output_base_image if args.output_base is None else args.output_base,
         boot_check=_boot_plan(settings, args.boot_check_timeout, args.boot_check_mode) if args.boot_check else None,
