@@ -12,7 +12,9 @@ from pathlib import Path
 from common.errors import InvalidOptions
 from common.image.compress import parse_compression
 from common.queue.tasknames import QUEUES
+from common.registry.auth import Credentials
 from common.registry.reference import parse_reference
+from common.util.compression import Compression
 
 PREFIX = "NITROCONV_"
 ENVIRONMENTS = ("development", "test", "production")
@@ -100,17 +102,17 @@ class Settings:
     soft_shutdown_timeout: int = 30
     # Pool children are recycled after this many conversions, or after a conversion that left them above
     # this RSS (MiB). Not after every conversion: Celery hands the next task to a replacement child late
-    # (seconds, celery#9588), which cost more than the conversions themselves; no image code runs in a child.
+    # (seconds, celery#9588); no image code runs in a child.
     worker_max_tasks_per_child: int = 100
     worker_max_memory_per_child_mib: int = 1024
     # Uncompressed bytes one image may inflate to (all layers): a gzip bomb stops here, not at a full disk.
     max_image_bytes: int = 8 << 30
     flower_basic_auth: str = field(default="", repr=False)
-    # Boot every converted EIF under QEMU before pushing it (issue 5); off by default, since a
-    # software-emulated boot costs several seconds of worker CPU per conversion.
+    # Boot every converted EIF under QEMU before pushing it; off by default, since a software-emulated boot
+    # costs several seconds of worker CPU per conversion.
     boot_check: bool = False
     boot_check_timeout: int = 120
-    # Where the boot check boots (issue 16): `emulator` loads the EIF with QEMU's nitro-enclave machine (its own
+    # Where the boot check boots: `emulator` loads the EIF with QEMU's nitro-enclave machine (its own
     # EIF loader, NSM and vsock: PCRs and heartbeat checked), `plain` boots the EIF's kernel and ramdisks
     # with -kernel/-initrd (the fallback for hosts that cannot build the emulator), `auto` the emulator when
     # it is installed, else plain (logged, and recorded in the Build's boot_check).
@@ -135,7 +137,7 @@ class Settings:
     output_base_image: str = ""
     # The output layer's compression: `gzip` (every client) or `zstd` (smaller and faster to make, for
     # registries and clients that accept it; Docker 20.10 cannot pull zstd layers).
-    output_compression: str = "gzip"
+    output_compression: Compression = Compression.GZIP
     # The blob cache of each worker host (<state>/cache/blobs): least recently used blobs are evicted
     # beyond this many bytes; 0 keeps everything.
     cache_max_bytes: int = 20 << 30
@@ -147,13 +149,17 @@ class Settings:
     max_queued_per_account: int = 50  # conversions not yet ended, per account
     rate_limit_per_minute: int = 600  # API requests per caller (user, account) and minute; 0 turns it off
 
-    # Observability (issue 7): `json` or `text` log lines (default json in production, text elsewhere), and
+    # Observability: `json` or `text` log lines (default json in production, text elsewhere), and
     # the port each worker serves Prometheus metrics on (0: none; one port per worker instance on a host).
     log_format: str = "text"
     worker_metrics_port: int = 0
-    # The queues a worker consumes (issue 8, a queue per host class): Nitro hosts `convert`, others
+    # The queues a worker consumes (a queue per host class): Nitro hosts `convert`, others
     # may run only `maintenance`; the API consumes none.
     worker_queues: tuple[str, ...] = QUEUES
+    # Registry credentials of the local CLI commands (convert-local, fetch-eif, run-local), from
+    # NITROCONV_{INPUT,OUTPUT}_{USER,PASSWORD}; the service takes credentials with each request instead.
+    input_credentials: Credentials | None = field(default=None, repr=False)
+    output_credentials: Credentials | None = field(default=None, repr=False)
 
     @property
     def api_host_port(self) -> tuple[str, int]:
@@ -206,7 +212,7 @@ class Settings:
                 values[name] = Path(raw)
         compression = get("OUTPUT_COMPRESSION")
         if compression is not None:
-            values["output_compression"] = parse_compression(compression).value
+            values["output_compression"] = parse_compression(compression)
         base = (get("OUTPUT_BASE_IMAGE") or "").strip()
         if base:
             parse_reference(base)  # a typo fails at start-up, not in every conversion
@@ -238,6 +244,8 @@ class Settings:
         root_pin = get("ATTESTATION_ROOT_SHA256")
         if root_pin is not None:
             values["attestation_root_sha256"] = root_pin.strip().lower()
+        values["input_credentials"] = _credentials(environ, prefix + "INPUT_")
+        values["output_credentials"] = _credentials(environ, prefix + "OUTPUT_")
         secret = get("SECRET_KEY")
         values["secret_key"] = secret.encode() if secret else b""
         settings = cls(**values)  # type: ignore[arg-type]
@@ -269,6 +277,33 @@ class Settings:
         from dataclasses import replace
 
         return replace(self, secret_key=load_or_create_secret(self.state_dir / "secret_key"))
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The service client commands' own configuration (`nitroconv login`, `convert`, `builds`, ...): where the
+    service is and how to sign in. Apart from `Settings` on purpose: a client runs where the service's settings
+    may be absent or meant for another host, and must not fail on them."""
+
+    url: str  # the service's base URL
+    token: str | None = field(default=None, repr=False)  # an access token, instead of the one saved by login
+    session_file: Path = Path("session.json")  # where `login` saves the URL and tokens
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], prefix: str = PREFIX) -> ClientSettings:
+        return cls(
+            url=environ.get(prefix + "URL") or f"http://{environ.get(prefix + 'API_ADDR', Settings.api_addr)}",
+            token=environ.get(prefix + "TOKEN"),
+            session_file=Path(environ.get(prefix + "CLIENT_CONFIG", Path.home() / ".config" / "nitroconv" / "session.json")),
+        )
+
+
+def _credentials(environ: Mapping[str, str], prefix: str) -> Credentials | None:
+    """`<prefix>USER` and `<prefix>PASSWORD`; either alone is a user with an empty password or the reverse."""
+    user, password = environ.get(prefix + "USER"), environ.get(prefix + "PASSWORD")
+    if user is None and password is None:
+        return None
+    return Credentials(user or "", password or "")
 
 
 def load_or_create_secret(path: Path) -> bytes:

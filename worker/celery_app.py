@@ -53,7 +53,7 @@ def celery_config(s: Settings) -> dict[str, object]:
         "task_ignore_result": True,
         "result_extended": False,
         # Routing: conversions (`convert`, Nitro hosts) and the sweeper (`maintenance`) on separate queues;
-        # a worker started without -Q consumes NITROCONV_WORKER_QUEUES.
+        # a worker started without -Q consumes the settings' worker_queues.
         "task_default_queue": QUEUE,
         "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in s.worker_queues],
         "task_create_missing_queues": True,
@@ -94,7 +94,7 @@ def _logging(loglevel: int | str | None = None, **_: object) -> None:
 @worker_init.connect
 def _preload_pipeline(**_: object) -> None:
     # In the main process, before the pool forks: a child (and each replacement of a recycled child) then
-    # inherits the pipeline already imported instead of paying ~0.1-0.2 s of imports on its first task.
+    # inherits the pipeline already imported instead of importing it on its first task.
     import worker.pipeline
 
     for module in pkgutil.iter_modules(worker.pipeline.__path__, "worker.pipeline."):

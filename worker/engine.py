@@ -1,22 +1,26 @@
-"""Adapter from a build record to the pipeline's `convert()` and from its result to the record's Outcome."""
+"""Adapter from a build record to the pipeline (`convert_reusing`) and from its result to the record's Outcome."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from common.registry.auth import Credentials
 from common.settings import Settings
 from common.store.builds import Outcome
 from common.store.models import Build
-from common.store.sealing import Credentials
+
+if TYPE_CHECKING:
+    from worker.pipeline.host import ConversionHost
 
 
-def _registry_credentials(creds: Credentials | None) -> object | None:
-    if creds is None:
-        return None
-    from common.registry.client import Credentials as RegistryCredentials
+@functools.lru_cache(maxsize=2)
+def _host(settings: Settings) -> ConversionHost:
+    """One per process and settings; imported on first use, so processes that never convert never load the pipeline."""
+    from worker.pipeline.host import ConversionHost
 
-    return RegistryCredentials(creds.username, creds.password)
+    return ConversionHost.from_settings(settings)
 
 
 def _hex(value: object) -> str | None:
@@ -26,17 +30,20 @@ def _hex(value: object) -> str | None:
 
 
 class PipelineEngine:
-    """Runs `worker.pipeline.convert.convert` for one build (the runner's Engine)."""
+    """Runs one build's conversion on this host (the runner's Engine)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
+    @property
+    def host(self) -> ConversionHost:
+        return _host(self.settings)
+
     def __call__(self, build: Build, creds_in: Credentials | None, creds_out: Credentials | None, *,
                  scratch: Path, on_stage: Callable[[str, float], None],
                  should_cancel: Callable[[], bool]) -> Outcome:
-        from worker.pipeline.convert import DEFAULT_LIMITS, ConverterOptions, ConvertSpec
-        from worker.pipeline.emulatorboot import BootCheckPlan
         from worker.pipeline.reuse import convert_reusing
+        from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Stage, Workspace
 
         o = build.converter_options
 
@@ -47,8 +54,8 @@ class PipelineEngine:
         spec = ConvertSpec(
             input_ref=build.input_image_name,
             output_ref=build.output_image_name,
-            input_credentials=_registry_credentials(creds_in),  # type: ignore[arg-type]
-            output_credentials=_registry_credentials(creds_out),  # type: ignore[arg-type]
+            input_credentials=creds_in,
+            output_credentials=creds_out,
             options=ConverterOptions(
                 entrypoint=strings("entrypoint"),
                 entrypoint_args=strings("entrypoint_args"),
@@ -62,23 +69,15 @@ class PipelineEngine:
             ),
             cpu_count=build.cpu_count,
             mem_size_mib=build.mem_size,
-            insecure_registries=self.settings.insecure_registries,
-            signing_key=self.settings.signing_key,
-            signing_cert=self.settings.signing_cert,
-            ca_bundle=self.settings.ca_bundle,
+            # The account owns the cached conversion: a reused layer is only ever mounted from its own pushes.
+            owner=str(build.account_id),
+            build_id=str(build.id),
         )
-        cache = self.settings.state_dir / "cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        boot_check = BootCheckPlan.from_settings(self.settings) if self.settings.boot_check else False
-        # The account owns the cached conversion: a reused layer is only ever mounted from its own pushes.
-        result = convert_reusing(
-            spec, scratch=scratch, blobs_dir=self.settings.blobs_dir, cache_dir=cache,
-            on_stage=lambda stage, progress: on_stage(getattr(stage, "name", str(stage)), progress),
-            should_cancel=should_cancel, boot_check=boot_check, runtime_dir=self.settings.runtime_dir,
-            output_base=self.settings.output_base_image,
-            output_compression=self.settings.output_compression,
-            limits=replace(DEFAULT_LIMITS, max_total_bytes=self.settings.max_image_bytes),
-            owner=str(build.account_id), build_id=str(build.id), cache_max_bytes=self.settings.cache_max_bytes)
+
+        def report(stage: Stage, progress: float) -> None:
+            on_stage(stage.name, progress)
+
+        result = convert_reusing(spec, self.host, Progress(report, should_cancel), Workspace(scratch))
         m = result.measurements
         return Outcome(
             input_digest=str(result.input_digest), output_digest=str(result.output_digest),

@@ -1,10 +1,10 @@
 """Worker Prometheus metrics: conversions by outcome/code, seconds per step, registry bytes, queue depth.
 
-Why multiprocess mode: conversions run in prefork children that are recycled (after
-NITROCONV_WORKER_MAX_TASKS_PER_CHILD conversions, after a memory peak, at a hard time limit), so a child's
+Why multiprocess mode: conversions run in prefork children that are recycled (after the settings'
+worker_max_tasks_per_child conversions, after a memory peak, at a hard time limit), so a child's
 in-memory counters would die with it. Each child writes to mmapped files in a directory
 owned by its worker instance (`<state_dir>/metrics/<node>`, wiped at start), and the instance's MainProcess
-serves them on NITROCONV_WORKER_METRICS_PORT. Several instances on one host each get their own port (the
+serves them on the settings' worker_metrics_port. Several instances on one host each get their own port (the
 systemd template passes port = base + instance index): one exporter per instance keeps its files' lifetime
 tied to that instance, and a scrape target per worker is what Prometheus' `up` should mean.
 

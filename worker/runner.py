@@ -16,11 +16,12 @@ from sqlalchemy import func, select
 
 from common import logs
 from common.errors import Cancelled, NitroconvError, ResourceLimit
+from common.registry.auth import Credentials
 from common.settings import Settings
 from common.store import builds as buildstore
 from common.store.engine import session_scope
 from common.store.models import Build
-from common.store.sealing import Credentials, Sealer
+from common.store.sealing import Sealer
 from common.store.status import ConversionState, path_to
 from worker.scratch import scratch_dir
 

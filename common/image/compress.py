@@ -3,7 +3,6 @@ multi-threaded zstd. The bytes out depend on the bytes in and the level, never o
 from __future__ import annotations
 
 import collections
-import enum
 import functools
 import hashlib
 import os
@@ -18,26 +17,25 @@ import zstandard
 from isal import isal_zlib
 
 from common.errors import InvalidOptions
+from common.util.compression import Compression
 from common.util.hashpipe import HashPipe
 from common.util.memo import ProcessMemo
 
-
-class Compression(enum.StrEnum):
-    GZIP = "gzip"
-    ZSTD = "zstd"
-
-
+# The compressions a written layer may have: every registry client reads gzip; zstd is smaller and faster to make.
+OUTPUT_COMPRESSIONS = (Compression.GZIP, Compression.ZSTD)
 MEDIA_TYPES = {
     Compression.GZIP: "application/vnd.oci.image.layer.v1.tar+gzip",
     Compression.ZSTD: "application/vnd.oci.image.layer.v1.tar+zstd",
 }
-# ISA-L level 1: ~6x zlib level 1's speed for ~2% more bytes on an EIF (mostly an uncompressed cpio).
+# ISA-L level 1: several times zlib level 1's speed for slightly more bytes on an EIF (mostly an uncompressed
+# cpio); bench/README.md has the figures.
 GZIP_LEVEL = 1
 # Each block is deflated on its own, primed with the 32 KiB before it, and ends on a byte boundary (a sync
 # flush): the split depends on stream offsets only, so the output is the same with any number of threads.
 GZIP_BLOCK = 1 << 20
 DEFLATE_WINDOW = 32 << 10
-# Level 1: on an EIF, faster than ISA-L's gzip and ~8% smaller than it (level 3: 2x slower for 10% less).
+# Level 1: on an EIF, faster than ISA-L's gzip and smaller than it; higher levels cost far more time than they
+# save bytes (bench/README.md).
 # The multi-threaded mode cuts jobs by level, not by worker count (tests/unit/common/image/test_compress.py).
 ZSTD_LEVEL = 1
 # gzip header: no name, mtime 0, XFL 0, OS 255 (unknown): nothing about the host or the time.
@@ -45,11 +43,15 @@ _GZIP_HEADER = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 0xFF])
 
 
 def parse_compression(value: str) -> Compression:
+    """An output layer's compression by name (`gzip` or `zstd`)."""
     try:
-        return Compression(value.strip().lower())
+        kind = Compression(value.strip().lower())
     except ValueError:
+        kind = Compression.NONE
+    if kind not in OUTPUT_COMPRESSIONS:
         raise InvalidOptions(f"output compression {value!r} is not one of gzip, zstd",
-                             details={"field": "output_compression"}) from None
+                             details={"field": "output_compression"})
+    return kind
 
 
 def default_threads() -> int:

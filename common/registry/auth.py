@@ -17,12 +17,16 @@ _BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 @dataclass(frozen=True)
 class Credentials:
-    """A registry username and password. The password is never part of repr, str or an error message."""
+    """A registry username and password. The password is never part of repr, str or an error message.
+
+    One type from the request to the registry: sealed at rest by the store, opened in the worker just before use,
+    checked by the registry client that sends them."""
 
     username: str
     password: str = field(repr=False)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """A ':' in the username or a control character would break the Authorization header."""
         if ":" in self.username or any(c in self.username + self.password for c in "\r\n\0"):
             raise InvalidOptions("registry username must not contain ':' and credentials no control characters")
 

@@ -199,6 +199,8 @@ class RegistryClient:
         self.base_url = f"{policy.scheme_for(self.host)}://{self.host}"
         policy.check_url(self.base_url + "/v2/")
         self._origin = _origin(self.base_url)
+        if credentials is not None:
+            credentials.check()
         self._credentials = credentials
         self._timeouts = timeouts
         self._retry = retry

@@ -1,7 +1,6 @@
 """OCI and Docker image documents: media types, strict parsing from the hashed bytes, platform selection."""
 from __future__ import annotations
 
-import enum
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -9,6 +8,7 @@ from dataclasses import dataclass, field
 
 from common.errors import InvalidDigest, InvalidManifest, NoMatchingPlatform, UnsupportedMediaType
 from common.registry.digest import Digest
+from common.util.compression import Compression
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -48,12 +48,6 @@ _SCHEMA1_MESSAGE = (
     "Docker image manifest v2 schema 1 is deprecated and not supported; re-push the image with a "
     "current Docker or Buildx (schema 2) or as an OCI image"
 )
-
-
-class Compression(enum.StrEnum):
-    GZIP = "gzip"
-    ZSTD = "zstd"
-    NONE = "none"
 
 
 LAYER_COMPRESSION: Mapping[str, Compression] = {

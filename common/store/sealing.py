@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from common.errors import SealingError
+from common.registry.auth import Credentials
 
 _MAGIC = b"nc1"
 _NONCE = 12
@@ -27,14 +28,6 @@ def derive_key(secret: bytes, purpose: bytes = b"nitroconv credential sealing v1
     if not secret:
         raise SealingError("no secret key configured")
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(secret)
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A registry username and password in clear; lives only in worker memory, just before use."""
-
-    username: str
-    password: str = field(repr=False)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ from tests.fixtures.registries import RunningRegistry
 from tests.fixtures.repo import REPO
 from tests.fixtures.require import skip_or_fail
 from worker.emulator.enclave import qemu_command
-from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
+from worker.pipeline.convert import convert
+from worker.pipeline.host import ConversionHost
+from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.qemu]
 
@@ -64,11 +66,12 @@ def _convert(registry: RunningRegistry, dev_blobs: DevBlobs, runtime_dir: Path, 
     spec = ConvertSpec(input_ref=image.ref, output_ref=out, input_credentials=None, output_credentials=None,
                        options=ConverterOptions(mutable_env_vars=("GREETING=hello default", "CODE=0"),
                                                 allow_cmdline_args=allow_args),
-                       cpu_count=1, mem_size_mib=None, insecure_registries=registry.allowed_hosts)
+                       cpu_count=1, mem_size_mib=None)
     work.mkdir(parents=True)
     eif = work / "app.eif"
-    convert(spec, scratch=work / "scratch", blobs_dir=dev_blobs.dir, cache_dir=work / "cache",
-            on_stage=lambda stage, progress: None, eif_out=eif, runtime_dir=runtime_dir)
+    host = ConversionHost(blobs_dir=dev_blobs.dir, runtime_dir=runtime_dir, cache_dir=work / "cache",
+                          insecure_registries=registry.allowed_hosts)
+    convert(spec, host, Progress(), Workspace(work / "scratch", eif_out=eif))
     return Converted(out, eif)
 
 

@@ -18,7 +18,9 @@ import pytest
 from tests.fixtures.devblobs import DevBlobs
 from tests.fixtures.registries import RunningRegistry
 from worker.pipeline.bootcheck import BootResult, boot_eif
-from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
+from worker.pipeline.convert import convert
+from worker.pipeline.host import ConversionHost
+from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.qemu, pytest.mark.docker]
 
@@ -89,10 +91,11 @@ def probed(request: pytest.FixtureRequest, docker_engine: docker.DockerClient, d
         spec = ConvertSpec(input_ref=f"docker-daemon:{ref}", output_ref=f"{registry.host}/shim/probe:{session}",
                            input_credentials=None, output_credentials=None,
                            options=ConverterOptions(mutable_env_vars=(MUTABLE_DEFAULT,)), cpu_count=1,
-                           mem_size_mib=None, insecure_registries=frozenset({registry.host}))
+                           mem_size_mib=None)
         eif = work / "app.eif"
-        convert(spec, scratch=work / "scratch", blobs_dir=dev_blobs.dir, cache_dir=work / "cache",
-                on_stage=lambda stage, progress: None, eif_out=eif, runtime_dir=runtime_dir)
+        host = ConversionHost(blobs_dir=dev_blobs.dir, runtime_dir=runtime_dir, cache_dir=work / "cache",
+                              insecure_registries=frozenset({registry.host}))
+        convert(spec, host, Progress(), Workspace(work / "scratch", eif_out=eif))
         boot = boot_eif(eif, timeout=TIMEOUT, settle=TIMEOUT)
         yield Probed(request.param, out.decode().splitlines(), boot)
     finally:

@@ -1,7 +1,6 @@
 """`nitroconv convert-local` reuses an identical earlier conversion from its state dir; `--no-reuse` converts afresh."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -47,43 +46,45 @@ def test_convert_local_reuses_and_no_reuse_converts_again(registry, tmp_path: Pa
     assert list((state / "cache" / "conversions").glob("*.json"))
 
 
-def _spec(registry, input_ref: str, output_ref: str):  # noqa: ANN001, ANN202
-    from worker.pipeline.convert import ConverterOptions, ConvertSpec
+def _spec(input_ref: str, output_ref: str):  # noqa: ANN202
+    from worker.pipeline.spec import ConverterOptions, ConvertSpec
 
     return ConvertSpec(input_ref=input_ref, output_ref=output_ref, input_credentials=None, output_credentials=None,
-                       options=ConverterOptions(entrypoint=["/bin/true"]), cpu_count=2, mem_size_mib=None,
-                       insecure_registries=frozenset({registry.host}))
+                       options=ConverterOptions(entrypoint=("/bin/true",)), cpu_count=2, mem_size_mib=None)
 
 
-def _reuse_kwargs(tmp_path: Path) -> dict[str, object]:
-    return {"blobs_dir": build_dev_blobs(blobs_target()).dir, "cache_dir": tmp_path / "cache",
-            "runtime_dir": build_shim(runtime_target()).parent}
+def _host(tmp_path: Path, *insecure: str):  # noqa: ANN202
+    from worker.pipeline.host import ConversionHost
+
+    return ConversionHost(blobs_dir=build_dev_blobs(blobs_target()).dir, runtime_dir=build_shim(runtime_target()).parent,
+                          cache_dir=tmp_path / "cache", insecure_registries=frozenset(insecure))
 
 
 def test_a_tag_that_moves_during_the_conversion_does_not_change_what_is_converted(registry, tmp_path: Path) -> None:  # noqa: ANN001
     """The key is the digest the tag named when the conversion began, and the pull converts that very manifest:
     a tag moved before the pull neither changes the result nor gets recorded under the wrong key."""
     from worker.pipeline.reuse import convert_reusing
+    from worker.pipeline.spec import Progress, Workspace
 
     repo = f"clireuse/moving-{uuid.uuid4().hex[:6]}"
     first = push_test_image(registry, repo, "latest")
-    spec = _spec(registry, first.ref, f"{registry.host}/clireuse/moved:1")
+    spec = _spec(first.ref, f"{registry.host}/clireuse/moved:1")
     moved: list[str] = []
 
     def on_stage(stage: object, _: float) -> None:
         if str(getattr(stage, "name", stage)) == "PULLING" and not moved:  # after the key, before the pull
             moved.append(push_test_image(registry, repo, "latest", [make_tar({"moved": b"another\n"})]).manifest_digest)
 
-    kwargs = _reuse_kwargs(tmp_path)
-    result = convert_reusing(spec, scratch=tmp_path / "s1", on_stage=on_stage, **kwargs)
+    host = _host(tmp_path, registry.host)
+    result = convert_reusing(spec, host, Progress(on_stage), Workspace(tmp_path / "s1"))
     assert moved and moved[0] != first.manifest_digest
     assert result.input_digest == first.manifest_digest and result.reused_from is None
     assert len(list((tmp_path / "cache" / "conversions").glob("*.json"))) == 1
     # The tag now names the second image: converted afresh (the first's record is not served for it).
-    again = convert_reusing(spec, scratch=tmp_path / "s2", on_stage=lambda *_: None, **kwargs)
+    again = convert_reusing(spec, host, Progress(), Workspace(tmp_path / "s2"))
     assert again.reused_from is None and again.input_digest == moved[0]
     assert again.measurements.pcr2 != result.measurements.pcr2
-    third = convert_reusing(spec, scratch=tmp_path / "s3", on_stage=lambda *_: None, **kwargs)
+    third = convert_reusing(spec, host, Progress(), Workspace(tmp_path / "s3"))
     assert third.reused_from is not None and third.input_digest == moved[0]
     assert third.measurements == again.measurements
 
@@ -92,13 +93,13 @@ def test_a_conversion_asks_the_input_registry_for_the_manifest_once(registry, ho
     """The reuse cache's key needs the input's digest before anything else; the pull converts that answer
     instead of asking again (one round trip fewer per conversion, one token fewer on a registry with auth)."""
     from worker.pipeline.reuse import convert_reusing
+    from worker.pipeline.spec import Progress, Workspace
 
     front = hostile_front(registry.host)
     repo = f"clireuse/once-{uuid.uuid4().hex[:6]}"
     image = push_test_image(registry, repo, "latest")
-    spec = _spec(registry, f"{front.host}/{repo}:latest", f"{registry.host}/clireuse/once:1")
-    spec = dataclasses.replace(spec, insecure_registries=frozenset({registry.host, front.host}))
-    result = convert_reusing(spec, scratch=tmp_path / "s1", on_stage=lambda *_: None, **_reuse_kwargs(tmp_path))
+    spec = _spec(f"{front.host}/{repo}:latest", f"{registry.host}/clireuse/once:1")
+    result = convert_reusing(spec, _host(tmp_path, registry.host, front.host), Progress(), Workspace(tmp_path / "s1"))
     assert result.input_digest == image.manifest_digest
     assert front.count("GET", f"/v2/{repo}/manifests/") == 1
     assert front.count("HEAD", f"/v2/{repo}/manifests/") == 0

@@ -32,8 +32,10 @@ from common.enclave.shim import SHIM_PATH
 from tests.fixtures.docker_engine import APP_GID, APP_UID
 from tests.fixtures.images import PushSession
 from tests.fixtures.registries import RunningRegistry
-from worker.pipeline.convert import ConverterOptions, ConvertResult, ConvertSpec, convert
+from worker.pipeline.convert import convert
+from worker.pipeline.host import ConversionHost
 from worker.pipeline.outputimage import LABEL_PREFIX
+from worker.pipeline.spec import ConverterOptions, ConvertResult, ConvertSpec, Progress, Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -287,13 +289,13 @@ def docker_snapshot(docker_engine: docker.DockerClient, oracle_image: OracleImag
 
 
 def _convert(source: str, output: str, registry: RunningRegistry, blobs: Path, work: Path,
-             runtime: Path | None = None) -> Converted:
+             runtime: Path) -> Converted:
     spec = ConvertSpec(input_ref=source, output_ref=output, input_credentials=None, output_credentials=None,
-                       options=ConverterOptions(), cpu_count=2, mem_size_mib=512,
-                       insecure_registries=frozenset({registry.host}))
+                       options=ConverterOptions(), cpu_count=2, mem_size_mib=512)
     eif = work / "out.eif"
-    result = convert(spec, scratch=work / "scratch", blobs_dir=blobs, cache_dir=work / "cache",
-                     on_stage=lambda stage, progress: None, eif_out=eif, runtime_dir=runtime)
+    host = ConversionHost(blobs_dir=blobs, runtime_dir=runtime, cache_dir=work / "cache",
+                          insecure_registries=frozenset({registry.host}))
+    result = convert(spec, host, Progress(), Workspace(work / "scratch", eif_out=eif))
     assert not (work / "scratch").exists(), "convert() must remove its scratch dir"
     return Converted(result, eif)
 

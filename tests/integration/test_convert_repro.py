@@ -129,7 +129,9 @@ def test_convert_repro_warm_worker_process_gives_the_same_output(twins, registry
     conversions (common.enclave.prefix, common.image.compress): its next conversion is the same as a fresh process's."""
     from common.enclave.prefix import PREFIXES
     from common.image.compress import DEFLATED
-    from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
+    from worker.pipeline.convert import convert
+    from worker.pipeline.host import ConversionHost
+    from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
 
     base, _ = twins
     PREFIXES.clear()
@@ -138,10 +140,11 @@ def test_convert_repro_warm_worker_process_gives_the_same_output(twins, registry
     def once(tag: str) -> tuple[str, bytes]:
         spec = ConvertSpec(input_ref=input_ref, output_ref=f"{registry.host}/repro/app-enclave:{tag}",
                            input_credentials=None, output_credentials=None, options=ConverterOptions(), cpu_count=2,
-                           mem_size_mib=None, insecure_registries=frozenset({registry.host}))
+                           mem_size_mib=None)
         eif = tmp_path / f"{tag}.eif"
-        result = convert(spec, scratch=tmp_path / f"scratch-{tag}", blobs_dir=blobs_dir, cache_dir=tmp_path / "cache",
-                         on_stage=lambda *_: None, runtime_dir=build_shim(runtime_target()).parent, eif_out=eif)
+        host = ConversionHost(blobs_dir=blobs_dir, runtime_dir=build_shim(runtime_target()).parent,
+                              cache_dir=tmp_path / "cache", insecure_registries=frozenset({registry.host}))
+        result = convert(spec, host, Progress(), Workspace(tmp_path / f"scratch-{tag}", eif_out=eif))
         return result.output_digest, eif.read_bytes()
 
     assert once("cold") == (base.output_digest, base.eif)

@@ -32,8 +32,11 @@ from tests.fixtures.devblobs import build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import LayerBlob, PushSession, make_layer
 from tests.fixtures.registries import RunningRegistry
-from worker.pipeline.convert import DEBUG_WARNING, ConverterOptions, ConvertSpec, convert
+from worker.pipeline.convert import convert
+from worker.pipeline.host import ConversionHost
 from worker.pipeline.outputimage import LABEL_PREFIX
+from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Stage, Workspace
+from worker.pipeline.stages import DEBUG_WARNING
 
 pytestmark = pytest.mark.integration
 
@@ -199,9 +202,13 @@ def test_convert_signing_ca_option_without_bundle_fails_before_pull(
     spec = ConvertSpec(input_ref=f"{registry.host}/signing/never-pushed:v1",
                        output_ref=f"{registry.host}/signing/ca-enclave:v1", input_credentials=None,
                        output_credentials=None, options=ConverterOptions(add_ccm_ca_certificates=True),
-                       cpu_count=2, mem_size_mib=None, insecure_registries=frozenset({registry.host}))
+                       cpu_count=2, mem_size_mib=None)
+    host = ConversionHost(blobs_dir=blobs_dir, runtime_dir=build_shim(runtime_target()).parent,
+                          cache_dir=tmp_path / "cache", insecure_registries=frozenset({registry.host}))
+
+    def on_stage(stage: Stage, progress: float) -> None:
+        stages.append(stage)
+
     with pytest.raises(CaBundleNotConfigured):
-        convert(spec, scratch=tmp_path / "scratch", blobs_dir=blobs_dir, cache_dir=tmp_path / "cache",
-                on_stage=lambda stage, progress: stages.append(stage),
-                runtime_dir=build_shim(runtime_target()).parent)
+        convert(spec, host, Progress(on_stage), Workspace(tmp_path / "scratch"))
     assert stages == []

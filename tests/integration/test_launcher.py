@@ -15,7 +15,8 @@ import pytest
 
 from common.enclave.measure import Measurements
 from tests.fixtures.devblobs import RUNTIME_RECIPE, RUNTIME_SOURCES, build_shim, make
-from worker.pipeline.convert import ConverterOptions, ConvertSpec, _enclave_files
+from worker.pipeline.spec import ConverterOptions, ConvertSpec
+from worker.pipeline.stages import enclave_files
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +49,7 @@ def launch_json(**options: object) -> bytes:
     spec = ConvertSpec(input_ref="r/x:1", output_ref="r/y:1", input_credentials=None, output_credentials=None,
                        options=ConverterOptions(**options), cpu_count=2, mem_size_mib=1024)  # type: ignore[arg-type]
     measurements = Measurements(pcr0="00" * 48, pcr1="11" * 48, pcr2="22" * 48)
-    return _enclave_files(spec, measurements, 1024)["launch.json"]
+    return enclave_files(spec, measurements, 1024)["launch.json"]
 
 
 def run(binary: Path, config: bytes | Path, *args: str, env: Mapping[str, str] | None = None,

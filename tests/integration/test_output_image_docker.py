@@ -27,8 +27,10 @@ from tests.fixtures.images import (
     push_test_image,
 )
 from tests.fixtures.registries import RunningRegistry
-from worker.pipeline.convert import ConverterOptions, ConvertResult, ConvertSpec, convert
+from worker.pipeline.convert import convert
+from worker.pipeline.host import ConversionHost
 from worker.pipeline.outputimage import FIXED_CREATED, LABEL_PREFIX
+from worker.pipeline.spec import ConverterOptions, ConvertResult, ConvertSpec, Progress, Workspace
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -96,10 +98,10 @@ class Output:
 def _convert(registry: RunningRegistry, blobs: Path, runtime: Path, work: Path, source: str, output: str,
              options: ConverterOptions, base: str = "", keep_layer: Path | None = None) -> Output:
     spec = ConvertSpec(input_ref=source, output_ref=output, input_credentials=None, output_credentials=None,
-                       options=options, cpu_count=2, mem_size_mib=512, insecure_registries=frozenset({registry.host}))
-    result = convert(spec, scratch=work / "scratch", blobs_dir=blobs, cache_dir=work / "cache",
-                     on_stage=lambda stage, progress: None, runtime_dir=runtime, output_base=base,
-                     keep_layer=keep_layer)
+                       options=options, cpu_count=2, mem_size_mib=512)
+    host = ConversionHost(blobs_dir=blobs, runtime_dir=runtime, cache_dir=work / "cache",
+                          insecure_registries=frozenset({registry.host}), output_base=base)
+    result = convert(spec, host, Progress(), Workspace(work / "scratch", keep_layer=keep_layer))
     repository, _, tag = result.output_reference.partition("@")[0].rpartition(":")
     return Output(result, repository, tag, keep_layer)
 
@@ -313,10 +315,10 @@ def test_output_image_on_base_from_another_registry_copies_layers(
     spec = ConvertSpec(input_ref=app_image.ref, output_ref=f"{basic_registry.host}/launcher/copied:{session_id}",
                 input_credentials=None,
                 output_credentials=Credentials(basic_registry.username or "", basic_registry.password or ""),
-                options=ConverterOptions(), cpu_count=2, mem_size_mib=512,
-                insecure_registries=frozenset({registry.host, basic_registry.host}))
-    result = convert(spec, scratch=tmp_path / "scratch", blobs_dir=blobs_dir, cache_dir=tmp_path / "cache",
-                     on_stage=lambda stage, progress: None, runtime_dir=runtime, output_base=base_image.ref)
+                options=ConverterOptions(), cpu_count=2, mem_size_mib=512)
+    host = ConversionHost(blobs_dir=blobs_dir, runtime_dir=runtime, cache_dir=tmp_path / "cache",
+                          insecure_registries=frozenset({registry.host, basic_registry.host}), output_base=base_image.ref)
+    result = convert(spec, host, Progress(), Workspace(tmp_path / "scratch"))
     output = Output(result, f"{basic_registry.host}/launcher/copied", session_id)
     manifest, _ = output_documents(basic_registry, output)
     assert [d["digest"] for d in manifest["layers"][:2]] == [b.digest for b in base_image.layers]  # type: ignore[index]

@@ -13,7 +13,7 @@ from common.registry.blobcache import BlobStore
 from tests.fixtures.images import PushedImage, PushSession, make_layer, push_test_image, sha256
 from tests.fixtures.registries import RunningRegistry
 from tests.layertar import LayerTar
-from worker.pipeline.convert import DEFAULT_LIMITS
+from worker.pipeline.host import DEFAULT_LIMITS
 from worker.pipeline.pull import ABORT_GRACE_SECONDS, PREFETCH_THREADS, PulledImage, pull
 
 pytestmark = pytest.mark.integration

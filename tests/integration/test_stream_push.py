@@ -24,8 +24,11 @@ from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.hostile import HostileRegistry, Reply
 from tests.fixtures.images import OCI_MANIFEST, PushSession, image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry, client_for
-from worker.pipeline.convert import ConverterOptions, ConvertResult, ConvertSpec, convert
+from worker.pipeline.convert import convert
+from worker.pipeline.emulatorboot import BootCheckPlan
+from worker.pipeline.host import ConversionHost
 from worker.pipeline.outputimage import write_layer
+from worker.pipeline.spec import ConverterOptions, ConvertResult, ConvertSpec, Progress, Workspace
 from worker.pipeline.streamupload import THREAD_NAME, LayerStream
 
 pytestmark = pytest.mark.integration
@@ -122,11 +125,11 @@ def _convert(registry: RunningRegistry, front: HostileRegistry, input_ref: str, 
              stream_push: bool = True, boot_check: bool = False, entrypoint: tuple[str, ...] = ()
              ) -> ConvertResult:
     spec = ConvertSpec(input_ref=input_ref, output_ref=output, input_credentials=None, output_credentials=None,
-                       options=ConverterOptions(entrypoint=entrypoint), cpu_count=2, mem_size_mib=None,
-                       insecure_registries=frozenset({registry.host, front.host}))
-    return convert(spec, scratch=tmp / "scratch", blobs_dir=build_dev_blobs(blobs_target()).dir,
-                   cache_dir=tmp / "cache", on_stage=lambda stage, f: None,
-                   runtime_dir=build_shim(runtime_target()).parent, boot_check=boot_check, stream_push=stream_push)
+                       options=ConverterOptions(entrypoint=entrypoint), cpu_count=2, mem_size_mib=None)
+    host = ConversionHost(blobs_dir=build_dev_blobs(blobs_target()).dir, runtime_dir=build_shim(runtime_target()).parent,
+                          cache_dir=tmp / "cache", insecure_registries=frozenset({registry.host, front.host}),
+                          boot_check=BootCheckPlan() if boot_check else None, stream_push=stream_push)
+    return convert(spec, host, Progress(), Workspace(tmp / "scratch"))
 
 
 def _layer_digest(registry: RunningRegistry, repo: str, tag: str) -> str:

@@ -6,31 +6,23 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from common.errors import NitroconvError
 
 if TYPE_CHECKING:
+    from common.settings import Settings
     from worker.pipeline.emulatorboot import BootCheckPlan
+    from worker.pipeline.host import ConversionHost
 
 
-def _credentials(prefix: str) -> object | None:
-    from common.registry.client import Credentials
+def _settings() -> Settings:
+    """The host's settings: the CLI runs the service's pipeline with the service's configuration, its flags first."""
+    from common.settings import Settings
 
-    user = os.environ.get(f"NITROCONV_{prefix}_USER")
-    password = os.environ.get(f"NITROCONV_{prefix}_PASSWORD")
-    if user is None and password is None:
-        return None
-    return Credentials(user or "", password or "")
-
-
-def _default_blobs() -> Path:
-    env = os.environ.get("NITROCONV_BLOBS_DIR")
-    if env:
-        return Path(env)
-    state = Path(os.environ.get("NITROCONV_STATE_DIR", ".state"))
-    return state / "blobs"
+    return Settings.from_env(os.environ)
 
 
 class _Progress:
@@ -57,45 +49,31 @@ class _Progress:
 
 
 def cmd_convert_local(args: argparse.Namespace) -> int:
-    from common.registry.blobcache import DEFAULT_MAX_BYTES
-    from common.settings import parse_int
-    from worker.pipeline.convert import ConverterOptions, ConvertSpec
     from worker.pipeline.reuse import convert_reusing
+    from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
 
-    spec = ConvertSpec(
-        input_ref=args.input,
-        output_ref=args.output,
-        input_credentials=_credentials("INPUT"),  # type: ignore[arg-type]
-        output_credentials=_credentials("OUTPUT"),  # type: ignore[arg-type]
-        options=ConverterOptions(
-            entrypoint=tuple(args.entrypoint or ()),
-            entrypoint_args=tuple(args.entrypoint_args or ()),
-            env_vars=tuple(args.env or ()),
-            debug=args.debug,
-            add_ccm_ca_certificates=args.ca_bundle is not None,
-        ),
-        cpu_count=args.cpu_count,
-        mem_size_mib=args.mem_size,
-        insecure_registries=frozenset(args.insecure_registry or ()),
-        signing_key=args.signing_key,
-        signing_cert=args.signing_cert,
-        ca_bundle=args.ca_bundle,
-    )
-    state = Path(os.environ.get("NITROCONV_STATE_DIR", ".state"))
-    cache = state / "cache"
     progress = _Progress(sys.stderr)
     try:
+        settings = _settings()
+        spec = ConvertSpec(
+            input_ref=args.input,
+            output_ref=args.output,
+            input_credentials=settings.input_credentials,
+            output_credentials=settings.output_credentials,
+            options=ConverterOptions(
+                entrypoint=tuple(args.entrypoint or ()),
+                entrypoint_args=tuple(args.entrypoint_args or ()),
+                env_vars=tuple(args.env or ()),
+                debug=args.debug,
+                add_ccm_ca_certificates=args.ca_bundle is not None,
+            ),
+            cpu_count=args.cpu_count,
+            mem_size_mib=args.mem_size,
+            reuse=not args.no_reuse,
+        )
+        host = _host(args, settings)
         with tempfile.TemporaryDirectory(prefix="nitroconv-", dir=args.scratch) as scratch:
-            max_bytes = os.environ.get("NITROCONV_CACHE_MAX_BYTES", "").strip()
-            result = convert_reusing(
-                spec, scratch=Path(scratch), blobs_dir=args.blobs or _default_blobs(), cache_dir=cache,
-                on_stage=progress, eif_out=args.eif_out, runtime_dir=args.runtime,
-                boot_check=_boot_plan(args.boot_check_timeout, args.boot_check_mode) if args.boot_check else False,
-                output_base=os.environ.get("NITROCONV_OUTPUT_BASE_IMAGE", "")
-                if args.output_base is None else args.output_base,
-                output_compression=os.environ.get("NITROCONV_OUTPUT_COMPRESSION", "").strip() or "gzip",
-                reuse=not args.no_reuse,
-                cache_max_bytes=parse_int(max_bytes, minimum=0) if max_bytes else DEFAULT_MAX_BYTES)
+            result = convert_reusing(spec, host, Progress(progress), Workspace(Path(scratch), eif_out=args.eif_out))
     except NitroconvError as exc:
         progress.close()
         print(f"nitroconv: {exc.code}: {exc.message} (input {args.input})", file=sys.stderr)
@@ -116,14 +94,32 @@ def cmd_convert_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def _boot_plan(timeout: float, mode: str | None) -> BootCheckPlan:
-    """The boot check plan from NITROCONV_BOOT_CHECK_MODE / NITROCONV_EMULATOR_QEMU, `--boot-check-mode` first."""
-    from dataclasses import replace
+def _host(args: argparse.Namespace, settings: Settings) -> ConversionHost:
+    """The service's host as the settings make it, with what the command line says instead.
 
-    from common.settings import Settings
+    Registries are reached over plain HTTP or on private addresses only when --insecure-registry names them
+    (the service's default allows its own development registry). A local conversion is signed, given a CA bundle
+    or boot-checked only when its flags ask: the service's signing identity is not the user's."""
+    from worker.pipeline.host import ConversionHost
+
+    return replace(
+        ConversionHost.from_settings(settings),
+        blobs_dir=args.blobs or settings.blobs_dir,
+        runtime_dir=args.runtime or settings.runtime_dir,
+        insecure_registries=frozenset(args.insecure_registry or ()),
+        signing_key=args.signing_key,
+        signing_cert=args.signing_cert,
+        ca_bundle=args.ca_bundle,
+        output_base=settings.output_base_image if args.output_base is None else args.output_base,
+        boot_check=_boot_plan(settings, args.boot_check_timeout, args.boot_check_mode) if args.boot_check else None,
+    )
+
+
+def _boot_plan(settings: Settings, timeout: float, mode: str | None) -> BootCheckPlan:
+    """The settings' boot check plan with this timeout, in `mode` when one is given."""
     from worker.pipeline.emulatorboot import BootCheckPlan
 
-    plan = BootCheckPlan.from_settings(Settings.from_env(os.environ), timeout=timeout)
+    plan = BootCheckPlan.from_settings(settings, timeout=timeout)
     return plan if mode is None else replace(plan, mode=mode)
 
 
@@ -190,7 +186,7 @@ def cmd_boot_check(args: argparse.Namespace) -> int:
 
     expected = expected_registers(read_eif(args.eif).measurements.registers())
     expected.update({f"PCR{index}": digest for index, digest in args.expect_pcr or ()})
-    plan = _boot_plan(args.timeout, args.mode)
+    plan = _boot_plan(_settings(), args.timeout, args.mode)
     result = run_boot_check(args.eif, plan=plan, expected=expected)
     print(json.dumps(result.to_json(), indent=2))
     if not result.ok:
@@ -203,8 +199,7 @@ def cmd_fetch_eif(args: argparse.Namespace) -> int:
     from worker.pipeline.outputimage import fetch_eif
 
     insecure = frozenset(args.insecure_registry or ())
-    digest = fetch_eif(args.image, args.out, credentials=_credentials("INPUT"),  # type: ignore[arg-type]
-                       insecure_registries=insecure)
+    digest = fetch_eif(args.image, args.out, credentials=_settings().input_credentials, insecure_registries=insecure)
     print(f"{args.out} (sha256:{digest})")
     return 0
 
@@ -216,7 +211,8 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     req = RunLocalRequest(target=args.target, env=args.env or [], args=args.args, cpu_count=args.cpu_count,
                           mem_size=args.mem_size, console=args.console,
                           insecure_registries=frozenset(args.insecure_registry or ()))
-    return run_local(req, get_settings(), credentials=_credentials("INPUT"))
+    settings = get_settings()
+    return run_local(req, settings, credentials=settings.input_credentials)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

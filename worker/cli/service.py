@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.options import JAVA_MODES
 from worker.cli.client import (
@@ -17,6 +18,9 @@ from worker.cli.client import (
     UsageError,
     as_object,
 )
+
+if TYPE_CHECKING:
+    from common.settings import ClientSettings
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -79,16 +83,22 @@ def _finished_status(build: Mapping[str, object]) -> int:
 
 
 # --- CLI ----------------------------------------------------------------------------------------
+def _settings() -> ClientSettings:
+    from common.settings import ClientSettings
+
+    return ClientSettings.from_env(os.environ)
+
+
 def _session_file() -> Path:
-    return Path(os.environ.get("NITROCONV_CLIENT_CONFIG", Path.home() / ".config" / "nitroconv" / "session.json"))
+    return _settings().session_file
 
 
 def _default_url() -> str:
-    return os.environ.get("NITROCONV_URL") or f"http://{os.environ.get('NITROCONV_API_ADDR', '127.0.0.1:8080')}"
+    return _settings().url
 
 
 def _client(args: argparse.Namespace) -> Client:
-    url, token = args.url, os.environ.get("NITROCONV_TOKEN")
+    url, token = args.url, _settings().token
     try:
         saved = json.loads(_session_file().read_text())
         url = url or saved.get("url")

@@ -1,4 +1,4 @@
-"""The output image's optional base (NITROCONV_OUTPUT_BASE_IMAGE): resolving it and copying its layers to the output."""
+"""The output image's optional base (the host's `output_base`): resolving it and copying its layers to the output."""
 from __future__ import annotations
 
 import json

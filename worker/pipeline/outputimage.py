@@ -17,7 +17,6 @@ from common.errors import InvalidEif, InvalidManifest
 from common.image.compress import (
     GZIP_BLOCK,
     MEDIA_TYPES,
-    Compression,
     KnownRange,
     StreamCompressor,
     open_compressor,
@@ -28,6 +27,7 @@ from common.registry.digest import Digest
 from common.registry.hostpolicy import HostPolicy
 from common.registry.reference import parse_reference
 from common.util.atomicfile import atomic_file
+from common.util.compression import Compression
 from common.util.hashpipe import HashPipe
 from worker.pipeline.outputbase import BaseImage
 
@@ -253,7 +253,7 @@ def fetch_eif(image: str, out: Path, *, credentials: Credentials | None, insecur
         resolved = client.resolve(ref)
         if not resolved.layers:
             raise InvalidManifest(f"{ref} is not a nitroconv output image (it has no layers)")
-        # Ours is the last layer; any before it are the output base's (NITROCONV_OUTPUT_BASE_IMAGE).
+        # Ours is the last layer; any before it are the output base's (ConversionHost.output_base).
         descriptor, diff_id = resolved.layers[-1], resolved.diff_ids[-1]
         blob = client.fetch_blob(resolved.repository, descriptor, Path(tmp) / "layer")
         found = extract_enclave_files(blob, descriptor.media_type, diff_id, wanted)

@@ -12,47 +12,33 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
-from common.enclave.launch import parse_env
 from common.enclave.measure import Measurements
-from common.enclave.signing import load_signer
-from common.errors import Cancelled, InvalidManifest, NitroconvError
-from common.image.layers import Limits
-from common.options import check_java_mode
-from common.registry.blobcache import DEFAULT_MAX_BYTES, BlobStore
+from common.errors import InvalidManifest, NitroconvError
 from common.registry.client import FetchedManifest, RegistryClient
 from common.registry.digest import Digest
-from common.registry.hostpolicy import HostPolicy
 from common.registry.manifests import Descriptor
 from common.registry.reference import Reference, parse_image_source
 from common.util.atomicfile import atomic_file
 from common.util.memo import ProcessMemo, file_identity
-from worker.pipeline.convert import (
-    BLOB_FILES,
-    ConvertResult,
-    ConvertSpec,
-    Stage,
-    convert,
-    default_runtime_dir,
-)
-from worker.pipeline.emulatorboot import BootCheckPlan
-from worker.pipeline.outputbase import base_reference, resolve_base
-from worker.pipeline.outputimage import ENTRYPOINT, Blob, OutputLayer, config_json, extract_eif, labels
-from worker.pipeline.push import output_reference, push
+from worker.pipeline.convert import convert
+from worker.pipeline.host import BLOB_FILES, RUNTIME_FILES, ConversionHost
+from worker.pipeline.outputimage import Blob, OutputLayer, extract_eif
+from worker.pipeline.push import output_reference
+from worker.pipeline.spec import ConvertResult, ConvertSpec, Progress, Workspace
+from worker.pipeline.stages import Packaged, Plan, prepare, push, resolve_output_base
 
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 1
 # bzImage.config is not in the EIF, but nitro-cli's kernel config names the kernel build: a new one is a new blob set.
 KEY_BLOB_FILES = (*BLOB_FILES, "bzImage.config")
-RUNTIME_FILES = ("shim", "run")
 # Pushes remembered per record, for mounts; the oldest are forgotten first.
 _MAX_PUSHES = 32
 
@@ -89,7 +75,7 @@ def _file_sha256(path: Path) -> str | None:
     return found
 
 
-def resolve_input(spec: ConvertSpec) -> tuple[Reference, FetchedManifest] | None:
+def resolve_input(spec: ConvertSpec, host: ConversionHost) -> tuple[Reference, FetchedManifest] | None:
     """The input's manifest as its registry serves it to this caller; None for a local engine image.
 
     Asked every time with the caller's credentials: a caller who cannot read the input fails here
@@ -99,30 +85,27 @@ def resolve_input(spec: ConvertSpec) -> tuple[Reference, FetchedManifest] | None
     ref = parse_image_source(spec.input_ref)
     if not isinstance(ref, Reference):
         return None
-    policy = HostPolicy.allowing(spec.insecure_registries)
-    with RegistryClient.for_reference(ref, credentials=spec.input_credentials, policy=policy) as client:
+    with RegistryClient.for_reference(ref, credentials=spec.input_credentials, policy=host.policy) as client:
         return ref, client.fetch_manifest(ref.repository, ref.digest or ref.manifest_reference)
 
 
-def conversion_key(spec: ConvertSpec, input_ref: Reference, input_digest: str, *, blobs_dir: Path,
-                   runtime_dir: Path, output_base: str, boot_check: bool | float | BootCheckPlan, limits: Limits | None,
-                   extra: Mapping[str, object]) -> str | None:
+def conversion_key(spec: ConvertSpec, host: ConversionHost, input_ref: Reference, input_digest: str) -> str | None:
     """sha256 over a canonical JSON of everything the output bytes depend on; None when a file is missing
     (then `convert()` runs and names what is missing)."""
-    blobs = {name: _file_sha256(blobs_dir / name) for name in KEY_BLOB_FILES}
-    runtime = {name: _file_sha256(runtime_dir / name) for name in RUNTIME_FILES}
+    blobs = {name: _file_sha256(host.blobs_dir / name) for name in KEY_BLOB_FILES}
+    runtime = {name: _file_sha256(host.runtime_dir / name) for name in RUNTIME_FILES}
     if any(blobs[name] is None for name in BLOB_FILES) or any(v is None for v in runtime.values()):
         return None
     signing = None
-    if spec.signing_key is not None or spec.signing_cert is not None:
-        cert = _file_sha256(spec.signing_cert) if spec.signing_cert else None
-        key = _file_sha256(spec.signing_key) if spec.signing_key else None
+    if host.signing_key is not None or host.signing_cert is not None:
+        cert = _file_sha256(host.signing_cert) if host.signing_cert else None
+        key = _file_sha256(host.signing_key) if host.signing_key else None
         if cert is None or key is None:
             return None
         signing = hashlib.sha256(f"{cert}:{key}".encode()).hexdigest()
     ca_bundle = None
-    if spec.ca_bundle is not None:
-        ca_bundle = _file_sha256(spec.ca_bundle)
+    if host.ca_bundle is not None:
+        ca_bundle = _file_sha256(host.ca_bundle)
         if ca_bundle is None:
             return None
     doc = {
@@ -137,38 +120,14 @@ def conversion_key(spec: ConvertSpec, input_ref: Reference, input_digest: str, *
         "runtime": runtime,
         "signing": signing,
         "ca_bundle": ca_bundle,
-        "output_base": output_base.strip(),
-        "output_compression": os.environ.get("NITROCONV_OUTPUT_COMPRESSION", ""),
+        "output_base": host.output_base.strip(),
+        "output_compression": host.output_compression.value,
         # A check recorded in one mode must not stand in for one asked in another (the emulator checks more).
-        "boot_check": boot_check.mode if isinstance(boot_check, BootCheckPlan) else boot_check is not False,
-        "limits": repr(limits),
-        "extra": {k: repr(v) for k, v in sorted(extra.items())},
+        "boot_check": host.boot_check.mode if host.boot_check is not None else False,
+        "limits": repr(host.limits),
     }
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _precheck(spec: ConvertSpec, blobs_dir: Path, runtime_dir: Path, output_base: str) -> bool:
-    """convert()'s checks that need no network. False when one fails: then convert() runs at once and fails
-    as it always did (a malformed request before any registry is asked, a missing blob by name)."""
-    if any(not (blobs_dir / name).is_file() for name in BLOB_FILES) or \
-            any(not (runtime_dir / name).is_file() for name in RUNTIME_FILES):
-        return False
-    if spec.cpu_count < 1 or (spec.mem_size_mib is not None and spec.mem_size_mib < 1):
-        return False
-    try:
-        parse_env(spec.options.env_vars, field="env_vars")
-        parse_env(spec.options.mutable_env_vars, field="mutable_env_vars")
-        output_reference(spec.output_ref)
-        base_reference(output_base)
-        check_java_mode(spec.options.java_mode)
-        if spec.signing_key is not None or spec.signing_cert is not None:
-            if spec.signing_key is None or spec.signing_cert is None:
-                return False
-            load_signer(spec.signing_key, spec.signing_cert)
-    except NitroconvError:
-        return False
-    return True
 
 
 def _version() -> str:
@@ -181,9 +140,9 @@ def _version() -> str:
 class ConversionCache:
     """Records of finished conversions (`<cache>/conversions/<key>.json`) over the shared blob store."""
 
-    def __init__(self, cache_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.dir = Path(cache_dir) / "conversions"
-        self.blobs = BlobStore(Path(cache_dir) / "blobs", max_bytes=max_bytes)
+    def __init__(self, host: ConversionHost) -> None:
+        self.dir = host.cache_dir / "conversions"
+        self.blobs = host.blob_store()
 
     def load(self, key: str) -> dict[str, Any] | None:
         try:
@@ -213,58 +172,33 @@ class ConversionCache:
         return Descriptor(str(layer["media_type"]), Digest.parse(layer["digest"]), int(layer["size"]))
 
 
-def convert_reusing(
-    spec: ConvertSpec,
-    *,
-    scratch: Path,
-    blobs_dir: Path,
-    cache_dir: Path,
-    on_stage: Callable[[Stage, float], None],
-    should_cancel: Callable[[], bool] = lambda: False,
-    eif_out: Path | None = None,
-    limits: Limits | None = None,
-    runtime_dir: Path | None = None,
-    boot_check: bool | float | BootCheckPlan = False,
-    output_base: str = "",
-    owner: str = "",
-    build_id: str | None = None,
-    reuse: bool = True,
-    cache_max_bytes: int = DEFAULT_MAX_BYTES,
-    **extra: Any,
-) -> ConvertResult:
+def convert_reusing(spec: ConvertSpec, host: ConversionHost, progress: Progress, work: Workspace) -> ConvertResult:
     """`convert()`, or the reuse of an identical earlier conversion (then `reused_from` is set).
 
-    `owner` is whose conversion this is (the account id; "" for the CLI), `build_id` the service's build.
-    `reuse=False` converts afresh (and still records the result for later hits).
+    `spec.reuse=False` converts afresh (and still records the result for later hits).
     """
-    cache = ConversionCache(cache_dir, max_bytes=cache_max_bytes)
-    runtime = runtime_dir or default_runtime_dir()
-    key = None
-    resolved = resolve_input(spec) if _precheck(spec, blobs_dir, runtime, output_base) else None
-    if resolved is not None:
-        key = conversion_key(spec, resolved[0], str(resolved[1].digest), blobs_dir=blobs_dir, runtime_dir=runtime,
-                             output_base=output_base, boot_check=boot_check, limits=limits, extra=extra)
+    cache = ConversionCache(host)
+    # A malformed request or a broken host fails here exactly as in convert(), before any registry is asked.
+    plan = prepare(spec, host, work)
+    resolved = resolve_input(spec, host)
+    key = conversion_key(spec, host, resolved[0], str(resolved[1].digest)) if resolved is not None else None
     try:
-        if key is not None and reuse:
+        if key is not None and spec.reuse:
             record = cache.load(key)
             if record is not None:
                 held = cache.blobs.open(cache.layer_descriptor(record))
                 if held is not None:
                     with held:
-                        return _reuse(spec, record, held, cache, key, on_stage=on_stage, should_cancel=should_cancel,
-                                      eif_out=eif_out, output_base=output_base, owner=owner, build_id=build_id)
+                        return _reuse(spec, host, progress, plan, record, held, cache, key)
                 log.info("conversion cache: layer of %s was evicted, converting again", key[:16])
         staged = _staging(cache) if key is not None else None
         try:
-            result = convert(spec, scratch=scratch, blobs_dir=blobs_dir, cache_dir=cache_dir, on_stage=on_stage,
-                             should_cancel=should_cancel, eif_out=eif_out, limits=limits, runtime_dir=runtime_dir,
-                             boot_check=boot_check, output_base=output_base, keep_layer=staged,
-                             cache_max_bytes=cache_max_bytes,
-                             input_manifest=resolved[1] if resolved is not None else None, **extra)
-            # The pull converted the very manifest the key names (input_manifest): the result is the key's.
+            # The pull converts the very manifest the key names, so the result is the key's.
+            pinned = replace(spec, input_manifest=resolved[1]) if resolved is not None else spec
+            result = convert(pinned, host, progress, replace(work, keep_layer=staged))
             if key is not None and result.layer_blob is not None and staged is not None and staged.exists():
                 try:
-                    _store(cache, key, result, staged, owner=owner, build_id=build_id)
+                    _store(cache, key, result, staged, owner=spec.owner, build_id=spec.build_id)
                 except (OSError, NitroconvError) as exc:
                     # The conversion was pushed: a cache that cannot keep it (a full disk) costs a later hit only.
                     log.warning("conversion cache: could not record %s: %s", key[:16], exc)
@@ -314,61 +248,41 @@ def _store(cache: ConversionCache, key: str, result: ConvertResult, staged: Path
     })
 
 
-def _reopener(held: IO[bytes]) -> Callable[[], IO[bytes]]:
-    """Fresh readers of a held file, even after an eviction unlinked its name (Linux /proc/self/fd)."""
-    path = f"/proc/self/fd/{held.fileno()}"
-    return lambda: open(path, "rb")  # noqa: SIM115 - the caller closes it
-
-
-def _reuse(spec: ConvertSpec, record: dict[str, Any], held: IO[bytes], cache: ConversionCache, key: str, *,
-           on_stage: Callable[[Stage, float], None], should_cancel: Callable[[], bool], eif_out: Path | None,
-           output_base: str, owner: str, build_id: str | None) -> ConvertResult:
-    out_ref = output_reference(spec.output_ref)
-    if spec.signing_key is not None and spec.signing_cert is not None:
-        # As convert() does per build: a certificate can expire while the service runs.
-        load_signer(spec.signing_key, spec.signing_cert)
-    if should_cancel():
-        raise Cancelled("conversion cancelled before pushing")
-    on_stage(Stage.PUSHING, 0.85)
-    base_ref = base_reference(output_base)
-    base = base_credentials = None
-    if base_ref is not None:
-        base_credentials = spec.output_credentials if base_ref.api_host == out_ref.api_host else None
-        base = resolve_base(base_ref, credentials=base_credentials, insecure_registries=spec.insecure_registries)
+def _reuse(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan, record: dict[str, Any],
+           held: IO[bytes], cache: ConversionCache, key: str) -> ConvertResult:
+    """convert()'s push stage, for the recorded layer (read through `held`, even if evicted meanwhile)."""
     layer_doc = record["layer"]
-    reopen = _reopener(held)
+    # /proc/self/fd: fresh readers of the held file, even after an eviction unlinked its name.
     layer = OutputLayer(Path(f"/proc/self/fd/{held.fileno()}"),
                         Blob(str(layer_doc["digest"]), int(layer_doc["size"]), str(layer_doc["media_type"])),
                         str(layer_doc["diff_id"]), str(record["eif_sha256"]))
     m = record["measurements"]
     measurements = Measurements(str(m["pcr0"]), str(m["pcr1"]), str(m["pcr2"]), m.get("pcr8"))
-    input_digest = str(record["input_digest"])
+    packaged = Packaged(layer, measurements, str(record["input_digest"]), resolve_output_base(host, plan))
+    out_ref = plan.output
     pushes = [Push(**p) for p in record.get("pushes", []) if isinstance(p, dict)]
     mount_from = next((p.repository for p in reversed(pushes)
-                       if p.owner == owner and p.registry == out_ref.api_host and p.repository != out_ref.repository),
-                      None)
-    pushed = push(out_ref, layer, config_json(layer, labels(measurements, input_digest), ENTRYPOINT, base), {},
-                  credentials=spec.output_credentials, insecure_registries=spec.insecure_registries, base=base,
-                  cache=cache.blobs if base is not None else None, base_credentials=base_credentials,
-                  layer_opener=reopen, mount_from=mount_from)
-    if eif_out is not None:
-        _extract_eif(Path(f"/proc/self/fd/{held.fileno()}"), layer, eif_out)
-    on_stage(Stage.PUSHING, 1.0)
+                       if p.owner == spec.owner and p.registry == out_ref.api_host
+                       and p.repository != out_ref.repository), None)
+    pushed = push(spec, host, progress, plan, packaged, mount_from=mount_from)
+    if plan.work.eif_out is not None:
+        _extract_eif(layer, plan.work.eif_out)
+    progress.finished()
     origin = record.get("origin") or {}
     # Another owner's build id or output name is theirs to know: a cross-account hit names only the cache entry.
-    if origin.get("owner") == owner:
+    if origin.get("owner") == spec.owner:
         reused_from = str(origin.get("build_id") or origin.get("reference"))
     else:
         reused_from = f"cache:{key[:32]}"
     record["pushes"] = [asdict(p) for p in pushes][-(_MAX_PUSHES - 1):] + [
-        asdict(Push(owner, out_ref.api_host, out_ref.repository, pushed.reference, build_id))]
+        asdict(Push(spec.owner, out_ref.api_host, out_ref.repository, pushed.reference, spec.build_id))]
     try:
         cache.save(key, record)
     except OSError as exc:
         log.warning("conversion cache: could not record the push to %s: %s", pushed.reference, exc)
     log.info("conversion cache hit key=%s output=%s mount_from=%s", key[:16], pushed.reference, mount_from)
     return ConvertResult(
-        input_digest=input_digest,
+        input_digest=packaged.input_digest,
         output_digest=pushed.digest,
         output_reference=pushed.reference,
         output_size=pushed.size,
@@ -386,9 +300,9 @@ def _reuse(spec: ConvertSpec, record: dict[str, Any], held: IO[bytes], cache: Co
     )
 
 
-def _extract_eif(layer_path: Path, layer: OutputLayer, out: Path) -> None:
+def _extract_eif(layer: OutputLayer, out: Path) -> None:
     """Write the cached layer's /enclave/app.eif to `out`, checking it against the recorded sha256."""
-    found = extract_eif(layer_path, layer.blob.media_type, Digest.parse(layer.diff_id), out)
+    found = extract_eif(layer.path, layer.blob.media_type, Digest.parse(layer.diff_id), out)
     if found is None:
         raise InvalidManifest("the cached layer has no /enclave/app.eif")
     if found != layer.eif_sha256:

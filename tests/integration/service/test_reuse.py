@@ -19,9 +19,11 @@ from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.require import skip_or_fail
 from worker.pipeline.bootcheck import QEMU
-from worker.pipeline.convert import ConverterOptions, ConvertSpec
+from worker.pipeline.emulatorboot import BootCheckPlan
+from worker.pipeline.host import ConversionHost
 from worker.pipeline.outputimage import fetch_eif
 from worker.pipeline.reuse import ConversionCache, convert_reusing
+from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
 
 from .conftest import Flow
 from .helpers import convert_request, ok, wait_ended
@@ -115,18 +117,22 @@ def local(flow, registry, tmp_path: Path):  # noqa: ANN001, ANN201
     s, _, _ = flow
     image = push_test_image(registry, f"reuse/local-{uuid.uuid4().hex[:6]}", "1")
 
-    def run(output: str, *, owner: str = "", blobs_dir: Path | None = None, cache: Path | None = None,
-            creds: Credentials | None = None, **kwargs: object):  # noqa: ANN202
+    def run(output: str, *, owner: str = "", blobs_dir: Path | None = None, creds: Credentials | None = None,
+            eif_out: Path | None = None):  # noqa: ANN202
         spec = ConvertSpec(input_ref=f"{registry.host}/{image.repo}:1", output_ref=f"{registry.host}/{output}:1",
                            input_credentials=creds, output_credentials=None,
                            options=ConverterOptions(env_vars=("GREETING=hi",)), cpu_count=2, mem_size_mib=512,
-                           insecure_registries=s.insecure_registries)
+                           owner=owner)
+        host = replace(_host(s, tmp_path), blobs_dir=blobs_dir or s.blobs_dir)
         scratch = tmp_path / f"scratch-{uuid.uuid4().hex[:6]}"
-        return convert_reusing(spec, scratch=scratch, blobs_dir=blobs_dir or s.blobs_dir,
-                               cache_dir=cache or tmp_path / "cache", on_stage=lambda *_: None,
-                               runtime_dir=s.runtime_dir, owner=owner, **kwargs)  # type: ignore[arg-type]
+        return convert_reusing(spec, host, Progress(), Workspace(scratch, eif_out=eif_out))
 
     return run
+
+
+def _host(s, tmp_path: Path, cache: str = "cache") -> ConversionHost:  # noqa: ANN001
+    """The service's host, with this test's own cache."""
+    return replace(ConversionHost.from_settings(s), cache_dir=tmp_path / cache)
 
 
 def test_a_changed_blob_is_a_miss(local, flow, tmp_path: Path):
@@ -142,9 +148,9 @@ def test_a_changed_blob_is_a_miss(local, flow, tmp_path: Path):
     assert again.reused_from is None and again.eif_sha256 == first.eif_sha256  # converted again, same EIF
 
 
-def test_an_evicted_layer_is_a_miss_and_is_converted_again(local, tmp_path: Path):
+def test_an_evicted_layer_is_a_miss_and_is_converted_again(local, flow, tmp_path: Path):
     first = local("reuse/evict-a")
-    cache = ConversionCache(tmp_path / "cache")
+    cache = ConversionCache(_host(flow.s, tmp_path))
     [record_file] = cache.dir.glob("*.json")
     record = json.loads(record_file.read_text())
     layer = cache.layer_descriptor(record)
@@ -159,7 +165,7 @@ def test_an_evicted_layer_is_a_miss_and_is_converted_again(local, tmp_path: Path
     assert hashlib.sha256((tmp_path / "hit.eif").read_bytes()).hexdigest() == first.eif_sha256
 
 
-def test_mounts_only_from_the_owners_repositories_and_a_declined_mount_uploads(local, registry, tmp_path: Path):
+def test_mounts_only_from_the_owners_repositories_and_a_declined_mount_uploads(local, flow, registry, tmp_path: Path):
     first = local("reuse/own-a", owner="acct-1")
     # Another owner reuses the conversion but must not mount from acct-1's repository (RELIABILITY §D73).
     other = local("reuse/theirs-b", owner="acct-2")
@@ -168,7 +174,7 @@ def test_mounts_only_from_the_owners_repositories_and_a_declined_mount_uploads(l
     assert _mounts_into(registry, "reuse/theirs-b") == [] and len(_uploads_to(registry, "reuse/theirs-b")) == 2
     # A record naming a repository that lacks the layer: the registry answers the mount with 202 and the
     # upload goes on in that session.
-    cache = ConversionCache(tmp_path / "cache")
+    cache = ConversionCache(_host(flow.s, tmp_path))
     [record_file] = cache.dir.glob("*.json")
     record = json.loads(record_file.read_text())
     empty = f"reuse/empty-{uuid.uuid4().hex[:6]}"
@@ -189,15 +195,13 @@ def test_the_caller_credentials_are_checked_on_every_hit(local, basic_registry, 
     spec = ConvertSpec(input_ref=f"{basic_registry.host}/{image.repo}:1", output_ref=f"{basic_registry.host}/x:1",
                        input_credentials=Credentials(basic_registry.username or "", basic_registry.password or ""),
                        output_credentials=Credentials(basic_registry.username or "", basic_registry.password or ""),
-                       options=ConverterOptions(), cpu_count=2, mem_size_mib=512,
-                       insecure_registries=s.insecure_registries)
-    kw = {"blobs_dir": s.blobs_dir, "cache_dir": tmp_path / "c", "on_stage": lambda *_: None,
-          "runtime_dir": s.runtime_dir}
-    assert convert_reusing(spec, scratch=tmp_path / "s1", **kw).reused_from is None  # type: ignore[arg-type]
-    assert convert_reusing(spec, scratch=tmp_path / "s2", **kw).reused_from is not None  # type: ignore[arg-type]
+                       options=ConverterOptions(), cpu_count=2, mem_size_mib=512)
+    host = _host(s, tmp_path, "c")
+    assert convert_reusing(spec, host, Progress(), Workspace(tmp_path / "s1")).reused_from is None
+    assert convert_reusing(spec, host, Progress(), Workspace(tmp_path / "s2")).reused_from is not None
     with pytest.raises(Unauthorized):
         convert_reusing(replace(spec, input_credentials=Credentials(basic_registry.username or "", "nope")),
-                        scratch=tmp_path / "s3", **kw)  # type: ignore[arg-type]
+                        host, Progress(), Workspace(tmp_path / "s3"))
 
 
 @pytest.mark.qemu
@@ -211,11 +215,9 @@ def test_a_hit_with_the_boot_check_on_reuses_the_recorded_boot(flow, registry, t
 
     def run(output: str):  # noqa: ANN202
         spec = ConvertSpec(input_ref=image.ref, output_ref=f"{registry.host}/{output}:1", input_credentials=None,
-                           output_credentials=None, options=ConverterOptions(), cpu_count=2, mem_size_mib=None,
-                           insecure_registries=s.insecure_registries)
-        return convert_reusing(spec, scratch=tmp_path / f"s-{output.rpartition('/')[2]}", blobs_dir=s.blobs_dir,
-                               cache_dir=tmp_path / "cache", on_stage=lambda *_: None, runtime_dir=s.runtime_dir,
-                               boot_check=90.0)
+                           output_credentials=None, options=ConverterOptions(), cpu_count=2, mem_size_mib=None)
+        host = replace(_host(s, tmp_path), boot_check=BootCheckPlan(timeout=90.0))
+        return convert_reusing(spec, host, Progress(), Workspace(tmp_path / f"s-{output.rpartition('/')[2]}"))
 
     first = run("reuse/boot-a")
     assert first.reused_from is None and first.boot_check is not None and first.boot_check["ok"] is True
@@ -226,9 +228,9 @@ def test_a_hit_with_the_boot_check_on_reuses_the_recorded_boot(flow, registry, t
     assert second.mem_size_mib == first.mem_size_mib
 
 
-def test_a_damaged_record_is_a_miss(local, tmp_path: Path):
+def test_a_damaged_record_is_a_miss(local, flow, tmp_path: Path):
     first = local("reuse/damaged-a")
-    [record_file] = ConversionCache(tmp_path / "cache").dir.glob("*.json")
+    [record_file] = ConversionCache(_host(flow.s, tmp_path)).dir.glob("*.json")
     record = json.loads(record_file.read_text())
     del record["measurements"]["pcr2"]
     record_file.write_text(json.dumps(record))

@@ -34,7 +34,7 @@ from tests.fixtures.devblobs import build_shim, runtime_target
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.require import skip_or_fail
-from worker.pipeline.convert import DEBUG_WARNING
+from worker.pipeline.stages import DEBUG_WARNING
 
 from .conftest import start_worker
 from .helpers import ok

@@ -12,7 +12,9 @@ from api.schemas.builds import BuildSchema
 from api.schemas.tasks import TaskSchema
 from common.store.engine import session_scope
 from tests.fixtures.images import push_test_image
-from worker.pipeline import convert as convert_module
+from worker.pipeline.convert import convert
+from worker.pipeline.host import ConversionHost
+from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
 
 from .conftest import Flow
 from .helpers import convert_request, ok, wait_ended
@@ -37,14 +39,13 @@ def test_worker_converts_and_records_the_engines_pcrs(flow: Flow, registry, tmp_
     assert build["status"]["status"] == "PENDING" and build["pending_task_id"]
 
     # The engine run here on the same input and options gives the same measurements (reproducible).
-    spec = convert_module.ConvertSpec(
+    spec = ConvertSpec(
         input_ref=src, output_ref=f"{registry.host}/svc/reference:1", input_credentials=None,
-        output_credentials=None, options=convert_module.ConverterOptions(env_vars=("GREETING=hi",)),
-        cpu_count=2, mem_size_mib=512, insecure_registries=frozenset({registry.host}))
+        output_credentials=None, options=ConverterOptions(env_vars=("GREETING=hi",)), cpu_count=2, mem_size_mib=512)
     (tmp_path / "scratch").mkdir()
-    direct = convert_module.convert(spec, scratch=tmp_path / "scratch", blobs_dir=s.blobs_dir,
-                                    cache_dir=tmp_path / "cache", on_stage=lambda *_: None,
-                                    runtime_dir=s.runtime_dir)
+    host = ConversionHost(blobs_dir=s.blobs_dir, runtime_dir=s.runtime_dir, cache_dir=tmp_path / "cache",
+                          insecure_registries=frozenset({registry.host}))
+    direct = convert(spec, host, Progress(), Workspace(tmp_path / "scratch"))
     nitro = build["attributes"]["eif"]["nitro_enclave"]
     assert (nitro["pcr0"], nitro["pcr1"], nitro["pcr2"]) == (
         direct.measurements.pcr0, direct.measurements.pcr1, direct.measurements.pcr2)

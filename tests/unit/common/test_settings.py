@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from common.errors import InvalidOptions
-from common.settings import Settings, load_or_create_secret, parse_bool
+from common.registry.auth import Credentials
+from common.settings import ClientSettings, Settings, load_or_create_secret, parse_bool
 
 
 def test_settings_defaults_match_the_contract():
@@ -38,8 +39,28 @@ def test_parse_bool_is_strict():
 
 
 def test_settings_repr_hides_secrets():
-    s = Settings.from_env({"NITROCONV_SECRET_KEY": "s3cret-canary", "NITROCONV_ADMIN_PASSWORD": "pw-canary"})
-    assert "s3cret-canary" not in repr(s) and "pw-canary" not in repr(s)
+    s = Settings.from_env({"NITROCONV_SECRET_KEY": "s3cret-canary", "NITROCONV_ADMIN_PASSWORD": "pw-canary",
+                           "NITROCONV_INPUT_USER": "u", "NITROCONV_INPUT_PASSWORD": "reg-canary"})
+    assert "s3cret-canary" not in repr(s) and "pw-canary" not in repr(s) and "reg-canary" not in repr(s)
+
+
+def test_settings_cli_registry_credentials():
+    s = Settings.from_env({"NITROCONV_INPUT_USER": "alice", "NITROCONV_INPUT_PASSWORD": "pw",
+                           "NITROCONV_OUTPUT_PASSWORD": "token-only"})
+    assert s.input_credentials == Credentials("alice", "pw")
+    assert s.output_credentials == Credentials("", "token-only")
+    assert Settings.from_env({}).input_credentials is None and Settings.from_env({}).output_credentials is None
+
+
+def test_client_settings_url_token_and_session_file(tmp_path):
+    assert ClientSettings.from_env({}).url == "http://127.0.0.1:8080"
+    assert ClientSettings.from_env({"NITROCONV_API_ADDR": "10.0.0.1:9"}).url == "http://10.0.0.1:9"
+    c = ClientSettings.from_env({"NITROCONV_URL": "https://conv.example", "NITROCONV_API_ADDR": "10.0.0.1:9",
+                                 "NITROCONV_TOKEN": "tok-canary", "NITROCONV_CLIENT_CONFIG": str(tmp_path / "s.json")})
+    assert (c.url, c.token, c.session_file) == ("https://conv.example", "tok-canary", tmp_path / "s.json")
+    assert "tok-canary" not in repr(c)
+    # The service's settings do not concern the client: a value they would refuse is not read.
+    assert ClientSettings.from_env({"NITROCONV_ENV": "nonsense"}).token is None
 
 
 def test_secret_is_created_once_and_shared(tmp_path):

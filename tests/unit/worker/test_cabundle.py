@@ -15,7 +15,8 @@ from common.errors import CaBundleNotConfigured, InvalidCaBundle, InvalidOptions
 from common.image.filetree import BytesContent, NodeKind, SpoolContent, Tree
 from common.options import JAVA_MODES, check_java_mode
 from worker.pipeline.cabundle import append_ca_bundle, load_ca_bundle
-from worker.pipeline.convert import DEBUG_WARNING, ConverterOptions, option_warnings
+from worker.pipeline.spec import ConverterOptions
+from worker.pipeline.stages import DEBUG_WARNING, option_warnings
 
 DISTRO_BUNDLE = b"-----BEGIN CERTIFICATE-----\nDISTRO\n-----END CERTIFICATE-----\n"
 

@@ -1,4 +1,4 @@
-"""The converter's side of the exec shim (worker/pipeline/convert.py): argv[0] warnings and finding the shim."""
+"""The converter's side of the exec shim (worker/pipeline/stages.py, host.py): argv[0] warnings, finding the shim."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,9 @@ import pytest
 from common.enclave.launch import LaunchSpec
 from common.errors import InvalidBlobs
 from common.image.filetree import BytesContent, Tree
-from worker.pipeline.convert import _shim, command_warnings, default_runtime_dir
+from common.settings import Settings
+from worker.pipeline.host import ConversionHost
+from worker.pipeline.stages import command_warnings
 
 
 def _tree() -> Tree:
@@ -40,17 +42,28 @@ def test_convert_command_warnings_when_argv0_cannot_start(argv0: str, path: str)
     assert repr(argv0) in warning and "will fail to start it" in warning
 
 
-def test_convert_runtime_dir_from_env_then_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("NITROCONV_RUNTIME_DIR", str(tmp_path / "rt"))
-    assert default_runtime_dir() == tmp_path / "rt"
-    monkeypatch.delenv("NITROCONV_RUNTIME_DIR")
-    monkeypatch.setenv("NITROCONV_STATE_DIR", str(tmp_path / "state"))
-    assert default_runtime_dir() == tmp_path / "state" / "runtime"
+def test_convert_host_dirs_from_the_settings(tmp_path: Path) -> None:
+    host = ConversionHost.from_settings(Settings.from_env({"NITROCONV_RUNTIME_DIR": str(tmp_path / "rt")}))
+    assert host.runtime_dir == tmp_path / "rt"
+    host = ConversionHost.from_settings(Settings.from_env({"NITROCONV_STATE_DIR": str(tmp_path / "state")}))
+    assert host.runtime_dir == tmp_path / "state" / "runtime"
+    assert (host.blobs_dir, host.cache_dir) == (tmp_path / "state" / "blobs", tmp_path / "state" / "cache")
+
+
+def test_convert_host_limits_and_format_are_the_settings(tmp_path: Path) -> None:
+    host = ConversionHost.from_settings(Settings.from_env({
+        "NITROCONV_MAX_IMAGE_BYTES": "12345", "NITROCONV_OUTPUT_COMPRESSION": "zstd", "NITROCONV_BOOT_CHECK": "1",
+        "NITROCONV_BOOT_CHECK_MODE": "plain", "NITROCONV_CACHE_MAX_BYTES": "0"}))
+    assert host.limits.max_total_bytes == 12345 and host.limits.max_path_bytes == 4096 - 1 - len("rootfs/")
+    assert host.output_compression == "zstd" and host.cache_max_bytes == 0
+    assert host.boot_check is not None and host.boot_check.mode == "plain"
+    assert ConversionHost.from_settings(Settings()).boot_check is None
 
 
 def test_convert_missing_shim_is_invalid_blobs_naming_make_runtime(tmp_path: Path) -> None:
+    host = ConversionHost(blobs_dir=tmp_path, runtime_dir=tmp_path, cache_dir=tmp_path)
     with pytest.raises(InvalidBlobs) as err:
-        _shim(tmp_path)
+        host.shim()
     assert "make runtime" in err.value.message and err.value.details["missing"] == ["shim"]
     (tmp_path / "shim").write_bytes(b"\x7fELF")
-    assert _shim(tmp_path) == tmp_path / "shim"
+    assert host.shim() == tmp_path / "shim"

@@ -6,9 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import InvalidBlobs, InvalidOptions, InvalidReference
 from common.registry.reference import parse_reference
-from worker.pipeline.convert import ConverterOptions, ConvertSpec
-from worker.pipeline.reuse import KEY_BLOB_FILES, RUNTIME_FILES, _precheck, conversion_key
+from common.util.compression import Compression
+from worker.pipeline.emulatorboot import BootCheckPlan
+from worker.pipeline.host import RUNTIME_FILES, ConversionHost
+from worker.pipeline.reuse import KEY_BLOB_FILES, conversion_key
+from worker.pipeline.spec import ConverterOptions, ConvertSpec, Workspace
+from worker.pipeline.stages import prepare
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -30,12 +35,14 @@ SPEC = ConvertSpec(input_ref="reg.example:5000/team/app:1", output_ref="reg.exam
                    options=ConverterOptions(env_vars=("A=1",)), cpu_count=2, mem_size_mib=None)
 
 
+def host(dirs: tuple[Path, Path], **kw: object) -> ConversionHost:
+    return ConversionHost(blobs_dir=dirs[0], runtime_dir=dirs[1], cache_dir=dirs[0].parent / "cache",
+                          **kw)  # type: ignore[arg-type]
+
+
 def key(dirs: tuple[Path, Path], spec: ConvertSpec = SPEC, *, digest: str = DIGEST,
         ref: str = "reg.example:5000/team/app:1", **kw: object) -> str | None:
-    args: dict[str, object] = {"output_base": "", "boot_check": False, "limits": None, "extra": {}}
-    args.update(kw)
-    return conversion_key(spec, parse_reference(ref), digest, blobs_dir=dirs[0], runtime_dir=dirs[1],
-                          **args)  # type: ignore[arg-type]
+    return conversion_key(spec, host(dirs, **kw), parse_reference(ref), digest)
 
 
 def test_equal_conversions_have_equal_keys_and_the_output_name_does_not_count(dirs) -> None:  # noqa: ANN001
@@ -54,10 +61,19 @@ def test_equal_conversions_have_equal_keys_and_the_output_name_does_not_count(di
     lambda d: key(d, replace(SPEC, cpu_count=4)),
     lambda d: key(d, replace(SPEC, mem_size_mib=1024)),
     lambda d: key(d, output_base="reg.example:5000/base:1"),
-    lambda d: key(d, boot_check=True),
+    lambda d: key(d, boot_check=BootCheckPlan()),
+    lambda d: key(d, boot_check=BootCheckPlan(mode="plain")) != key(d, boot_check=BootCheckPlan(mode="emulator")),
+    lambda d: key(d, output_compression=Compression.ZSTD),
+    lambda d: key(d, limits=replace(host(d).limits, max_total_bytes=1 << 20)),
 ])
 def test_anything_that_changes_the_output_changes_the_key(dirs, change) -> None:  # noqa: ANN001
-    assert change(dirs) != key(dirs)
+    assert change(dirs) not in (key(dirs), False)
+
+
+def test_what_does_not_change_the_output_does_not_change_the_key(dirs) -> None:  # noqa: ANN001
+    assert key(dirs, stream_push=False) == key(dirs, cache_max_bytes=1) == key(dirs)
+    assert key(dirs, insecure_registries=frozenset({"reg.example:5000"})) == key(dirs)
+    assert key(dirs, replace(SPEC, owner="account", build_id="b", reuse=False)) == key(dirs)
 
 
 @pytest.mark.parametrize("name", [*KEY_BLOB_FILES, *RUNTIME_FILES])
@@ -68,11 +84,16 @@ def test_every_blob_and_runtime_file_counts(dirs, name: str) -> None:  # noqa: A
     assert key(dirs) != before
 
 
-def test_a_missing_file_or_a_bad_option_skips_reuse_and_leaves_the_error_to_convert(dirs) -> None:  # noqa: ANN001
-    blobs, runtime = dirs
-    assert _precheck(SPEC, blobs, runtime, "")
-    assert not _precheck(replace(SPEC, options=ConverterOptions(env_vars=("no-equals",))), blobs, runtime, "")
-    assert not _precheck(replace(SPEC, output_ref="reg.example:5000/team/out@" + DIGEST), blobs, runtime, "")
-    (runtime / "shim").unlink()
-    assert not _precheck(SPEC, blobs, runtime, "")
+def test_a_missing_file_or_a_bad_option_fails_before_any_registry_is_asked(dirs, tmp_path: Path) -> None:  # noqa: ANN001
+    """reuse and convert() share these checks (stages.prepare): the same errors, before any network I/O."""
+    work = Workspace(tmp_path / "scratch")
+    assert prepare(SPEC, host(dirs), work).output.repository == "team/out"
+    with pytest.raises(InvalidOptions):
+        prepare(replace(SPEC, options=ConverterOptions(env_vars=("no-equals",))), host(dirs), work)
+    with pytest.raises(InvalidReference):
+        prepare(replace(SPEC, output_ref="reg.example:5000/team/out@" + DIGEST), host(dirs), work)
+    (dirs[1] / "shim").unlink()
+    with pytest.raises(InvalidBlobs):
+        prepare(SPEC, host(dirs), work)
     assert key(dirs) is None
+    assert not work.scratch.exists()

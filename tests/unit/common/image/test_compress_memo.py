@@ -12,10 +12,10 @@ from common.image.compress import (
     DEFLATE_WINDOW,
     DEFLATED,
     GZIP_BLOCK,
-    Compression,
     KnownRange,
     open_compressor,
 )
+from common.util.compression import Compression
 from tests.fixtures.samples import sample
 
 

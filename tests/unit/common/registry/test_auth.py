@@ -46,7 +46,7 @@ def test_credentials_never_show_the_password():
 @pytest.mark.parametrize("user,password", [("a:b", "p"), ("a", "p\r\nX-Injected: 1"), ("a\n", "p")])
 def test_credentials_refuse_header_breaking_values(user, password):
     with pytest.raises(InvalidOptions):
-        Credentials(user, password)
+        Credentials(user, password).check()
 
 
 def test_token_cache_expires_early_and_keys_by_scope_set():

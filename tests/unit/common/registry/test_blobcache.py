@@ -11,7 +11,8 @@ import zstandard
 from common.errors import DigestMismatch, InvalidDigest, InvalidLayer, LimitExceeded, UnsupportedMediaType
 from common.registry.blobcache import BlobStore, open_layer
 from common.registry.digest import Digest
-from common.registry.manifests import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Compression, Descriptor
+from common.registry.manifests import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
+from common.util.compression import Compression
 
 
 def make_tar(files: dict[str, bytes]) -> bytes:

@@ -17,7 +17,6 @@ from common.registry.manifests import (
     OCI_LAYER_GZIP,
     OCI_LAYER_ZSTD,
     OCI_MANIFEST,
-    Compression,
     Index,
     Manifest,
     Platform,
@@ -31,6 +30,7 @@ from common.registry.manifests import (
     parse_manifest_document,
     select_manifest,
 )
+from common.util.compression import Compression
 
 
 def dg(seed: str) -> str:
