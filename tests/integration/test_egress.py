@@ -1,0 +1,499 @@
+"""Egress of a converted enclave at process level: the enclave's egressd (worker/runtime/egressd.c, the shipped
+binary) in a network namespace with only loopback, the parent's egress service (egress.c) in another, and a
+test host in a third, joined to the parent's by a veth pair. The vsock between enclave and parent is a Unix socket
+here (egressd --parent-uds, egress --listen-uds); the emulator test takes the real vsock path. Names are the
+parent's: its /etc/hosts, bind-mounted in its own mount namespace. Clients run in threads that entered the
+enclave's namespace (setns), so they see exactly what a program in the enclave sees: loopback only."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fixtures.devblobs import RUNTIME_SOURCES, make
+from tests.fixtures.require import skip_or_fail
+
+pytestmark = pytest.mark.integration
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+TAG = f"nco{os.getpid() % 100000}"
+SUBNET = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}"
+HOST_A = f"{SUBNET}.2"  # the allowed services
+HOST_B = f"{SUBNET}.3"  # a denied address
+HOSTS = (f"{HOST_A} allowed.test api.allowed.test www.allowed.test\n"
+         f"{HOST_B} denied.test evil.allowed.test\n")
+
+
+def _setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class Netns:
+    """A named network namespace and a pool of threads living in it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        _ip("netns", "add", name)
+        _ip("-n", name, "link", "set", "lo", "up")
+        self.pool = ThreadPoolExecutor(max_workers=64, initializer=_setns, initargs=(f"/run/netns/{name}",))
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
+        return self.pool.submit(fn, *args).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+class _Http(socketserver.BaseRequestHandler):
+    """Answers one request with where it arrived and what was asked; the body never comes back in logs."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        first = head.split(b"\r\n", 1)[0].decode()
+        local = sock.getsockname()
+        body = f"{local[0]}:{local[1]} {first}".encode()
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@dataclass
+class Lab:
+    root: Path
+    parent_ns: Netns
+    svc_ns: Netns
+    egressd: Path
+    egress: Path
+    parent_sock: Path
+    parent_log: Path
+    servers: list[_Server] = field(default_factory=list)
+    held: list[socket.socket] = field(default_factory=list)
+
+    def start_parent(self, sock: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+        hosts, resolv = self.root / "hosts", self.root / "resolv.conf"
+        script = (f'mount --bind "{hosts}" /etc/hosts && mount --bind "{resolv}" /etc/resolv.conf && '
+                  f'exec "{self.egress}" --listen-uds "{sock}" "$@"')
+        proc = subprocess.Popen(["ip", "netns", "exec", self.parent_ns.name, "sh", "-c", script, "egress", *args],
+                                stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+        _wait_for(lambda: sock.exists(), f"the parent's socket {sock}")
+        return proc
+
+
+def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _nxdomain_server(sock: socket.socket) -> None:
+    """The parent's DNS: every name not in its /etc/hosts does not exist."""
+    while True:
+        try:
+            query, peer = sock.recvfrom(4096)
+        except OSError:
+            return
+        if len(query) >= 12:
+            sock.sendto(query[:2] + b"\x81\x83" + query[4:6] + b"\0" * 6 + query[12:], peer)
+
+
+def _slow_peer(listener: socket.socket, held: list[socket.socket]) -> None:
+    """Accepts and then neither reads nor writes: a peer that stalls whoever waits on it."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        held.append(conn)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        skip_or_fail("network namespaces need root and iproute2")
+    root = tmp_path_factory.mktemp("egress")
+    out = root / "bin"
+    make(RUNTIME_SOURCES, f"OUT={out}", f"{out}/egressd", f"{out}/egress")
+    (root / "hosts").write_text("127.0.0.1 localhost\n" + HOSTS)
+    (root / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    parent_ns, svc_ns = Netns(f"{TAG}-par"), Netns(f"{TAG}-svc")
+    lab = Lab(root, parent_ns, svc_ns, out / "egressd", out / "egress", root / "parent.sock", root / "parent.log")
+    procs = []
+    try:
+        _ip("link", "add", f"{TAG}-p", "netns", parent_ns.name, "type", "veth", "peer", "name", f"{TAG}-s",
+            "netns", svc_ns.name)
+        _ip("-n", parent_ns.name, "addr", "add", f"{SUBNET}.1/24", "dev", f"{TAG}-p")
+        _ip("-n", parent_ns.name, "link", "set", f"{TAG}-p", "up")
+        _ip("-n", svc_ns.name, "addr", "add", f"{HOST_A}/24", "dev", f"{TAG}-s")
+        _ip("-n", svc_ns.name, "addr", "add", f"{HOST_B}/24", "dev", f"{TAG}-s")
+        _ip("-n", svc_ns.name, "link", "set", f"{TAG}-s", "up")
+        for host, port in ((HOST_A, 8080), (HOST_A, 8081), (HOST_B, 8080)):
+            server = svc_ns.call(_Server, (host, port), _Http)
+            lab.servers.append(server)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+        slow = svc_ns.call(socket.create_server, (HOST_A, 9009))
+        threading.Thread(target=_slow_peer, args=(slow, lab.held), daemon=True).start()
+        resolver = parent_ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+        resolver.bind(("127.0.0.1", 53))
+        threading.Thread(target=_nxdomain_server, args=(resolver,), daemon=True).start()
+        procs.append(lab.start_parent(lab.parent_sock, lab.parent_log))
+        yield lab
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+        for server in lab.servers:
+            server.shutdown()
+            server.server_close()
+        for held in lab.held:
+            held.close()
+        parent_ns.close()
+        svc_ns.close()
+
+
+@dataclass
+class Enclave:
+    ns: Netns
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+_counter = iter(range(1000))
+
+
+@pytest.fixture
+def enclave(lab: Lab, tmp_path: Path) -> Iterator[Callable[..., Enclave]]:
+    started: list[Enclave] = []
+
+    def start(policy: dict[str, Any], parent_sock: Path | None = None) -> Enclave:
+        n = next(_counter)
+        path = tmp_path / f"network-{n}.json"
+        path.write_text(json.dumps({"egress": policy, "hostname": "app", "ingress": []}, sort_keys=True,
+                                   separators=(",", ":")))
+        ns = Netns(f"{TAG}-enc{n}")
+        log = tmp_path / f"egressd-{n}.log"
+        proc = subprocess.Popen(["ip", "netns", "exec", ns.name, str(lab.egressd), "--policy", str(path),
+                                 "--parent-uds", str(parent_sock or lab.parent_sock), "--foreground"],
+                                stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+        enc = Enclave(ns, proc, log)
+        started.append(enc)
+        if policy["mode"] != "none":
+            _wait_for(lambda: ns.call(_listening, 3128), "egressd's proxy")
+        return enc
+
+    yield start
+    for enc in started:
+        if enc.proc.poll() is None:
+            enc.proc.terminate()
+            enc.proc.wait(10)
+        enc.ns.close()
+
+
+# ---- clients (run in the enclave's namespace) -----------------------------------------------------------------
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _response(raw: bytes) -> tuple[int, str]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode(errors="replace")
+
+
+def proxy_get(url: str) -> tuple[int, str]:
+    """An absolute-form request through the proxy, as a program with HTTP_PROXY sends one."""
+    with socket.create_connection(("127.0.0.1", 3128), timeout=15) as sock:
+        host = url.split("/")[2] if "://" in url else "somewhere"
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nProxy-Connection: keep-alive\r\n\r\n".encode())
+        return _response(_read_all(sock))
+
+
+def proxy_connect(host: str, port: int, path: str = "/") -> tuple[int, str]:
+    """A CONNECT tunnel (what HTTPS_PROXY makes), then one plain request through it."""
+    with socket.create_connection(("127.0.0.1", 3128), timeout=15) as sock:
+        sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            return status, _read_all(sock).decode(errors="replace")
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return _response(_read_all(sock))
+
+
+def dns(name: str, qtype: int = 1, tcp: bool = False) -> tuple[int, list[str]]:
+    """One query to the stub at 127.0.0.1:53: its RCODE and the A/AAAA addresses answered."""
+    query = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0)
+    query += b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    query += struct.pack("!HH", qtype, 1)
+    if tcp:
+        with socket.create_connection(("127.0.0.1", 53), timeout=15) as sock:
+            sock.sendall(struct.pack("!H", len(query)) + query)
+            size = struct.unpack("!H", sock.recv(2))[0]
+            answer = b""
+            while len(answer) < size:
+                answer += sock.recv(size - len(answer))
+    else:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(15)
+            sock.sendto(query, ("127.0.0.1", 53))
+            answer = sock.recv(4096)
+    ident, flags, qd, an = struct.unpack("!HHHH", answer[:8])
+    assert ident == 0x4242 and flags & 0x8000 and qd == 1
+    pos = len(query)
+    addrs = []
+    for _ in range(an):
+        rtype, _cls, _ttl, rdlen = struct.unpack("!HHIH", answer[pos + 2:pos + 12])
+        rdata = answer[pos + 12:pos + 12 + rdlen]
+        addrs.append(socket.inet_ntop(socket.AF_INET if rtype == 1 else socket.AF_INET6, rdata))
+        pos += 12 + rdlen
+    return flags & 0xF, addrs
+
+
+def direct(host: str, port: int) -> str:
+    """A program's own TCP connection (transparent mode): the body, or the error's name."""
+    try:
+        with socket.create_connection((host, port), timeout=15) as sock:
+            sock.sendall(f"GET /direct HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            raw = _read_all(sock)
+    except OSError as exc:
+        return type(exc).__name__
+    return _response(raw)[1] if raw else "EOF"
+
+
+NOERROR, SERVFAIL, NXDOMAIN = 0, 2, 3
+
+POLICY = {
+    "mode": "proxy",
+    "allow": [{"host": "allowed.test", "ports": [8080]}, {"host": "*.allowed.test"},
+              {"cidr": f"{HOST_A}/32", "ports": ["8081-8082"]}],
+    "deny": [{"host": "api.allowed.test"}, {"cidr": f"{HOST_B}/32"}],
+}
+
+
+# ---- the tests ----------------------------------------------------------------------------------------------
+
+
+def test_parent_protocol(lab: Lab) -> None:
+    """The parent service on its own: R and C lines, and what it refuses."""
+
+    def ask(line: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(15)
+            sock.connect(str(lab.parent_sock))
+            sock.sendall(line)
+            return _read_all(sock) if not line.startswith(b"C ") else sock.recv(64)
+
+    assert ask(b"R allowed.test\n") == f"A {HOST_A}\n".encode()
+    assert ask(b"R no-such-name.test\n") == b"ERR dns\n"
+    assert ask(f"C {HOST_A} 8080\n".encode()) == b"OK\n"
+    assert ask(f"C {HOST_A} 7\n".encode()) == b"ERR refused\n"
+    assert ask(b"C allowed.test 8080 extra\n") == b"ERR refused\n"
+    assert ask(b"X what\n") == b"ERR refused\n"
+    assert ask(b"R " + b"a" * 400 + b"\n") == b"ERR refused\n"
+
+
+def test_proxy_mode(lab: Lab, enclave: Callable[..., Enclave]) -> None:
+    enc = enclave(POLICY)
+    call = enc.ns.call
+    # By name: a CONNECT tunnel and an absolute-form request, to the address the parent's names give.
+    status, body = call(proxy_connect, "allowed.test", 8080, "/secret-path")
+    assert (status, body) == (200, f"{HOST_A}:8080 GET /secret-path HTTP/1.1")
+    assert call(proxy_get, "http://allowed.test:8080/x?y=1") == (200, f"{HOST_A}:8080 GET /x?y=1 HTTP/1.1")
+    assert call(proxy_connect, "www.allowed.test", 8081)[0] == 200  # the wildcard, any port
+    # By address: a cidr rule, or the name the address was resolved for.
+    assert call(proxy_connect, HOST_A, 8081)[0] == 200
+    assert call(proxy_connect, HOST_A, 8080)[0] == 200  # allowed.test resolved to it above
+    # Refused: a port the rules do not give, a denied name (deny wins over the wildcard), a name with no rule,
+    # a name the parent maps into a denied cidr, a denied address; a name that does not resolve.
+    assert call(proxy_connect, "allowed.test", 9999)[0] == 403
+    assert call(proxy_connect, "api.allowed.test", 8080)[0] == 403
+    assert call(proxy_connect, "denied.test", 8080)[0] == 403
+    assert call(proxy_connect, "evil.allowed.test", 8080)[0] == 403
+    assert call(proxy_connect, HOST_B, 8080)[0] == 403
+    assert call(proxy_get, f"http://{HOST_B}:8080/")[0] == 403
+    assert call(proxy_connect, "nothing.allowed.test", 8080)[0] == 502
+    # The parent may refuse too (nothing listens there): the program gets a 502, not a hang.
+    assert call(proxy_connect, HOST_A, 8082)[0] == 502
+    assert call(proxy_get, "/origin-form-is-for-servers")[0] == 400
+    # A line per connection on both sides, with what was decided and the bytes; never a payload.
+    log = enc.text()
+    assert "allowed.test port 9999: refused by policy" in log and f"{HOST_B} port 8080: refused by policy" in log
+    assert "bytes out" in log
+    parent = lab.parent_log.read_text()
+    assert f"connect {HOST_A} port 8080 ({HOST_A}): open" in parent and "bytes in" in parent
+    assert f"connect {HOST_B}" not in parent  # refused in the enclave: never asked for
+    assert "secret-path" not in log + parent
+
+
+def test_dns_stub(lab: Lab, enclave: Callable[..., Enclave]) -> None:
+    enc = enclave(POLICY)
+    call = enc.ns.call
+    assert call(dns, "allowed.test") == (NOERROR, [HOST_A])
+    assert call(dns, "ALLOWED.test", 1, True) == (NOERROR, [HOST_A])  # over TCP, any case
+    assert call(dns, "www.allowed.test") == (NOERROR, [HOST_A])
+    assert call(dns, "allowed.test", 28) == (NOERROR, [])  # AAAA: no data (IPv6 goes by name, via the proxy)
+    assert call(dns, "denied.test") == (NXDOMAIN, [])
+    assert call(dns, "api.allowed.test") == (NXDOMAIN, [])
+    assert call(dns, "evil.allowed.test") == (NXDOMAIN, [])  # the parent's answer lies in a denied cidr
+    assert call(dns, "denied.test", 28) == (NXDOMAIN, [])
+    assert call(dns, "nothing.allowed.test") == (NXDOMAIN, [])
+    assert call(dns, "example.com", 1, True) == (NXDOMAIN, [])
+
+
+def test_transparent_mode(lab: Lab, enclave: Callable[..., Enclave]) -> None:
+    enc = enclave({**POLICY, "mode": "transparent"})
+    if "transparent egress is off" in enc.text():
+        skip_or_fail(f"this kernel cannot take the nat rule: {enc.text()}")
+    call = enc.ns.call
+    # An address nobody resolved and no cidr rule gives: reset.
+    assert call(direct, HOST_A, 8080) == "ConnectionResetError"
+    # By name: resolve through the stub, then connect to what it answered.
+    assert call(dns, "allowed.test") == (NOERROR, [HOST_A])
+    assert call(direct, HOST_A, 8080) == f"{HOST_A}:8080 GET /direct HTTP/1.1"
+    # By address (a cidr rule); refused: a denied address, a port no rule gives.
+    assert call(direct, HOST_A, 8081) == f"{HOST_A}:8081 GET /direct HTTP/1.1"
+    assert call(direct, HOST_B, 8080) == "ConnectionResetError"
+    assert call(direct, HOST_A, 9999) == "ConnectionResetError"
+    assert call(dns, "denied.test") == (NXDOMAIN, [])
+    # Loopback stays loopback: the rule leaves 127.0.0.0/8 alone (the program's own ports, the stub, the proxy).
+    assert call(proxy_connect, "allowed.test", 8080)[0] == 200
+    assert "transparent" in enc.text() and f"{HOST_B} port 8080: refused by policy" in enc.text()
+
+
+def test_storm_and_slow_peers(lab: Lab, enclave: Callable[..., Enclave]) -> None:
+    enc = enclave({"mode": "proxy", "allow": [{"cidr": f"{SUBNET}.0/24"}], "deny": []})
+
+    def hold_slow_tunnel() -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", 3128), timeout=15)
+        sock.sendall(f"CONNECT {HOST_A}:9009 HTTP/1.1\r\n\r\n".encode())
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        sock.setblocking(False)
+        try:  # fill every buffer on the way: the peer never reads
+            while True:
+                sock.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        return sock
+
+    def hold_silent_client() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", 3128), timeout=15)  # sends no request head
+
+    held = [enc.ns.call(hold_slow_tunnel) for _ in range(20)] + [enc.ns.call(hold_silent_client) for _ in range(20)]
+    try:
+        # 300 tunnels at once, 48 at a time, while those stall: every one gets through.
+        futures = [enc.ns.pool.submit(proxy_connect, HOST_A, 8080, f"/storm/{i}") for i in range(300)]
+        results = [f.result(timeout=120) for f in futures]
+        assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200][:3]
+        start = time.monotonic()
+        assert enc.ns.call(proxy_connect, HOST_A, 8080)[0] == 200
+        assert enc.ns.call(dns, "allowed.test") == (NOERROR, [HOST_A])
+        assert time.monotonic() - start < 5
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_parent_dying_does_not_hang_the_program(lab: Lab, enclave: Callable[..., Enclave], tmp_path: Path) -> None:
+    sock, log = tmp_path / "parent2.sock", tmp_path / "parent2.log"
+    parent = lab.start_parent(sock, log)
+    enc = enclave({"mode": "proxy", "allow": [{"host": "*.test"}, {"cidr": f"{SUBNET}.0/24"}], "deny": []},
+                  parent_sock=sock)
+
+    def open_tunnel() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", 3128), timeout=15)
+        s.sendall(f"CONNECT {HOST_A}:9009 HTTP/1.1\r\n\r\n".encode())
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+        return s
+
+    tunnel = enc.ns.call(open_tunnel)
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        start = time.monotonic()
+        tunnel.settimeout(10)
+        try:
+            assert tunnel.recv(64) == b""  # the tunnel ends...
+        except ConnectionResetError:
+            pass
+        assert enc.ns.call(proxy_connect, "allowed.test", 8080)[0] == 502  # ...new ones fail at once
+        assert enc.ns.call(dns, "www.allowed.test") == (SERVFAIL, [])
+        assert time.monotonic() - start < 5
+    finally:
+        tunnel.close()
+
+
+@pytest.mark.parametrize("text", ['{"egress":{"mode":"none","allow":[],"deny":[]}}',
+                                  '{"egress":{"mode":"proxy","allow":[{"host":"a.test","port":[1]}]}}',
+                                  '{"egress":{"mode":"proxy","allow":[{"cidr":"10.0.0.0/33"}]}}',
+                                  '{"egress":{"mode":"sideways"}}'])
+def test_no_egress_without_a_readable_policy(lab: Lab, tmp_path: Path, text: str) -> None:
+    """Mode none, or a policy egressd cannot read in full (an unknown key, a bad cidr, an unknown mode): no
+    listener at all, so nothing leaves; the program's connections fail at once rather than hang."""
+    path = tmp_path / "network.json"
+    path.write_text(text)
+    ns = Netns(f"{TAG}-none{next(_counter)}")
+    try:
+        done = subprocess.run(["ip", "netns", "exec", ns.name, str(lab.egressd), "--policy", str(path),
+                               "--parent-uds", str(lab.parent_sock)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0
+        assert ("mode none" in done.stderr) if "none" in text else ("refused" in done.stderr), done.stderr
+        assert not ns.call(_listening, 3128) and not ns.call(_listening, 53)
+    finally:
+        ns.close()
