@@ -6,10 +6,12 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from common.enclave.egress import EGRESS_SERVICE_NAME, EGRESSD_NAME, proxy_env, ships_egressd
 from common.enclave.launch import LaunchSpec, launch_spec, parse_env
 from common.enclave.measure import Measurements
 from common.enclave.reader import check_written
@@ -69,6 +71,8 @@ class ConverterOptions:
     java_mode: str | None = None
     add_ccm_ca_certificates: bool = False
     enable_overlay_filesystem_persistence: bool = True
+    # The normalised network policy (NETDESIGN, common/enclave/network.py); None: the defaults.
+    network: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,14 @@ def _shim(runtime_dir: Path) -> Path:
     return shim
 
 
+def _runtime_file(runtime_dir: Path, name: str) -> Path:
+    path = runtime_dir / name
+    if not path.is_file():
+        raise InvalidBlobs(f"runtime dir {runtime_dir} lacks `{name}` (run `make runtime`)",
+                           details={"missing": [name], "runtime_dir": str(runtime_dir)})
+    return path
+
+
 def _launcher(runtime_dir: Path) -> bytes:
     """The output image's /enclave/run (worker/runtime/launcher.c), built by `make runtime`."""
     try:
@@ -223,6 +235,8 @@ def convert(
     _check_blobs(blobs_dir)
     runtime = runtime_dir or default_runtime_dir()
     shim, launcher = _shim(runtime), _launcher(runtime)
+    egressd = _runtime_file(runtime, EGRESSD_NAME) if ships_egressd(spec.options.network) else None
+    egress_service = _runtime_file(runtime, EGRESS_SERVICE_NAME).read_bytes()
     base_ref = base_reference(output_base)
     base_credentials = _base_credentials(spec, base_ref.api_host) if base_ref is not None else None
     cache = BlobStore(cache_dir / "blobs", max_bytes=cache_max_bytes)
@@ -272,7 +286,8 @@ def convert(
             inner if isinstance(inner, dict) else {},
             entrypoint=spec.options.entrypoint,
             entrypoint_args=spec.options.entrypoint_args,
-            env_vars=spec.options.env_vars,
+            # In proxy mode the proxy variables come first, so the request's own env_vars still win.
+            env_vars=(*proxy_env(spec.options.network), *spec.options.env_vars),
         )
         warnings = command_warnings(tree, launch) + option_warnings(spec.options)
         if tree.lookup(SHIM_DIR.encode(), follow=False) is not None:
@@ -289,7 +304,8 @@ def convert(
             custom={"nitroconv": {"debug": spec.options.debug}},
         )
         built = build_eif(tree, launch, identity, blobs_dir=blobs_dir, out_path=eif_path,
-                          cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=shim, signer=signer)
+                          cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=shim, signer=signer,
+                          egressd=egressd)
         del tree  # the spool files stay until scratch is removed; the index can go
 
         stage(Stage.MEASURING)
@@ -314,7 +330,8 @@ def convert(
         # in file order, header first. The strict reader stays the conformance oracle (tests, `verify`).
         assert built.written is not None
         check_written(eif_path, built.written)
-        files = {**_enclave_files(spec, built.measurements, mem_size_mib), "run": launcher}
+        files = {**_enclave_files(spec, built.measurements, mem_size_mib), "run": launcher,
+                 EGRESS_SERVICE_NAME: egress_service}
         if stream_push and boot_check is False:
             # With a boot check nothing may reach the registry before the boot passed.
             stream = open_layer_stream(out_ref, credentials=spec.output_credentials,

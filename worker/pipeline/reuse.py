@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 # bzImage.config is not in the EIF, but nitro-cli's kernel config names the kernel build: a new one is a new blob set.
 KEY_BLOB_FILES = (*BLOB_FILES, "bzImage.config")
-RUNTIME_FILES = ("shim", "run")
+RUNTIME_FILES = ("shim", "run", "egressd", "egress")
 # Pushes remembered per record, for mounts; the oldest are forgotten first.
 _MAX_PUSHES = 32
 
