@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.enclave.egress import EGRESS_SERVICE_NAME, EGRESSD_NAME, proxy_env, ships_egressd
+from common.enclave.egress import EGRESS_SERVICE_NAME, EGRESSD_NAME, network_json, proxy_env, ships_egressd
 from common.enclave.launch import LaunchSpec, launch_spec, parse_env
 from common.enclave.measure import Measurements
 from common.enclave.reader import check_written
@@ -305,7 +305,7 @@ def convert(
         )
         built = build_eif(tree, launch, identity, blobs_dir=blobs_dir, out_path=eif_path,
                           cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=shim, signer=signer,
-                          egressd=egressd)
+                          egressd=egressd, network_json=network_json(spec.options.network))
         del tree  # the spool files stay until scratch is removed; the index can go
 
         stage(Stage.MEASURING)

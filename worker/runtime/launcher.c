@@ -655,7 +655,9 @@ static pid_t spawn_egress(void) {
         signal(SIGTERM, SIG_DFL);
         signal(SIGHUP, SIG_DFL);
         signal(SIGCHLD, SIG_DFL);
-        sigprocmask(SIG_SETMASK, &old, NULL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL); /* run() holds SIGTERM & co. blocked here: not for this child */
         execl(self, "egress", (char *)NULL);
         _exit(127);
     }
