@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from common.enclave.egress import proxy_env
 from tests.fixtures.devblobs import RUNTIME_SOURCES, make
 from tests.fixtures.require import skip_or_fail
 
@@ -49,7 +50,7 @@ def _setns(path: str) -> None:
         os.close(fd)
 
 
-def _ip(*args: str) -> None:
+def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
@@ -58,8 +59,8 @@ class Netns:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        _ip("netns", "add", name)
-        _ip("-n", name, "link", "set", "lo", "up")
+        ip("netns", "add", name)
+        ip("-n", name, "link", "set", "lo", "up")
         self.pool = ThreadPoolExecutor(max_workers=64, initializer=_setns, initargs=(f"/run/netns/{name}",))
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
@@ -70,7 +71,7 @@ class Netns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-class _Http(socketserver.BaseRequestHandler):
+class EchoHttp(socketserver.BaseRequestHandler):
     """Answers one request with where it arrived and what was asked; the body never comes back in logs."""
 
     def handle(self) -> None:
@@ -88,7 +89,7 @@ class _Http(socketserver.BaseRequestHandler):
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
 
 
-class _Server(socketserver.ThreadingTCPServer):
+class ThreadedServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
@@ -102,7 +103,7 @@ class Lab:
     egress: Path
     parent_sock: Path
     parent_log: Path
-    servers: list[_Server] = field(default_factory=list)
+    servers: list[ThreadedServer] = field(default_factory=list)
     held: list[socket.socket] = field(default_factory=list)
 
     def start_parent(self, sock: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -123,7 +124,7 @@ def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def _nxdomain_server(sock: socket.socket) -> None:
+def nxdomain_server(sock: socket.socket) -> None:
     """The parent's DNS: every name not in its /etc/hosts does not exist."""
     while True:
         try:
@@ -157,22 +158,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     lab = Lab(root, parent_ns, svc_ns, out / "egressd", out / "egress", root / "parent.sock", root / "parent.log")
     procs = []
     try:
-        _ip("link", "add", f"{TAG}-p", "netns", parent_ns.name, "type", "veth", "peer", "name", f"{TAG}-s",
+        ip("link", "add", f"{TAG}-p", "netns", parent_ns.name, "type", "veth", "peer", "name", f"{TAG}-s",
             "netns", svc_ns.name)
-        _ip("-n", parent_ns.name, "addr", "add", f"{SUBNET}.1/24", "dev", f"{TAG}-p")
-        _ip("-n", parent_ns.name, "link", "set", f"{TAG}-p", "up")
-        _ip("-n", svc_ns.name, "addr", "add", f"{HOST_A}/24", "dev", f"{TAG}-s")
-        _ip("-n", svc_ns.name, "addr", "add", f"{HOST_B}/24", "dev", f"{TAG}-s")
-        _ip("-n", svc_ns.name, "link", "set", f"{TAG}-s", "up")
+        ip("-n", parent_ns.name, "addr", "add", f"{SUBNET}.1/24", "dev", f"{TAG}-p")
+        ip("-n", parent_ns.name, "link", "set", f"{TAG}-p", "up")
+        ip("-n", svc_ns.name, "addr", "add", f"{HOST_A}/24", "dev", f"{TAG}-s")
+        ip("-n", svc_ns.name, "addr", "add", f"{HOST_B}/24", "dev", f"{TAG}-s")
+        ip("-n", svc_ns.name, "link", "set", f"{TAG}-s", "up")
         for host, port in ((HOST_A, 8080), (HOST_A, 8081), (HOST_B, 8080)):
-            server = svc_ns.call(_Server, (host, port), _Http)
+            server = svc_ns.call(ThreadedServer, (host, port), EchoHttp)
             lab.servers.append(server)
             threading.Thread(target=server.serve_forever, daemon=True).start()
         slow = svc_ns.call(socket.create_server, (HOST_A, 9009))
         threading.Thread(target=_slow_peer, args=(slow, lab.held), daemon=True).start()
         resolver = parent_ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
         resolver.bind(("127.0.0.1", 53))
-        threading.Thread(target=_nxdomain_server, args=(resolver,), daemon=True).start()
+        threading.Thread(target=nxdomain_server, args=(resolver,), daemon=True).start()
         procs.append(lab.start_parent(lab.parent_sock, lab.parent_log))
         yield lab
     finally:
@@ -325,6 +326,43 @@ POLICY = {
               {"cidr": f"{HOST_A}/32", "ports": ["8081-8082"]}],
     "deny": [{"host": "api.allowed.test"}, {"cidr": f"{HOST_B}/32"}],
 }
+
+
+# ---- a converted busybox program (also booted in the emulator: tests/e2e/test_egress_emulator.py) ----
+
+# busybox nc, not wget (Debian's static busybox wget crashes); the proxy's address comes from the http_proxy the
+# converter put in the environment.
+BUSYBOX_PROXY_SCRIPT = f"""
+p=${{http_proxy#http://}}
+get() {{ printf 'GET %s HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n' "$1" | nc -w 20 ${{p%:*}} ${{p##*:}} | tr -d '\\r'; }}
+echo "P by-name $(get http://allowed.test:8080/by-name | tail -n 1)"
+echo "P by-address $(get http://{HOST_A}:8081/by-address | tail -n 1)"
+echo "P denied-name $(get http://denied.test:8080/ | head -n 1)"
+echo "P denied-address $(get http://{HOST_B}:8080/ | head -n 1)"
+nslookup allowed.test 127.0.0.1 >/dev/null 2>&1; echo "P dns-allowed rc=$?"
+nslookup denied.test 127.0.0.1 >/dev/null 2>&1; echo "P dns-denied rc=$?"
+"""
+BUSYBOX_TRANSPARENT_SCRIPT = f"""
+get() {{ printf 'GET %s HTTP/1.0\\r\\n\\r\\n' "$3" | nc -w 20 $1 $2 | tr -d '\\r' | tail -n 1; }}
+nslookup allowed.test 127.0.0.1 >/dev/null 2>&1; echo "P dns-allowed rc=$?"
+echo "P by-name $(get {HOST_A} 8080 /by-name)"
+echo "P by-address $(get {HOST_A} 8081 /by-address)"
+echo "P denied-address [$(get {HOST_B} 8080 /)]"
+nslookup denied.test 127.0.0.1 >/dev/null 2>&1; echo "P dns-denied rc=$?"
+echo "P proxy-env [$http_proxy]"
+"""
+BUSYBOX_POLICY = {"allow": [{"host": "allowed.test", "ports": [8080]}, {"cidr": f"{HOST_A}/32", "ports": [8081]}],
+          "deny": [{"cidr": f"{HOST_B}/32"}]}
+
+def check_program_lines(got: dict[str, str], mode: str, context: str) -> None:
+    """What the busybox program above printed, in either mode: allowed by name and by address, refused the rest."""
+    assert got.get("by-name") == f"{HOST_A}:8080 GET /by-name HTTP/1.0", context
+    assert got.get("by-address") == f"{HOST_A}:8081 GET /by-address HTTP/1.0", context
+    assert got.get("dns-allowed") == "rc=0" and got.get("dns-denied") != "rc=0", context
+    if mode == "proxy":
+        assert got.get("denied-name") == got.get("denied-address") == "HTTP/1.1 403 Forbidden", context
+    else:
+        assert got.get("denied-address") == "[]" and got.get("proxy-env") == "[]", context
 
 
 # ---- the tests ----------------------------------------------------------------------------------------------
@@ -497,3 +535,24 @@ def test_no_egress_without_a_readable_policy(lab: Lab, tmp_path: Path, text: str
         assert not ns.call(_listening, 3128) and not ns.call(_listening, 53)
     finally:
         ns.close()
+
+
+@pytest.mark.parametrize("mode", ["proxy", "transparent"])
+def test_busybox_program_with_the_converters_environment(lab: Lab, enclave: Callable[..., Enclave],
+                                                         mode: str) -> None:
+    """The program the emulator test boots, here in the enclave's namespace: the environment is what the converter
+    gives a build of this mode (common.enclave.egress.proxy_env), names come from the stub, connections are plain
+    busybox ones."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        skip_or_fail("busybox is not installed (Debian package busybox-static)")
+    network = {"egress": {"mode": mode, **BUSYBOX_POLICY}}
+    enc = enclave(network["egress"])
+    if mode == "transparent" and "transparent egress is off" in enc.text():
+        skip_or_fail(f"this kernel cannot take the nat rule: {enc.text()}")
+    env = ["PATH=/usr/bin:/bin", *proxy_env(network)]
+    script = BUSYBOX_PROXY_SCRIPT if mode == "proxy" else BUSYBOX_TRANSPARENT_SCRIPT
+    done = subprocess.run(["ip", "netns", "exec", enc.ns.name, "env", "-i", *env, busybox, "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    got = dict(line[2:].split(" ", 1) for line in done.stdout.splitlines() if line.startswith("P "))
+    check_program_lines(got, mode, done.stdout + done.stderr + enc.text())
