@@ -626,7 +626,7 @@ static size_t dns_answer(const uint8_t *q, size_t qlen, uint8_t *out, size_t cap
                 if (addrs[i].family != 4 || !np_answer_allowed(&policy, norm, &addrs[i]))
                     continue;
                 remember(norm, &addrs[i]);
-                if (qtype == 1) {
+                if (qtype == 1 && o + 16 <= cap) { /* 512 bytes over UDP: no truncation, fewer answers */
                     const uint8_t rr[12] = {0xC0, 0x0C, 0, 1, 0, 1, 0, 0, 0, DNS_TTL, 0, 4};
                     memcpy(out + o, rr, sizeof rr);
                     memcpy(out + o + sizeof rr, addrs[i].b, 4);
