@@ -5,7 +5,7 @@
  *
  * Input: policy bytes, then optionally 0xFF and the probe bytes. The sources are included as they are
  * (egressd's main renamed), so the code fuzzed is the code shipped. The parent is a Unix socket path that
- * does not exist: a lookup fails at once, as with a dead parent.
+ * does not exist: a lookup fails at once, as with a dead parent, except for two names already in the cache.
  */
 #include "netpolicy.c"
 #define main egressd_main
@@ -25,6 +25,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         parent_uds = "/nonexistent/nitroconv-fuzz-parent";
         memory = calloc(MEMORY_SLOTS, sizeof *memory);
         ready = 1;
+    }
+    /* Names the "parent" already answered (the stub's cache), so the answer-building path runs: as many addresses
+     * as an answer may hold, IPv4 and IPv6, for a long name and a short one. */
+#define LABEL63 "a-very-long-label-of-sixty-three-characters-to-fill-the-packet-"
+    static const char *const known[] = {"a.test", LABEL63 "." LABEL63 "." LABEL63 ".test"};
+    for (int k = 0; k < 2; k++) {
+        struct cached *c = &cache[k];
+        snprintf(c->name, sizeof c->name, "%s", known[k]);
+        c->n = MAX_ADDRS;
+        for (int i = 0; i < MAX_ADDRS; i++) {
+            c->addrs[i].family = k == 1 || i % 3 ? 4 : 6; /* the long name: 16 IPv4 answers, past 512 bytes */
+            memset(c->addrs[i].b, 0, sizeof c->addrs[i].b);
+            c->addrs[i].b[0] = 10;
+            c->addrs[i].b[3] = (uint8_t)i;
+        }
+        c->expires = now_ms() + 3600 * 1000LL;
     }
     const uint8_t *sep = memchr(data, 0xFF, size);
     size_t plen = sep ? (size_t)(sep - data) : size;
