@@ -37,7 +37,10 @@ TAG = f"nco{os.getpid() % 100000}"
 SUBNET = f"10.{200 + os.getpid() % 50}.{os.getpid() // 50 % 250}"
 HOST_A = f"{SUBNET}.2"  # the allowed services
 HOST_B = f"{SUBNET}.3"  # a denied address
+SUBNET6 = f"fd00:{os.getpid() % 65536:x}"
+HOST_6 = f"{SUBNET6}::2"  # the allowed service over IPv6 (proxy mode only: the enclave kernel has no IPv6 NAT)
 HOSTS = (f"{HOST_A} allowed.test api.allowed.test www.allowed.test\n"
+         f"{HOST_6} six.allowed.test\n"
          f"{HOST_B} denied.test evil.allowed.test\n")
 
 
@@ -92,6 +95,10 @@ class EchoHttp(socketserver.BaseRequestHandler):
 class ThreadedServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+
+class ThreadedServer6(ThreadedServer):
+    address_family = socket.AF_INET6
 
 
 @dataclass
@@ -161,10 +168,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         ip("link", "add", f"{TAG}-p", "netns", parent_ns.name, "type", "veth", "peer", "name", f"{TAG}-s",
             "netns", svc_ns.name)
         ip("-n", parent_ns.name, "addr", "add", f"{SUBNET}.1/24", "dev", f"{TAG}-p")
+        ip("-n", parent_ns.name, "addr", "add", f"{SUBNET6}::1/64", "dev", f"{TAG}-p", "nodad")
         ip("-n", parent_ns.name, "link", "set", f"{TAG}-p", "up")
         ip("-n", svc_ns.name, "addr", "add", f"{HOST_A}/24", "dev", f"{TAG}-s")
         ip("-n", svc_ns.name, "addr", "add", f"{HOST_B}/24", "dev", f"{TAG}-s")
+        ip("-n", svc_ns.name, "addr", "add", f"{HOST_6}/64", "dev", f"{TAG}-s", "nodad")
         ip("-n", svc_ns.name, "link", "set", f"{TAG}-s", "up")
+        server6 = svc_ns.call(ThreadedServer6, (HOST_6, 8080), EchoHttp)
+        lab.servers.append(server6)
+        threading.Thread(target=server6.serve_forever, daemon=True).start()
         for host, port in ((HOST_A, 8080), (HOST_A, 8081), (HOST_B, 8080)):
             server = svc_ns.call(ThreadedServer, (host, port), EchoHttp)
             lab.servers.append(server)
@@ -556,3 +568,55 @@ def test_busybox_program_with_the_converters_environment(lab: Lab, enclave: Call
                           capture_output=True, text=True, timeout=120)
     got = dict(line[2:].split(" ", 1) for line in done.stdout.splitlines() if line.startswith("P "))
     check_program_lines(got, mode, done.stdout + done.stderr + enc.text())
+
+
+def test_ipv6_by_name_and_address_and_mapped_ipv4_meets_the_ipv4_rules(lab: Lab, enclave: Callable[..., Enclave]) -> None:
+    """IPv6 leaves through the proxy (by name or address); an IPv4-mapped IPv6 address is the IPv4 address to the
+    policy, so it cannot slip past an IPv4 deny rule."""
+    enc = enclave({"mode": "proxy", "allow": [{"cidr": "::/0"}, {"cidr": "0.0.0.0/0"}],
+                   "deny": [{"cidr": f"{HOST_B}/32"}]})
+    call = enc.ns.call
+    assert call(proxy_connect, "six.allowed.test", 8080) == (200, f"{HOST_6}:8080 GET / HTTP/1.1")
+    assert call(proxy_connect, f"[{HOST_6}]", 8080)[0] == 200
+    assert call(proxy_get, f"http://[{HOST_6}]:8080/v6") == (200, f"{HOST_6}:8080 GET /v6 HTTP/1.1")
+    assert call(proxy_connect, f"[::ffff:{HOST_B}]", 8080)[0] == 403
+    assert call(proxy_connect, f"[::ffff:{HOST_A}]", 8080)[0] == 200
+    assert call(dns, "six.allowed.test") == (NXDOMAIN, [])  # no IPv4 address: the stub has nothing to give
+
+
+def test_a_parent_that_hangs_costs_a_timeout_not_a_wedge(lab: Lab, enclave: Callable[..., Enclave],
+                                                         tmp_path: Path) -> None:
+    """A parent that accepts and never answers: each request ends in 502/SERVFAIL after egressd's own timeout
+    (10 s), in parallel, and the proxy keeps accepting meanwhile."""
+    path = tmp_path / "hung.sock"
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(str(path))
+    hung.listen(512)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        hung.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(hung.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    enc = enclave({"mode": "proxy", "allow": [{"host": "*.test"}, {"cidr": "0.0.0.0/0"}], "deny": []},
+                  parent_sock=path)
+    try:
+        start = time.monotonic()
+        futures = [enc.ns.pool.submit(proxy_connect, HOST_A, 8080) for _ in range(20)]
+        futures += [enc.ns.pool.submit(dns, f"n{i}.allowed.test") for i in range(5)]
+        assert enc.ns.call(_listening, 3128)  # still accepting while those wait
+        results = [f.result(timeout=60) for f in futures]
+        assert results[:20] == [(502, "nitroconv egress: parent unreachable\n")] * 20
+        assert results[20:] == [(SERVFAIL, [])] * 5
+        assert time.monotonic() - start < 25
+    finally:
+        stop.set()
+        hung.close()
+        for s in held:
+            s.close()
