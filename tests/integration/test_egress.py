@@ -620,3 +620,36 @@ def test_a_parent_that_hangs_costs_a_timeout_not_a_wedge(lab: Lab, enclave: Call
         hung.close()
         for s in held:
             s.close()
+
+
+def test_parent_applies_the_launch_json_policy_to_whoever_asks(lab: Lab, tmp_path: Path) -> None:
+    """A program that gains root in the enclave can skip egressd and talk to port 9002 itself: the parent holds it to
+    the same policy, read from launch.json's "network" (the rest of launch.json is not its business)."""
+    launch = {"eif": "/enclave/app.eif", "cpu_count": 2, "memory_mib": 512,
+              "network": {"egress": {"mode": "proxy", **POLICY}, "hostname": "app", "ingress": [8080]}}
+    (tmp_path / "launch.json").write_text(json.dumps(launch, indent=2))
+    sock, log = tmp_path / "strict.sock", tmp_path / "strict.log"
+    parent = lab.start_parent(sock, log, "--policy", str(tmp_path / "launch.json"))
+
+    def ask(line: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(15)
+            s.connect(str(sock))
+            s.sendall(line)
+            return s.recv(256)
+
+    try:
+        assert ask(f"C {HOST_A} 8080\n".encode()) == b"ERR refused\n"  # no cidr rule, and nobody resolved it yet
+        assert ask(b"R api.allowed.test\n") == b"ERR dns\n"  # denied by name
+        assert ask(b"R evil.allowed.test\n") == b"A\n"  # its address is in a denied cidr
+        assert ask(b"R allowed.test\n") == f"A {HOST_A}\n".encode()
+        assert ask(f"C {HOST_A} 8080\n".encode()) == b"OK\n"  # now by the name it was resolved for
+        assert ask(f"C {HOST_A} 8081\n".encode()) == b"OK\n"  # the cidr rule
+        assert ask(f"C {HOST_A} 9999\n".encode()) == b"ERR refused\n"
+        assert ask(f"C {HOST_B} 8080\n".encode()) == b"ERR refused\n"
+        assert ask(b"C denied.test 8080\n") == b"ERR refused\n"
+        assert ask(b"C www.allowed.test 8080\n") == b"OK\n"
+        assert "enforcing the egress policy" in log.read_text()
+    finally:
+        parent.terminate()
+        parent.wait(10)

@@ -12,7 +12,7 @@
  * payloads). A thread per connection, bounded by --max-conns, so a slow peer or a storm of connections
  * cannot wedge the others.
  *
- *   egress [--listen-uds PATH] [--max-conns N] [--connect-timeout SECONDS]
+ *   egress [--listen-uds PATH] [--max-conns N] [--connect-timeout SECONDS] [--policy FILE]
  *
  * NITROCONV_RUN_VSOCK_UDS=BASE (nitroconv run-local, as for the launcher): listen on the Unix socket
  * BASE_9002 where the emulator's vsock back-end delivers the enclave's connections to port 9002;
@@ -36,6 +36,7 @@
 #include <arpa/inet.h>
 #include <linux/vm_sockets.h>
 
+#include "netpolicy.h"
 #include "netrelay.h"
 
 #define PROG "nitroconv-egress: "
@@ -45,6 +46,75 @@
 #define REQUEST_TIMEOUT_MS 10000
 #define ANSWER_MAX_ADDRS 16
 #define THREAD_STACK (256 * 1024)
+#define LAUNCH_JSON "/enclave/launch.json"
+#define ENV_LAUNCH_JSON "NITROCONV_RUN_LAUNCH_JSON"
+#define MEMORY_SLOTS 4096
+#define MEMORY_MS (600 * 1000LL)
+
+static struct np_policy policy; /* policy.present: enforced */
+struct memory {
+    struct np_addr addr;
+    char name[NP_NAME_MAX + 1];
+    long long expires;
+};
+static struct memory *memory;
+static pthread_mutex_t memory_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void to_np_addr(const struct sockaddr *sa, struct np_addr *a)
+{
+    memset(a, 0, sizeof *a);
+    if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)(const void *)sa;
+        char text[INET6_ADDRSTRLEN];
+        inet_ntop(AF_INET6, &s6->sin6_addr, text, sizeof text);
+        np_parse_addr(text, a); /* folds IPv4-mapped addresses into IPv4, as the policy sees them */
+    } else {
+        a->family = 4;
+        memcpy(a->b, &((const struct sockaddr_in *)(const void *)sa)->sin_addr, 4);
+    }
+}
+
+static int same_addr(const struct np_addr *a, const struct np_addr *b)
+{
+    return a->family == b->family && memcmp(a->b, b->b, a->family == 4 ? 4 : 16) == 0;
+}
+
+static void remember(const char *name, const struct np_addr *a)
+{
+    long long now = now_ms();
+    pthread_mutex_lock(&memory_lock);
+    struct memory *slot = &memory[0];
+    for (int i = 0; i < MEMORY_SLOTS; i++) {
+        if (same_addr(&memory[i].addr, a) && strcmp(memory[i].name, name) == 0) {
+            slot = &memory[i];
+            break;
+        }
+        if (memory[i].expires < slot->expires)
+            slot = &memory[i];
+    }
+    slot->addr = *a;
+    snprintf(slot->name, sizeof slot->name, "%s", name);
+    slot->expires = now + MEMORY_MS;
+    pthread_mutex_unlock(&memory_lock);
+}
+
+/* name: the normalised name asked for, or NULL when an address was. */
+static int allowed(const char *name, const struct np_addr *a, unsigned port)
+{
+    if (!policy.present)
+        return 1;
+    if (name)
+        return np_decide(&policy, name, a, port);
+    if (np_decide(&policy, NULL, a, port))
+        return 1;
+    long long now = now_ms();
+    int ok = 0;
+    pthread_mutex_lock(&memory_lock);
+    for (int i = 0; i < MEMORY_SLOTS && !ok; i++)
+        ok = memory[i].expires > now && same_addr(&memory[i].addr, a) && np_decide(&policy, memory[i].name, a, port);
+    pthread_mutex_unlock(&memory_lock);
+    return ok;
+}
 
 static int max_conns = 1024;
 static int connect_timeout_ms = 10000;
@@ -99,6 +169,7 @@ static const char *errno_code(int e)
 {
     switch (e) {
     case ECONNREFUSED: return "refused";
+    case EACCES: return "refused";
     case ETIMEDOUT: return "timeout";
     default: return "unreachable";
     }
@@ -107,6 +178,12 @@ static const char *errno_code(int e)
 /* Dials host:port within connect_timeout_ms (every address in turn). Returns the socket, or -1 with *code. */
 static int dial(const char *host, unsigned port, const char **code, char *peer, size_t peer_cap)
 {
+    char name[NP_NAME_MAX + 1];
+    int by_name = np_normalize_name(host, strlen(host), name) == 0;
+    if (policy.present && by_name && !np_name_allowed(&policy, name)) {
+        *code = "refused";
+        return -1;
+    }
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_socktype = SOCK_STREAM;
@@ -121,6 +198,12 @@ static int dial(const char *host, unsigned port, const char **code, char *peer, 
     long long deadline = now_ms() + connect_timeout_ms;
     int last = EHOSTUNREACH, fd = -1;
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        struct np_addr a;
+        to_np_addr(ai->ai_addr, &a);
+        if (!allowed(by_name ? name : NULL, &a, port)) {
+            last = EACCES;
+            continue;
+        }
         fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         if (fd < 0) {
             last = errno;
@@ -170,6 +253,13 @@ static int dial(const char *host, unsigned port, const char **code, char *peer, 
 
 static void answer_resolve(int fd, unsigned long long id, const char *name)
 {
+    char norm[NP_NAME_MAX + 1];
+    if (policy.present && (np_normalize_name(name, strlen(name), norm) != 0 || !np_name_allowed(&policy, norm))) {
+        send_all(fd, "ERR dns\n", 8, REQUEST_TIMEOUT_MS);
+        atomic_fetch_add(&failed, 1);
+        say("conn %llu: resolve %s: refused by the policy", id, name);
+        return;
+    }
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_socktype = SOCK_STREAM;
@@ -188,6 +278,13 @@ static void answer_resolve(int fd, unsigned long long id, const char *name)
                 dup |= strcmp(seen[i], text) == 0;
             if (dup || strchr(text, '%'))
                 continue;
+            if (policy.present) {
+                struct np_addr a;
+                to_np_addr(ai->ai_addr, &a);
+                if (!np_answer_allowed(&policy, norm, &a))
+                    continue;
+                remember(norm, &a);
+            }
             strcpy(seen[count++], text);
             n += (size_t)snprintf(line + n, sizeof line - n, " %s", text);
         }
@@ -338,9 +435,37 @@ static void on_term(int sig)
     stop = 1;
 }
 
+/* The policy from launch.json's "network" (or a network.json); a file that is not there: no check here. */
+static int load_policy(const char *path, int required)
+{
+    FILE *f = fopen(path, "re");
+    if (!f) {
+        if (required) {
+            say("cannot read %s: %s", path, strerror(errno));
+            return -1;
+        }
+        return 0;
+    }
+    static char text[NP_MAX_JSON + 1];
+    size_t len = fread(text, 1, sizeof text, f);
+    fclose(f);
+    const char *why = np_parse(text, len, &policy);
+    if (why) {
+        /* A policy that cannot be read in full allows nothing: refusing is this side's right too. */
+        say("the policy in %s is refused (%s): every request will be", path, why);
+        memset(&policy, 0, sizeof policy);
+        policy.present = 1;
+        return 0;
+    }
+    if (policy.present)
+        say("enforcing the egress policy of %s: %zu allow rule(s), %zu deny rule(s)", path, policy.n_allow,
+            policy.n_deny);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    const char *uds = NULL;
+    const char *uds = NULL, *policy_path = NULL;
     char path[256];
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--listen-uds") == 0 && i + 1 < argc)
@@ -349,8 +474,11 @@ int main(int argc, char **argv)
             max_conns = atoi(argv[++i]);
         else if (strcmp(argv[i], "--connect-timeout") == 0 && i + 1 < argc)
             connect_timeout_ms = atoi(argv[++i]) * 1000;
+        else if (strcmp(argv[i], "--policy") == 0 && i + 1 < argc)
+            policy_path = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--listen-uds PATH] [--max-conns N] [--connect-timeout SECONDS]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--listen-uds PATH] [--max-conns N] [--connect-timeout SECONDS] [--policy FILE]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -358,6 +486,13 @@ int main(int argc, char **argv)
         fprintf(stderr, PROG "--max-conns and --connect-timeout must be positive\n");
         return 2;
     }
+    memory = calloc(MEMORY_SLOTS, sizeof *memory);
+    if (!memory)
+        return 1;
+    const char *launch_json = getenv(ENV_LAUNCH_JSON);
+    if (load_policy(policy_path ? policy_path : launch_json && *launch_json ? launch_json : LAUNCH_JSON,
+                    policy_path != NULL) < 0)
+        return 2;
     const char *base = getenv(ENV_VSOCK_UDS);
     if (!uds && base && *base) {
         if ((size_t)snprintf(path, sizeof path, "%s_%d", base, EGRESS_PORT) >= sizeof path) {

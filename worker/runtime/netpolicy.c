@@ -502,6 +502,7 @@ static int document(struct rd *r, struct np_policy *p, int nested, int *seen)
                 return fail(r, "duplicate egress");
             if (egress(r, p))
                 return -1;
+            p->present = 1;
         } else if (nested && strcmp(key, "network") == 0) {
             if (peek(r, 'n')) {
                 if (word(r, "null"))

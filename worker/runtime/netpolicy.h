@@ -44,6 +44,7 @@ struct np_rule {
 };
 
 struct np_policy {
+    int present; /* an egress object was read (a document without one is mode none, and says nothing) */
     enum np_mode mode;
     struct np_rule allow[NP_MAX_RULES];
     size_t n_allow;
