@@ -59,10 +59,10 @@ def test_egressd_redirects_in_the_enclave_kernel_and_never_waits_for_a_missing_p
     assert "nitroconv-egressd: transparent: TCP to outside addresses goes through 127.0.0.1:3129" in console
     assert lines["tables"].strip() == "nat", lines
     assert lines["route"] != "0", lines
-    # Allowed by the policy, but no parent to carry it: a reset at once, not a 20 s timeout.
-    allowed_rc, allowed_secs = (int(v.split("=")[1]) for v in lines["10.1.2.3:8080"].split())
-    denied_rc, denied_secs = (int(v.split("=")[1]) for v in lines["10.9.9.9:8080"].split())
-    assert allowed_rc != 0 and denied_rc != 0 and allowed_secs < 10 and denied_secs < 10, lines
+    # Allowed by the policy but no parent to carry it, or refused: a reset at once, not a 20 s timeout (nc's status
+    # does not tell a reset after its request was sent from a clean end, egressd's lines do).
+    for target in ("10.1.2.3:8080", "10.9.9.9:8080"):
+        assert int(lines[target].split("secs=")[1]) < 10, lines
     assert "transparent 1: 10.1.2.3 port 8080: parent unreachable" in console
     assert "10.9.9.9 port 8080: refused by policy" in console
     assert lines["dns"] != "rc=0"
