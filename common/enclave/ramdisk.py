@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from common.enclave.cpio import CpioArchive, CpioEntry
+from common.enclave.egress import EGRESSD_NAME
 from common.enclave.launch import LaunchSpec, cmd_file, env_file
 from common.enclave.shim import SHIM_DIR, SHIM_NAME
 from common.image.filetree import Node, NodeKind, Tree
@@ -70,7 +71,8 @@ def _converters_own(path: bytes) -> bool:
     return path == SHIM_DIR.encode() or path.startswith(SHIM_DIR.encode() + b"/")
 
 
-def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None) -> Iterator[CpioEntry]:
+def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, egressd: Path | None,
+                 network_json: bytes | None) -> Iterator[CpioEntry]:
     root = tree.root
     yield CpioEntry(name=b"rootfs", mode=stat.S_IFDIR | (root.mode & 0o7777), uid=root.uid, gid=root.gid,
                     mtime=root.mtime)
@@ -87,15 +89,24 @@ def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None) -> Iterator[Cp
             yield _generated_dir(b"rootfs/" + name)
     if shim is not None:
         yield _generated_dir(b"rootfs/" + SHIM_DIR.encode())
+        if egressd is not None:
+            yield _blob_file(f"rootfs/{SHIM_DIR}/{EGRESSD_NAME}".encode(), egressd)
         yield _blob_file(f"rootfs/{SHIM_DIR}/{SHIM_NAME}".encode(), shim)
     yield _generated_file(b"cmd", cmd_file(spec), 0o644)
     yield _generated_file(b"env", env_file(spec), 0o644)
+    if network_json is not None:
+        yield _generated_dir(b"nitroconv")
+        yield _generated_file(b"nitroconv/network.json", network_json, 0o644)
 
 
-def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None) -> CpioArchive:
+def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None, egressd: Path | None = None,
+                network_json: bytes | None = None) -> CpioArchive:
     """Ramdisk 1: the image tree under `rootfs/`, the init's mount points, and `cmd`/`env` at the archive root.
 
     With `shim`, the exec shim goes in as `rootfs/.nitroconv/shim` (0755, root) in place of anything
     the image has at `/.nitroconv`; `spec` then is expected to start it (common.enclave.shim.through_shim).
+    With `egressd` too, the egress daemon goes in beside it as `rootfs/.nitroconv/egressd` (the init starts it).
+    `network_json` (the canonical policy) goes in as `nitroconv/network.json`, outside the rootfs: the init
+    hands it to egressd before it switches to the image's root.
     """
-    return CpioArchive(_app_entries(tree, spec, shim))
+    return CpioArchive(_app_entries(tree, spec, shim, egressd if shim is not None else None, network_json))

@@ -97,8 +97,9 @@ CONVERTER_ADDED = {
     "tmp": "init mounts a tmpfs here",
     "var": "nitro-cli creates it for the init",
 }
-# The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/enclave/shim.py).
-CONVERTER_OWN = {".nitroconv", ".nitroconv/shim"}
+# The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/enclave/shim.py) and
+# the egress daemon the init starts (common/enclave/egress.py).
+CONVERTER_OWN = {".nitroconv", ".nitroconv/shim", ".nitroconv/egressd"}
 # Directory mtimes are compared, except where the engine writes into the directory at `docker create`
 # (its init layer adds etc/hostname and the like, which bumps the mtime), and for the mount points both
 # sides create when the image lacks them (each at its own time; see the comparison).

@@ -4,13 +4,16 @@ nitro-cli that stays attached. The real binary `make runtime` builds; the stand-
 plays the enclave's exec shim over the Unix socket."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_launcher import build_launcher, launch_json
+from tests.fixtures.devblobs import make
+from tests.integration.test_launcher import RUNTIME_RECIPE, build_launcher, launch_json
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +75,55 @@ def test_dry_run_names_the_emulator(launcher: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert f"serve: unix socket {tmp_path}/vsock_9001" in done.stdout
     assert f"nitro-cli: {tmp_path}/emulated-nitro-cli" in done.stdout
+
+
+# The stand-in as the enclave's egressd: one question to the egress service the launcher spawned beside itself.
+EGRESS_STAND_IN = """#!{python}
+import socket, sys, time
+for _ in range(100):
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({sock!r})
+        break
+    except OSError:
+        time.sleep(0.05)
+s.sendall(b"R localhost\\n")
+open({answer!r}, "wb").write(s.recv(4096))
+sys.exit(3)
+"""
+
+
+@pytest.fixture(scope="module")
+def launcher_with_egress(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output image's /enclave: the launcher and the egress service beside it, as `make runtime` builds them."""
+    target = tmp_path_factory.mktemp("enclave")
+    make(RUNTIME_RECIPE, f"RUNTIME={target}", f"{target}/run", f"{target}/egress")
+    return target / "run"
+
+
+def test_spawns_the_egress_service_on_port_9002_and_stops_it(launcher_with_egress: Path, tmp_path: Path) -> None:
+    launcher = launcher_with_egress
+    (tmp_path / "launch.json").write_bytes(launch_json())
+    stand_in = tmp_path / "emulated-nitro-cli"
+    stand_in.write_text(EGRESS_STAND_IN.format(python=sys.executable, sock=f"{tmp_path}/vsock_9002",
+                                               answer=str(tmp_path / "answer")))
+    stand_in.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "NITROCONV_RUN_LAUNCH_JSON": str(tmp_path / "launch.json"),
+           "NITROCONV_RUN_VSOCK_UDS": f"{tmp_path}/vsock", "NITROCONV_RUN_NITRO_CLI": str(stand_in)}
+    done = subprocess.run([str(launcher)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert (tmp_path / "answer").read_bytes().startswith(b"A "), done.stderr
+    assert b"127.0.0.1" in (tmp_path / "answer").read_bytes()
+    assert f"nitroconv-egress: listening on unix socket {tmp_path}/vsock_9002" in done.stderr
+    # Gone with the launcher: nothing answers on its socket any more.
+    for _ in range(100):
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(f"{tmp_path}/vsock_9002")
+        except OSError:
+            break
+        finally:
+            probe.close()
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the egress service outlived the launcher")

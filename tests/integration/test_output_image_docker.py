@@ -286,7 +286,7 @@ def test_output_image_on_base_runs_in_docker(docker_engine: docker.DockerClient,
     # The base's files and ours are both in the container's filesystem.
     listed = docker_run(docker_engine, image, ["/enclave"], entrypoint=["/bin/ls"])
     assert listed.status == 0, listed.stderr
-    assert listed.stdout.split() == ["app.eif", "launch.json", "measurements.json", "run"]
+    assert listed.stdout.split() == ["app.eif", "egress", "launch.json", "measurements.json", "run"]
 
 
 def test_output_image_on_base_runs_the_base_nitro_cli_with_its_status(

@@ -14,7 +14,7 @@ from common.util.compression import Compression
 from worker.pipeline.emulatorboot import BootCheckPlan
 
 BLOB_FILES = ("bzImage", "cmdline", "init", "nsm.ko")
-RUNTIME_FILES = ("shim", "run")
+RUNTIME_FILES = ("shim", "run", "egressd", "egress")
 # The kernel's initramfs unpacker drops names of PATH_MAX (4096 with the NUL) or more, and the app
 # ramdisk prefixes every image path with "rootfs/".
 DEFAULT_LIMITS = Limits(max_path_bytes=4096 - 1 - len("rootfs/"))
@@ -93,6 +93,13 @@ class ConversionHost:
         except FileNotFoundError:
             raise InvalidBlobs(f"runtime dir {self.runtime_dir} lacks the launcher `run` (run `make runtime`)",
                                details={"missing": ["run"], "runtime_dir": str(self.runtime_dir)}) from None
+
+    def runtime_file(self, name: str) -> Path:
+        path = self.runtime_dir / name
+        if not path.is_file():
+            raise InvalidBlobs(f"runtime dir {self.runtime_dir} lacks `{name}` (run `make runtime`)",
+                               details={"missing": [name], "runtime_dir": str(self.runtime_dir)})
+        return path
 
     def signer(self) -> EifSigner | None:
         """The signing identity, loaded and checked now: a certificate can expire while the host runs."""

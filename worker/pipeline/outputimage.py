@@ -40,6 +40,8 @@ FIXED_CREATED = "1970-01-01T00:00:00Z"
 HISTORY_CREATED_BY = "nitroconv: /enclave (app.eif, launch.json, measurements.json, run)"
 # The launcher, the output image's entrypoint (worker/runtime/launcher.c).
 ENTRYPOINT = ["/enclave/run"]
+# The launcher and the egress service it spawns.
+EXECUTABLES = frozenset({"run", "egress"})
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
                         plain.write(chunk)
                 plain.write(_pad(size))
                 for name in sorted(files):
-                    plain.member(f"enclave/{name}", files[name], 0o755 if name == "run" else 0o644)
+                    plain.member(f"enclave/{name}", files[name], 0o755 if name in EXECUTABLES else 0o644)
                 diff_id = plain.finish()
                 blob = compressor.close()
             except BaseException:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.enclave.measure import Measurements
 from common.errors import Cancelled
@@ -66,6 +67,8 @@ class ConverterOptions:
     java_mode: str | None = None
     add_ccm_ca_certificates: bool = False
     enable_overlay_filesystem_persistence: bool = True
+    # The normalised network policy (common/enclave/network.py); None: the defaults.
+    network: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

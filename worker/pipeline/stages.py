@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.enclave.egress import EGRESS_SERVICE_NAME, EGRESSD_NAME, network_json, proxy_env, ships_egressd
 from common.enclave.launch import LaunchSpec, launch_spec, parse_env
 from common.enclave.measure import Measurements
 from common.enclave.reader import check_written
@@ -48,6 +49,9 @@ class Plan:
     base_credentials: Credentials | None
     shim: Path
     launcher: bytes
+    # The in-enclave egress daemon (absent with egress mode `none`) and the parent's egress service.
+    egressd: Path | None
+    egress_service: bytes
     signer: EifSigner | None
     ca_bundle: bytes | None
 
@@ -96,7 +100,10 @@ def prepare(spec: ConvertSpec, host: ConversionHost, work: Workspace) -> Plan:
     return Plan(
         work=work, output=output, base=base,
         base_credentials=spec.output_credentials if base is not None and base.api_host == output.api_host else None,
-        shim=shim, launcher=launcher, signer=host.signer(),
+        shim=shim, launcher=launcher,
+        egressd=host.runtime_file(EGRESSD_NAME) if ships_egressd(spec.options.network) else None,
+        egress_service=host.runtime_file(EGRESS_SERVICE_NAME).read_bytes(),
+        signer=host.signer(),
         ca_bundle=load_ca_bundle(host.ca_bundle) if spec.options.add_ccm_ca_certificates else None,
     )
 
@@ -136,7 +143,8 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
         inner if isinstance(inner, dict) else {},
         entrypoint=spec.options.entrypoint,
         entrypoint_args=spec.options.entrypoint_args,
-        env_vars=spec.options.env_vars,
+        # In proxy mode the proxy variables come first, so the request's own env_vars still win.
+        env_vars=(*proxy_env(spec.options.network), *spec.options.env_vars),
     )
     warnings = command_warnings(tree, launch) + option_warnings(spec.options)
     if tree.lookup(SHIM_DIR.encode(), follow=False) is not None:
@@ -151,7 +159,8 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
         custom={"nitroconv": {"debug": spec.options.debug}},
     )
     eif = build_eif(tree, launch, identity, blobs_dir=host.blobs_dir, out_path=plan.work.scratch / "app.eif",
-                    cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, signer=plan.signer)
+                    cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, signer=plan.signer,
+                    egressd=plan.egressd, network_json=network_json(spec.options.network))
     return Built(eif, image, pulled.base, warnings)
 
 
@@ -180,7 +189,8 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
     # in file order, header first. The strict reader stays the conformance oracle (tests, `verify`).
     assert eif.written is not None
     check_written(eif.path, eif.written)
-    files = {**enclave_files(spec, eif.measurements, eif.mem_size_mib), "run": plan.launcher}
+    files = {**enclave_files(spec, eif.measurements, eif.mem_size_mib), "run": plan.launcher,
+             EGRESS_SERVICE_NAME: plan.egress_service}
     stream = None
     if host.stream_push and host.boot_check is None:
         # With a boot check nothing may reach the registry before the boot passed.

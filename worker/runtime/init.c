@@ -93,6 +93,10 @@ struct nsm_raw {
 #define NSM_IOCTL_RAW _IOWR(0x0A, 0x0, struct nsm_raw)
 #define NSM_RESPONSE_MAX 0x3000
 
+/* The converter's egress daemon (worker/runtime/egressd.c) and the policy it enforces, both in the app ramdisk. */
+#define EGRESSD_PATH "/rootfs/.nitroconv/egressd"
+#define NETWORK_POLICY_PATH "/nitroconv/network.json"
+
 static char *const default_argv[] = {"sh", NULL};
 static char *const default_envp[] = {LOOKUP_PATH_ENV, NULL};
 
@@ -364,6 +368,34 @@ static char **read_items(const char *path, int keep_empty, size_t *count)
     return items;
 }
 
+/* egressd returns once its proxy and DNS stub are bound and serves on in the background, so the program
+ * starts with them there. It starts from the ramdisk's root, before the switch to the image's: the policy
+ * stays out of the program's reach. Without the binary (no egress) nothing happens. */
+static void start_egressd(void)
+{
+    if (access(EGRESSD_PATH, X_OK) != 0)
+        return;
+    pid_t pid = fork();
+    if (pid < 0) {
+        say(NCI_PREFIX "egressd: fork: %s", strerror(errno));
+        return;
+    }
+    if (pid == 0) {
+        sigset_t all;
+        sigfillset(&all);
+        sigprocmask(SIG_UNBLOCK, &all, NULL);
+        char *const argv[] = {"egressd", "--policy", NETWORK_POLICY_PATH, NULL};
+        char *const envp[] = {NULL};
+        execve(EGRESSD_PATH, argv, envp);
+        _exit(127);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        say(NCI_PREFIX "egressd did not start (status 0x%x): the program has no egress", (unsigned)status);
+}
+
 static void enter_rootfs(void)
 {
     /* A bind mount makes /rootfs a mount point, which MS_MOVE needs (the switch_root dance). */
@@ -560,6 +592,7 @@ int main(void)
         envp = default_envp;
     }
 
+    start_egressd();
     enter_rootfs();
     prepare_rootfs();
 

@@ -49,6 +49,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -554,8 +555,12 @@ static volatile sig_atomic_t child_pid = 0;
 static volatile sig_atomic_t pending_signal = 0;
 static int wake_pipe[2] = {-1, -1};
 
+static volatile sig_atomic_t egress_pid = 0;
+
 static void on_signal(int sig) {
     int saved = errno;
+    if (egress_pid > 0)
+        kill((pid_t)egress_pid, sig);
     if (child_pid > 0)
         kill((pid_t)child_pid, sig);
     else
@@ -626,6 +631,40 @@ static int listen_uds(const char *base) {
     return fd;
 }
 
+/* The egress service (worker/runtime/egress.c) beside this binary (/enclave/egress): the enclave's way out,
+ * on vsock port 9002 (BASE_9002 under NITROCONV_RUN_VSOCK_UDS, which it reads too). It ends with the
+ * launcher. Without it the enclave has no egress, which is all a `none` policy needs. */
+static pid_t spawn_egress(void) {
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 16);
+    char *slash = n > 0 ? memrchr(self, '/', (size_t)n) : NULL;
+    if (!slash)
+        return -1;
+    strcpy(slash + 1, "egress");
+    if (access(self, X_OK) != 0)
+        return -1;
+    sigset_t block, old;
+    sigfillset(&block);
+    sigprocmask(SIG_BLOCK, &block, &old);
+    pid_t parent = getpid(), pid = fork();
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != parent)
+            _exit(0);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGHUP, SIG_DFL);
+        signal(SIGCHLD, SIG_DFL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL); /* run() holds SIGTERM & co. blocked here: not for this child */
+        execl(self, "egress", (char *)NULL);
+        _exit(127);
+    }
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    return pid;
+}
+
 static int run(const char *nitro_cli, char *const cmd[], const struct answer *a, int attached, const char *uds) {
     if (pipe2(wake_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
         die(1, "pipe: %s", strerror(errno));
@@ -661,6 +700,8 @@ static int run(const char *nitro_cli, char *const cmd[], const struct answer *a,
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGHUP);
     sigprocmask(SIG_BLOCK, &block, &old);
+    pid_t egress = spawn_egress();
+    egress_pid = egress;
     pid_t pid = fork();
     if (pid < 0)
         die(1, "fork: %s", strerror(errno));
@@ -743,6 +784,14 @@ static int run(const char *nitro_cli, char *const cmd[], const struct answer *a,
                 close(cfd);
             }
         }
+    }
+    if (egress > 0 && !attached && exit_code(status) == 0) {
+        /* nitro-cli returned with the enclave running: the enclave's way out must outlive it. */
+        int st;
+        while (waitpid(egress, &st, 0) < 0 && errno == EINTR) {
+        }
+    } else if (egress > 0) {
+        kill(egress, SIGTERM);
     }
     return exit_code(status);
 }
