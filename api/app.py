@@ -24,8 +24,8 @@ from common.store.engine import engine_for
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 REQUESTS = Counter("nitroconv_api_requests_total", "API requests", ["method", "endpoint", "status"])
 LATENCY = Histogram("nitroconv_api_request_seconds", "API request latency", ["method", "endpoint"])
-# Each label set's child, looked up once: `labels()` per request was a sixth of the access hook's CPU. The sets are
-# few (route templates, methods, status codes).
+# Each label set's child, looked up once rather than by `labels()` on every request (its locking and key checks
+# cost more than the count). The sets are few (route templates, methods, status codes).
 _requests = functools.cache(REQUESTS.labels)
 _latency = functools.cache(LATENCY.labels)
 _access = logging.getLogger("nitroconv.access")
