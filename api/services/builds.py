@@ -146,7 +146,8 @@ def _new_build(d: Draft, body: Mapping[str, object], settings: Mapping[str, obje
 _APP_SETTINGS: dict[uuid.UUID, tuple[str, Mapping[str, object]]] = {}
 _APP_SETTINGS_MAX = 4096
 _STALE_TRIES = 3
-# Tries after those with the settings pinned: a session moved to another account by each try gets no more.
+# Tries with the app's settings pinned, after the others: each `moved` answer (the session selected another account
+# meanwhile) uses one, and a session moved under every one of them gets a 409.
 _MOVED_TRIES = 3
 _WRITERS = roles_at_least(Role.WRITER)
 
