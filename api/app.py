@@ -14,27 +14,25 @@ from prometheus_client import Counter, Histogram
 from api import prepared
 from api.context import close_db
 from api.errors import EnvelopeApi, envelope, register_error_handlers
-from api.limits import APP_STATEMENTS
 from api.routes import accounts, apps, attestation, builds, health, sys, tasks, unsupported
 from api.services.builds import GET_STATEMENT
 from api.sessions import SESSION_STATEMENT
 from common import logs
 from common.settings import Settings, get_settings
-from common.store.builds import INSERT_STATEMENTS
 from common.store.engine import engine_for
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 REQUESTS = Counter("nitroconv_api_requests_total", "API requests", ["method", "endpoint", "status"])
 LATENCY = Histogram("nitroconv_api_request_seconds", "API request latency", ["method", "endpoint"])
-# Each label set's child, looked up once: `labels()` per request was a sixth of the access hook's CPU. The sets are
-# few (route templates, methods, status codes).
+# Each label set's child, looked up once rather than by `labels()` on every request (its locking and key checks
+# cost more than the count). The sets are few (route templates, methods, status codes).
 _requests = functools.cache(REQUESTS.labels)
 _latency = functools.cache(LATENCY.labels)
 _access = logging.getLogger("nitroconv.access")
 SWAGGER_UI_STATIC = "/v1/docs/static"
-# What a submission runs on its rare paths (its common one is api/submission.py) and every poll of one build
-# runs: prepared once per connection (api/prepared.py).
-_HOT_STATEMENTS = (SESSION_STATEMENT, *APP_STATEMENTS, *INSERT_STATEMENTS.values(), GET_STATEMENT)
+# The caller's session and a poll of one build, run by most requests: prepared once per connection
+# (api/prepared.py; a submission's own statement is api/submission.py's).
+_HOT_STATEMENTS = (SESSION_STATEMENT, GET_STATEMENT)
 
 
 def _nul_in(value: object, path: str) -> str | None:

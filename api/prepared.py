@@ -1,7 +1,7 @@
 """Server-side prepared statements for the statements the API runs most (a submission's, a poll of one build).
 
-psycopg2 sends each statement's full text, which Postgres parses and plans again every time: for a submission
-that was about 40% of its backend's CPU. A `before_cursor_execute` hook swaps a registered statement for
+psycopg2 sends each statement's full text, which Postgres parses and plans again every time (a large part of
+the backend's work for these short statements; bench/README.md). A `before_cursor_execute` hook swaps a registered statement for
 `EXECUTE` of a copy prepared once per DBAPI connection; the statements, their parameters and their results are
 unchanged, and anything not registered runs as before.
 """

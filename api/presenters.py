@@ -64,7 +64,7 @@ def _boot_check(stored: dict[str, object] | None) -> dict[str, object] | None:
     if stored is None:
         return None
     view = {key: stored.get(key) for key in _BOOT_CHECK.fields}
-    view["mode"] = view["mode"] or "plain"  # checks recorded before the emulator (issue 16) were all plain
+    view["mode"] = view["mode"] or "plain"  # a check recorded without a mode ran plain: the emulator mode came later
     return _BOOT_CHECK.dump(view)
 
 

@@ -20,7 +20,7 @@ from common.store.models import Membership, Session
 _S = Session.__table__
 _LIVE = (_S.c.token_expires_at > func.now(), _S.c.expires_at > func.now())
 # Every authenticated request runs this (by the primary keys of sessions and memberships); the API prepares it
-# on each connection (api/prepared.py), as it did the role query it replaces.
+# on each connection (api/prepared.py).
 SESSION_STATEMENT = (
     select(_S.c.user_id, _S.c.account_id, Membership.role)
     .select_from(_S.outerjoin(Membership, (Membership.user_id == _S.c.user_id)

@@ -1,17 +1,18 @@
-"""A submission's one round trip: `nitroconv_submit_build` (migration 0006) in autocommit.
+"""A submission in one statement: `nitroconv_submit_build` (migrations 0006 and 0007) holds every rule.
 
-The caller's role, the app under the account's lock, the quota check and the insert are one statement and
-one transaction: no BEGIN, no COMMIT and three fewer statements per submission than running them one by one.
-The statement goes straight to the driver as a prepared statement (api/prepared.py): SQLAlchemy's execution
-of one statement with nineteen parameters cost the API more CPU than the rest of the round trip.
+The caller's session and role, the app under the account's lock, the quota, the Idempotency-Key and the insert are
+one statement. It normally runs in autocommit, so the submission is one round trip and one transaction. The
+statement goes straight to the driver as a prepared statement (api/prepared.py), not through SQLAlchemy's
+execution of nineteen parameters.
 """
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
 import psycopg2
 from sqlalchemy import Engine
@@ -30,6 +31,10 @@ SUBMIT_SQL = (
     "FROM nitroconv_submit_build("
     + ", ".join(f"%({name})s" for name in _PARAMS) + ")")
 SUBMIT_FORM = PreparedForm.of("nitroconv_submit", SUBMIT_SQL)
+# The app's settings as the function compares them (the same cast), held still until the transaction ends: an
+# update of the app waits for this lock.
+_PIN_SETTINGS_SQL = ("SELECT default_build_settings::text FROM apps "
+                     "WHERE id = %(app_id)s AND account_id = %(account_id)s FOR SHARE")
 
 
 @dataclass(frozen=True)
@@ -62,34 +67,35 @@ def _driver_value(value: object) -> object:
     return value
 
 
-def submit_build(engine: Engine, values: Mapping[str, object], *, user_id: uuid.UUID, account_id: uuid.UUID,
-                 roles: list[str], app_settings: str | None, quota: int | None,
-                 session_id: uuid.UUID | None = None) -> Outcome:
-    """Run the submission's statement; `values` are the build's columns as buildstore.build_row gives them.
-
-    `app_settings`: the app's default_build_settings (jsonb text) the values were merged with; None when
-    not known yet (the answer is then `stale`, with the current ones). `session_id`: the caller's session, which
-    must be live and still be `user_id`'s in `account_id` (else `session` or `moved`); None skips the check. A database error is raised as
-    SQLAlchemy's DBAPIError (the API's 503 or 500), a lost connection invalidated as SQLAlchemy would.
-    """
+def _params(values: Mapping[str, object], *, user_id: uuid.UUID, account_id: uuid.UUID, roles: list[str],
+            app_settings: str | None, quota: int | None, session_id: uuid.UUID | None) -> dict[str, object]:
     params = {name: _driver_value(values[name]) for name in _PARAMS if name in values}
     params.update(session_id=str(session_id) if session_id else None, user_id=str(user_id),
                   account_id=str(account_id), roles=roles, app_settings=app_settings, quota=quota)
+    return params
+
+
+_T = TypeVar("_T")
+
+
+def _on_driver(engine: Engine, autocommit: bool, work: Callable[[Any, Any, dict[Any, Any]], _T]) -> _T:
+    """`work(dbapi connection, cursor, pool record info)` on a pooled connection. A database error is raised as
+    SQLAlchemy's DBAPIError (the API's 503 or 500), a lost connection invalidated as SQLAlchemy would."""
     raw = engine.raw_connection()
+    dbapi = raw.dbapi_connection
+    assert dbapi is not None
     try:
-        dbapi = raw.dbapi_connection
-        assert dbapi is not None
-        # Autocommit: the statement is its own transaction, committed by the server as it ends.
-        dbapi.autocommit = True
+        dbapi.autocommit = autocommit
         try:
             cursor = dbapi.cursor()
             try:
-                cursor.execute(execute_form(SUBMIT_FORM, raw.info, cursor), params)
-                row = cursor.fetchone()
+                return work(dbapi, cursor, raw.info)
             finally:
                 cursor.close()
         finally:
             if not dbapi.closed:
+                if not autocommit and dbapi.status != psycopg2.extensions.STATUS_READY:
+                    dbapi.rollback()
                 dbapi.autocommit = False
     except psycopg2.Error as exc:
         lost = engine.dialect.is_disconnect(exc, dbapi, None)
@@ -97,8 +103,53 @@ def submit_build(engine: Engine, values: Mapping[str, object], *, user_id: uuid.
             # What SQLAlchemy does on a lost connection: this one is dropped, and the pool's older ones are
             # replaced at their next checkout (they most likely died with it).
             engine.pool._invalidate(raw, exc)
-        raise DBAPIError.instance(SUBMIT_SQL, params, exc, psycopg2.Error, connection_invalidated=lost) from exc
+        raise DBAPIError.instance(SUBMIT_SQL, None, exc, psycopg2.Error, connection_invalidated=lost) from exc
     finally:
         raw.close()
+
+
+def _run(cursor: Any, info: dict[Any, Any], params: Mapping[str, object]) -> Outcome:
+    cursor.execute(execute_form(SUBMIT_FORM, info, cursor), params)
+    row = cursor.fetchone()
     assert row is not None  # the function always answers one row
     return Outcome(*row)
+
+
+def submit_build(engine: Engine, values: Mapping[str, object], *, user_id: uuid.UUID, account_id: uuid.UUID,
+                 roles: list[str], app_settings: str | None, quota: int | None,
+                 session_id: uuid.UUID | None = None) -> Outcome:
+    """Run the submission's statement in autocommit; `values` are the build's columns as buildstore.build_row
+    gives them.
+
+    `app_settings`: the app's default_build_settings (jsonb text) the values were merged with; None when not known
+    yet (the answer is then `stale`, with the current ones). `session_id`: the caller's session, which must be
+    live and still be `user_id`'s in `account_id` (else `session` or `moved`); None skips the check.
+    """
+    params = _params(values, user_id=user_id, account_id=account_id, roles=roles, app_settings=app_settings,
+                     quota=quota, session_id=session_id)
+    return _on_driver(engine, True, lambda _dbapi, cursor, info: _run(cursor, info, params))
+
+
+def submit_build_pinned(engine: Engine, values_for: Callable[[str | None], Mapping[str, object]], *,
+                        app_id: uuid.UUID, user_id: uuid.UUID, account_id: uuid.UUID, roles: list[str],
+                        quota: int | None, session_id: uuid.UUID | None = None
+                        ) -> tuple[Outcome, Mapping[str, object]]:
+    """The same statement, for an app whose settings keep changing: in one transaction, the app's settings are read
+    under a share lock on its row, `values_for(settings)` merges them, and the statement then runs with settings
+    that cannot have changed, so it never answers `stale`. Returns the answer and the values sent.
+
+    An app not in `account_id` gives `values_for(None)`, and the statement answers as it does for any caller
+    (`session`, `moved`, `role` or `no_app`).
+    """
+
+    def work(dbapi: Any, cursor: Any, info: dict[Any, Any]) -> tuple[Outcome, Mapping[str, object]]:
+        cursor.execute(_PIN_SETTINGS_SQL, {"app_id": str(app_id), "account_id": str(account_id)})
+        found = cursor.fetchone()
+        settings = found[0] if found is not None else None
+        values = values_for(settings)
+        got = _run(cursor, info, _params(values, user_id=user_id, account_id=account_id, roles=roles,
+                                         app_settings=settings, quota=quota, session_id=session_id))
+        dbapi.commit()
+        return got, values
+
+    return _on_driver(engine, False, work)

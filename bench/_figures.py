@@ -1,4 +1,4 @@
-"""The issue's figures as records: a value, its target and the verdict, printed as one table and as JSON.
+"""The README's figures as records: a value, its target and the verdict, printed as one table and as JSON.
 
 Pure code (no processes, no sockets), so the verdicts and the table are unit-tested on their own.
 """
@@ -15,13 +15,13 @@ Direction = Literal["at most", "at least"]
 
 @dataclass(frozen=True)
 class Figure:
-    """One figure of the issue: `value` compared with `target` (inclusive, as the issue words its targets).
+    """One figure: `value` compared with `target` (inclusive, as the README words its targets).
 
     `value` is None when the figure was not measured: `skipped` says a flag left it out, else `error`
     says what went wrong (a failed conversion, a worker that did not start).
     """
 
-    number: int  # the issue's numbering (issue 8, "bench/ prints")
+    number: int  # the figure's number in the README's table
     label: str
     value: float | None
     unit: str

@@ -1,6 +1,6 @@
 """Conversion figures: `nitroconv convert-local` against `docker pull` + `create` + `export`, and peak RSS at 1 GiB.
 
-In one run, on a Debian python image of 355 MB (issue 3 asks for ~330) in the loopback registry (_image.py):
+In one run, on a Debian python image of 355 MB in the loopback registry (_image.py):
   - convert-local with a cold cache (a fresh NITROCONV_STATE_DIR), then again with that warm cache (the
     conversion cache answers), and again with --no-reuse (warm blob cache, the whole conversion redone);
   - the same image through the Docker engine (pull, create, export streamed and discarded) after the

@@ -152,7 +152,7 @@ def main() -> int:
         images.append((f"realistic ({python.content_bytes / 1e6:.0f} MB, python)",
                        f"{args.registry}/{python.repository}:{python.tag}"))
     figures = [measure_image(label, ref, args.registry, plan, cache) for label, ref in images]
-    print("emulator boot check (issue 16), one round per image:")
+    print("emulator boot check, one round per image:")
     print(report(figures), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps([{**asdict(f), "adds_seconds": f.adds_seconds} for f in figures], indent=2))

@@ -412,7 +412,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Figure], Raw]:
 
 def report(figures: Sequence[Figure], raw: Raw) -> str:
     m = raw.machine
-    head = (f"issue 8 figures through the service — {m.get('cpus')} CPUs, Python {m.get('python')}, "
+    head = (f"figures 1, 2, 3 and 5 through the service — {m.get('cpus')} CPUs, Python {m.get('python')}, "
             f"{m.get('engine')}, registry {m.get('registry')}, worker queues {m.get('worker_queues')} "
             f"(load {float(str(m.get('load_before', 'nan'))):.1f} → {float(str(m.get('load_after', 'nan'))):.1f})")
     return head + "\n" + _figures.table(figures)

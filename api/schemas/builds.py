@@ -132,7 +132,7 @@ class ConversionRequestSchema(NitroEnclavesOptionsSchema):
              unknown: types.UnknownOption | None = None) -> Any:
         """The schema's load; a request of exactly the expected types and values is taken on a fast path.
 
-        marshmallow's load was the largest single cost of a submission. The fast path accepts a strict subset
+        marshmallow's load costs more than the rest of a plain submission's validation. The fast path accepts a strict subset
         of what the schema accepts and returns what the schema would (tests/unit/api/test_schemas.py compares
         the two); anything else, every invalid request included, goes through the schema and its errors.
         """

@@ -16,10 +16,9 @@ from sqlalchemy.orm import Session
 
 from api import sessions
 from api.auth import Principal
-from api.limits import lock_account_app
 from api.schemas.builds import MAX_CONFIGS, MAX_CONFIGS_BYTES
 from api.schemas.common import group_ids
-from api.submission import roles_at_least, submit_build
+from api.submission import roles_at_least, submit_build, submit_build_pinned
 from common.errors import (
     Conflict,
     NotFound,
@@ -38,7 +37,6 @@ from common.store.builds import (
     check_retry,
     end_unsuccessfully,
     existing_build,
-    insert_build,
     quota_exceeded,
     stamped_build,
     user_actor,
@@ -150,6 +148,9 @@ def _new_build(d: Draft, body: Mapping[str, object], settings: Mapping[str, obje
 _APP_SETTINGS: dict[uuid.UUID, tuple[str, Mapping[str, object]]] = {}
 _APP_SETTINGS_MAX = 4096
 _STALE_TRIES = 3
+# Tries with the app's settings pinned, after the others: each `moved` answer (the session selected another account
+# meanwhile) uses one, and a session moved under every one of them gets a 409.
+_MOVED_TRIES = 3
 _WRITERS = roles_at_least(Role.WRITER)
 
 
@@ -162,13 +163,24 @@ def _app_settings(app_id: uuid.UUID, seen: str | None) -> tuple[str | None, Mapp
     return known if known is not None else (None, {})
 
 
+def _rows_for(d: Draft, body: Mapping[str, object], *, account_id: uuid.UUID, app_id: uuid.UUID, user_id: uuid.UUID,
+              idempotency_key: str | None) -> Callable[[str | None], Mapping[str, object]]:
+    """The build's row for the app's settings as the database holds them (jsonb text; None: no such app)."""
+
+    def values_for(settings: str | None) -> Mapping[str, object]:
+        return build_row(_new_build(d, body, json.loads(settings) if settings else {}, account_id=account_id,
+                                    app_id=app_id, user_id=user_id, idempotency_key=idempotency_key))
+
+    return values_for
+
+
 def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid.UUID | None, user_id: uuid.UUID,
            body: Mapping[str, object], idempotency_key: str | None, session_id: uuid.UUID | None = None
            ) -> Submitted:
     """Record the conversion request (QUEUED, PENDING) with the caller's role checked, then enqueue it.
 
-    One round trip does it all and commits (api/submission.py); a Forbidden is raised as the caller's
-    `Principal.require(Role.WRITER)` would. `db` gives the request's session, opened only for the rare
+    The submission's statement (api/submission.py) checks every rule and commits; a Forbidden is raised as the
+    caller's `Principal.require(Role.WRITER)` would. `db` gives the request's session, opened only for the rare
     answers that need a second look (a retried Idempotency-Key). `account_id` and `user_id` are the caller's
     session as this process last saw it: the statement checks them against the session (`session_id`) and
     answers `moved` with the current ones, which the next try uses.
@@ -177,16 +189,23 @@ def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid
     app_id = body["app_id"]
     assert isinstance(app_id, uuid.UUID)
     seen: str | None = None
-    for _ in range(_STALE_TRIES):
+    row: Mapping[str, object]
+    for attempt in range(_STALE_TRIES + _MOVED_TRIES):
         if account_id is None:
             Principal(user_id=user_id, account_id=None, role=None).require(Role.WRITER)
         assert account_id is not None
-        known, settings = _app_settings(app_id, seen)
-        new = _new_build(d, body, settings, account_id=account_id, app_id=app_id, user_id=user_id,
-                         idempotency_key=idempotency_key)
-        row = build_row(new)
-        got = submit_build(engine, row, user_id=user_id, account_id=account_id, roles=_WRITERS,
-                           app_settings=known, quota=s.max_queued_per_account, session_id=session_id)
+        if attempt < _STALE_TRIES:
+            known, settings = _app_settings(app_id, seen)
+            row = build_row(_new_build(d, body, settings, account_id=account_id, app_id=app_id, user_id=user_id,
+                                       idempotency_key=idempotency_key))
+            got = submit_build(engine, row, user_id=user_id, account_id=account_id, roles=_WRITERS,
+                               app_settings=known, quota=s.max_queued_per_account, session_id=session_id)
+        else:
+            # The app's settings changed under every try: read them under a lock that holds them still.
+            values_for = _rows_for(d, body, account_id=account_id, app_id=app_id, user_id=user_id,
+                                   idempotency_key=idempotency_key)
+            got, row = submit_build_pinned(engine, values_for, app_id=app_id, user_id=user_id, account_id=account_id,
+                                           roles=_WRITERS, quota=s.max_queued_per_account, session_id=session_id)
         if got.outcome == "session":
             assert session_id is not None
             sessions.forget(session_id)
@@ -201,12 +220,7 @@ def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid
             break
         seen = got.app_settings
     else:
-        # The app's settings changed under every try: take the account's lock and read them under it.
-        if account_id is None:
-            Principal(user_id=user_id, account_id=None, role=None).require(Role.WRITER)
-        assert account_id is not None
-        return _submit_locked(db(), s, d, account_id=account_id, user_id=user_id, body=body,
-                              idempotency_key=idempotency_key)
+        raise Conflict("the session's account changed during the submission; retry")
     if got.outcome == "role":
         role = Role(got.role) if got.role else None
         Principal(user_id=user_id, account_id=account_id if role else None, role=role).require(Role.WRITER)
@@ -238,26 +252,6 @@ def _enqueue(s: Settings, build_id: uuid.UUID) -> None:
     except QueueUnavailable:
         # The row is committed and QUEUED: the sweeper publishes it when Redis is back.
         log.warning("enqueue failed build_id=%s; the sweeper will retry", build_id)
-
-
-def _submit_locked(session: Session, s: Settings, d: Draft, *, account_id: uuid.UUID, user_id: uuid.UUID,
-                   body: Mapping[str, object], idempotency_key: str | None) -> Submitted:
-    """The submission as statements of one transaction: the app (and its settings) under the account's lock,
-    then the insert with its quota check."""
-    retry = idempotency_key is not None and session.execute(select(Build.id).where(
-        Build.account_id == account_id, Build.idempotency_key == idempotency_key)).first() is not None
-    # A retried submission returns its build even when the account is at its quota: no lock, no count.
-    app = lock_account_app(session, account_id, body["app_id"], lock=not retry)
-    if app is None:
-        raise _no_app()
-    new = _new_build(d, body, app.default_build_settings, account_id=account_id, app_id=app.id, user_id=user_id,
-                     idempotency_key=idempotency_key)
-    # The quota is checked by the insert itself, under the account lock taken above.
-    build, created = insert_build(session, new, quota=None if retry else s.max_queued_per_account)
-    session.commit()
-    if created:
-        _enqueue(s, build.id)
-    return Submitted(account_id, build, app.name, app.description, created)
 
 
 # A Build as the routes present it: its row and its app's name and description, read with Core (no ORM objects:

@@ -47,8 +47,9 @@ def conversion_message(build_id: str, *, eta: datetime | None = None, origin: st
     """The Redis list entry `send_task(CONVERT, args=[build_id], queue=QUEUE, task_id=build_id)` writes: Celery's
     task protocol 2 (JSON body) in kombu's Redis transport envelope, which any `celery worker` consumes.
 
-    Built by hand: Celery's `send_task` (app and connection contexts, routing, signals, the serialiser
-    registry) was 11% of the API's CPU per submission; this and one LPUSH are 3%.
+    Built by hand, for the Celery and kombu minor versions setup.cfg pins (a test runs it on a real worker of
+    those): Celery's `send_task` and kombu's producer make a redis-py client, route, serialise and signal on
+    every publish, several times the CPU of this and one LPUSH (bench/README.md, figure 4).
     """
     body = json.dumps([[build_id], {}, _EMBED]).encode()
     headers: dict[str, object] = {

@@ -13,18 +13,13 @@ from datetime import timedelta
 
 from sqlalchemy import (
     ColumnElement,
-    Executable,
-    Table,
     and_,
-    bindparam,
     func,
     insert,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased
 
 from common.errors import Conflict, IdempotencyKeyReused, InvalidTransition, NotFound, QuotaExceeded
@@ -138,70 +133,8 @@ class NewBuild:
     idempotency_key: str | None = None
 
 
-# Statements built once: SQLAlchemy then reuses their compiled form and cache key on every submission.
-_BUILDS: Table = Build.__table__  # type: ignore[assignment]
-_SERVER_SET = (_BUILDS.c.created_at, _BUILDS.c.updated_at, _BUILDS.c.approval_updated_at)
-_SENT = ("id", "account_id", "app_id", "created_by", "idempotency_key", "request_fingerprint", "input_image_name",
-         "output_image_name", "input_username", "output_username", "input_credentials", "output_credentials",
-         "converter_options", "cpu_count", "mem_size", "enable_overlay_filesystem_persistence", "approval_status",
-         "conversion_state", "progress", "attempts", "cancel_requested", "exposed_ports", "warnings")
+# The states whose builds count against an account's quota (the submission statement, migration 0007, lists them).
 UNFINISHED = tuple(st.value for st in ConversionState if st not in CONVERSION_TERMINAL)
-# Literal, as in the partial index ix_builds_unfinished (migration 0005), and with no per-call expansion.
-_UNFINISHED_SQL = text(f"builds.conversion_state IN ({', '.join(repr(v) for v in UNFINISHED)})")
-
-
-def _insert_statement(*, keyed: bool, quota: bool) -> Executable:
-    """INSERT … SELECT of the sent values (and enqueued_at = now()), RETURNING the server-set timestamps.
-
-    With `quota`, the row is inserted only while the account has fewer than :quota unfinished builds (the
-    count stops there, on the partial index of unfinished builds): the check and the insert are one round
-    trip. With `keyed`, a used (account, Idempotency-Key) inserts nothing either.
-    """
-    values = select(*[bindparam(name, type_=_BUILDS.c[name].type) for name in _SENT], func.now())
-    if quota:
-        capped = (select(_BUILDS.c.id).where(_BUILDS.c.account_id == bindparam("account_id"), _UNFINISHED_SQL)
-                  .limit(bindparam("quota")).subquery())
-        values = values.where(select(func.count()).select_from(capped).scalar_subquery() < bindparam("quota"))
-    stmt = pg_insert(_BUILDS).from_select([*_SENT, "enqueued_at"], values)
-    if keyed:
-        stmt = stmt.on_conflict_do_nothing(constraint="uq_builds_account_idempotency_key")
-    return stmt.returning(*_SERVER_SET)
-
-
-# The four forms of the build insert, built once (the API prepares them on each connection: api/prepared.py).
-INSERT_STATEMENTS = {(keyed, quota): _insert_statement(keyed=keyed, quota=quota)
-                     for keyed in (False, True) for quota in (False, True)}
-
-
-def count_unfinished(session: Session, account_id: uuid.UUID, cap: int) -> int:
-    """The account's unfinished builds, counted up to `cap`."""
-    capped = (select(Build.id).where(Build.account_id == account_id, Build.conversion_state.in_(UNFINISHED))
-              .limit(cap).subquery())
-    return int(session.execute(select(func.count()).select_from(capped)).scalar_one())
-
-
-def insert_build(session: Session, new: NewBuild, quota: int | None = None) -> tuple[Build, bool]:
-    """Insert a QUEUED/PENDING build. Returns (the build's row, created).
-
-    One INSERT … RETURNING of the server-set timestamps; the Build returned is assembled from the values
-    sent, not loaded back (it is detached: a record to present, not to change).
-    `quota`: refuse with QuotaExceeded when the account already has that many unfinished builds; the
-    caller holds the account row's lock, so two concurrent submissions cannot both take the last slot.
-    With an idempotency key the unique (account, key) constraint is the arbiter: a concurrent or
-    retried submission inserts nothing and gets the first build back.
-    """
-    row = build_row(new)
-    stmt = INSERT_STATEMENTS[(new.idempotency_key is not None, quota is not None)]
-    stamped = session.connection().execute(stmt, {**row, "quota": quota} if quota is not None else row).one_or_none()
-    if stamped is not None:
-        return stamped_build(row, *stamped), True
-    existing = None
-    if new.idempotency_key is not None:
-        existing = existing_build(session, new.account_id, new.idempotency_key)
-    if existing is None:
-        assert quota is not None  # nothing else stops an insert
-        raise quota_exceeded(quota, count_unfinished(session, new.account_id, quota))
-    return check_retry(existing, new.request_fingerprint), False
 
 
 def build_row(new: NewBuild) -> dict[str, object]:

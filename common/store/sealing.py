@@ -1,4 +1,4 @@
-"""Sealing of registry credentials at rest: AES-256-GCM under keys derived from NITROCONV_SECRET_KEY.
+"""Sealing of registry credentials at rest: AES-256-GCM under keys derived from the service's secret key.
 
 Format: b"nc1" | key id (1 byte) | nonce (12 bytes) | ciphertext+tag. The key id lets an operator add a
 new secret and keep opening what the old one sealed; the build id is bound as associated data so a

@@ -1,13 +1,18 @@
 """The API's publish is one LPUSH of a hand-built Celery message: it must be what Celery's own producer writes, and
-a real `celery worker` must run it (now, and after a countdown)."""
+a real `celery worker` of the minor version setup.cfg pins must run it (now, and after a countdown)."""
 from __future__ import annotations
 
+import configparser
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
+import celery
+import kombu
 import pytest
 from redis import Redis
 
@@ -85,3 +90,23 @@ def test_publish_message_is_run_by_a_real_worker(consumer, countdown):
     if countdown is not None:
         assert ran - sent >= countdown - 0.5, "the eta was not honoured"
     assert Redis.from_url(s.redis_url).llen(QUEUE) == 0
+
+
+def _pinned(requirements: str, name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    found = re.search(rf"^{name}(\[[a-z,]+\])?>=(\d+)\.(\d+),<(\d+)\.(\d+)$", requirements, re.MULTILINE)
+    assert found is not None, f"{name} is not pinned to one minor version in setup.cfg"
+    low, high = (int(found[2]), int(found[3])), (int(found[4]), int(found[5]))
+    assert high == (low[0], low[1] + 1), f"{name}'s pin spans more than one minor version"
+    return low, high
+
+
+def test_publish_worker_is_of_the_pinned_celery_and_kombu(consumer):
+    """The message is built for one Celery and one kombu: the worker that ran it above is of those versions."""
+    _, worker = consumer
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[3] / "setup.cfg")
+    requirements = cfg["options"]["install_requires"]
+    for module, name in ((celery, "celery"), (kombu, "kombu")):
+        low, high = _pinned(requirements, name)
+        assert low <= tuple(int(p) for p in module.__version__.split(".")[:2]) < high, (name, module.__version__)
+    _wait_for_line(worker, f" v{celery.__version__} ", 30)  # the worker's banner names the version it runs

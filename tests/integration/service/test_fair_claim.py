@@ -6,7 +6,7 @@ import threading
 import uuid
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from common.store import builds as buildstore
 from common.store.engine import session_scope
@@ -22,7 +22,7 @@ MAX_ATTEMPTS = 3
 def _submit(url: str, account: tuple[uuid.UUID, uuid.UUID]) -> uuid.UUID:
     new = new_build(account)
     with session_scope(url) as session:
-        buildstore.insert_build(session, new)
+        session.execute(insert(Build).values(**buildstore.build_row(new)))
     return new.build_id
 
 

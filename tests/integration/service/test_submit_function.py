@@ -1,6 +1,6 @@
 """The submission's one statement (`nitroconv_submit_build`, api/submission.py) against real Postgres: the quota
-under concurrent submissions, the role, a stale view of the app's settings, retries; and through the API, a
-change of the app's defaults taking effect on the next submission."""
+under concurrent submissions, the role, a stale view of the app's settings, pinned settings, retries; and through
+the API, a change of the app's defaults taking effect on the next submission."""
 from __future__ import annotations
 
 import json
@@ -11,14 +11,14 @@ import uuid
 
 import psycopg2
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from api.schemas.builds import BuildSchema
-from api.submission import roles_at_least, submit_build
+from api.submission import roles_at_least, submit_build, submit_build_pinned
 from common.store import builds as buildstore
 from common.store.accounts import Role
 from common.store.engine import engine_for, session_scope
-from common.store.models import App, Membership, User
+from common.store.models import App, Build, Membership, User
 
 from .helpers import body, err, new_account, new_build, ok, race
 
@@ -46,7 +46,8 @@ def _submit(url: str, account: tuple[uuid.UUID, uuid.UUID], user_id: uuid.UUID, 
 
 def _unfinished(url: str, account_id: uuid.UUID) -> int:
     with session_scope(url) as session:
-        return buildstore.count_unfinished(session, account_id, 1000)
+        return session.execute(select(func.count()).select_from(Build).where(
+            Build.account_id == account_id, Build.conversion_state.in_(buildstore.UNFINISHED))).scalar_one()
 
 
 def test_submit_function_races_take_exactly_the_free_slots(queue_db):
@@ -133,6 +134,35 @@ def test_submit_function_answers_stale_settings_with_the_current_ones(queue_db):
     assert missing.outcome == "no_app"
 
 
+def test_submit_function_with_pinned_settings_merges_the_apps_own_and_keeps_every_rule(queue_db):
+    account = new_account(queue_db)
+    user, reader = _member(queue_db, account[0], "WRITER"), _member(queue_db, account[0], "READER")
+    with session_scope(queue_db) as session:
+        session.execute(update(App).where(App.id == account[1]).values(
+            default_build_settings={"nitro_enclaves": {"cpu_count": 4}}))
+    seen: list[str | None] = []
+
+    def pinned(user_id: uuid.UUID, app: tuple[uuid.UUID, uuid.UUID], quota: int = 5):  # noqa: ANN202
+        def values_for(settings: str | None) -> dict:
+            seen.append(settings)
+            return buildstore.build_row(new_build(app, created_by=user_id))
+
+        got, _ = submit_build_pinned(engine_for(queue_db, 20), values_for, app_id=app[1], user_id=user_id,
+                                     account_id=app[0], roles=WRITERS, quota=quota)
+        return got
+
+    assert pinned(user, account).outcome == "created"
+    assert json.loads(seen[-1]) == {"nitro_enclaves": {"cpu_count": 4}}
+    assert pinned(user, account, quota=1).outcome == "quota"
+    assert (pinned(reader, account).outcome, seen[-1] is not None) == ("role", True)
+    assert pinned(user, (account[0], new_account(queue_db)[1])).outcome == "no_app"  # another account's app
+    assert seen[-1] is None
+    assert _unfinished(queue_db, account[0]) == 1
+    # The transaction ended: an update of the app does not wait on the submission's lock.
+    with psycopg2.connect(queue_db) as conn, conn.cursor() as cur:
+        cur.execute("SET lock_timeout = '2s'; UPDATE apps SET description = 'x' WHERE id = %s", (str(account[1]),))
+
+
 def test_submit_function_retried_key_is_found_even_at_the_quota(queue_db):
     account = new_account(queue_db)
     user = _member(queue_db, account[0], "WRITER")
@@ -196,8 +226,8 @@ def test_api_submit_checks_the_role_before_the_requests_own_errors(client, tenan
 
 
 def test_api_submit_reads_the_settings_under_the_lock_when_they_keep_changing(client, tenant, monkeypatch):
-    """With no try of the one statement left (the app's settings changed under each), the submission runs as
-    statements of one transaction, reading the settings under the account's lock: same Build, same merge."""
+    """With no try left (the app's settings changed under each), the statement runs with the settings read under a
+    share lock on the app's row, in one transaction: same Build, same merge, same rules."""
     from api.services import builds
 
     monkeypatch.setattr(builds, "_STALE_TRIES", 0)
