@@ -6,8 +6,9 @@ reads from /dev/nsm and prints (`nitroconv-init: pcr <n> <hex>`), so PCR0/1/2 (a
 computed by code that is not ours and compared with the Build's; and the init's "enclave ready"
 heartbeat travels over real vsock to the parent side here, which echoes it as nitro-cli does.
 
-The vsock device is vhost-user: `python -m worker.emulator` (the backend) serves it and maps the
-guest's connection to the parent's port P onto the Unix socket `<uds>_P`, where this module listens.
+The machine, the vsock backend (`python -m worker.emulator`, mapping the guest's connection to the
+parent's port P onto the Unix socket `<uds>_P`) and the heartbeat's answer are an emulator session
+(worker/emulator/session.py), as for `nitroconv run-local`; this module reads the console and judges.
 """
 from __future__ import annotations
 
