@@ -48,6 +48,7 @@ sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 import _cpu  # noqa: E402
 import _figures  # noqa: E402
 import _image  # noqa: E402
+import _registry  # noqa: E402
 import _small  # noqa: E402
 import _stack  # noqa: E402
 import _timeline  # noqa: E402
@@ -366,22 +367,20 @@ def measure(args: argparse.Namespace) -> tuple[list[Figure], Raw]:
     state_root = _stack._state_root()
     cache = state_root / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(REPO / "deploy/registry.sh"), "start"], check=True,
-                   env={**os.environ, "NITROCONV_STATE_DIR": str(state_root), "NITROCONV_REGISTRY_ADDR": args.registry})
     wanted = set(args.only)
-    image = None
-    if wanted & {1, 2}:
-        image = _image.python_image(cache, _log)
-        _image.push(image, args.registry)
-    big = None
-    if 3 in wanted and not args.skip_1g:
-        big = _image.big_image(cache, image or _image.python_image(cache, _log), _log)
-        _image.push(big, args.registry)
-
     run_id = secrets.token_hex(4)
     run_dir = cache / f"service-{run_id}"
     figures: list[Figure] = []
     with ExitStack() as stack:
+        args.registry = stack.enter_context(_registry.loopback_registry(cache / "registry", args.registry, _log))
+        image = None
+        if wanted & {1, 2}:
+            image = _image.python_image(cache, _log)
+            _image.push(image, args.registry)
+        big = None
+        if 3 in wanted and not args.skip_1g:
+            big = _image.big_image(cache, image or _image.python_image(cache, _log), _log)
+            _image.push(big, args.registry)
         if not args.keep:
             # Logs of a run that broke are kept for diagnosis; a finished run leaves nothing behind.
             stack.push(lambda kind, *_: _remove_unless_failed(run_dir, kind))
@@ -425,7 +424,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--registry", default=os.environ.get("NITROCONV_REGISTRY_ADDR", "127.0.0.1:5000"))
+    parser.add_argument("--registry", default=os.environ.get("NITROCONV_REGISTRY_ADDR"), metavar="HOST:PORT",
+                        help="a registry to use (one answering there is left running); default: the bench's own, on "
+                             "a free port, stopped at the end")
     parser.add_argument("--redis-url", default=os.environ.get("NITROCONV_BENCH_SERVICE_REDIS",
                                                               "redis://127.0.0.1:6379/15"),
                         help="a Redis DB of the bench's own: flushed before and after")

@@ -25,7 +25,7 @@ from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry
 from tests.fixtures.repo import REPO
 from tests.fixtures.require import skip_or_fail
-from worker.emulator.enclave import qemu_command
+from worker.emulator.session import has_sandbox, qemu_argv
 from worker.pipeline.convert import convert
 from worker.pipeline.host import ConversionHost
 from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
@@ -163,8 +163,8 @@ def test_backend_alone_carries_the_heartbeat_of_a_real_guest(emulator, strict_im
             if vhost.exists():
                 break
             time.sleep(0.02)
-        qemu = subprocess.Popen(qemu_command(qemu=str(emulator), eif=str(strict_image.eif), vhost_socket=str(vhost),
-                                             cpu_count=1, memory_mib=512, name="vsock-test"),
+        qemu = subprocess.Popen(qemu_argv(qemu=str(emulator), eif=strict_image.eif, vhost_socket=vhost, cpu_count=1,
+                                          memory_mib=512, name="vsock-test", sandbox=has_sandbox(str(emulator))),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         watchdog = threading.Timer(TIMEOUT, qemu.kill)  # a guest that never ends must not hang the suite
         watchdog.start()

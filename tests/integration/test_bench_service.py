@@ -1,8 +1,8 @@
 """bench/service.py end to end on the real stack it starts (Postgres, Redis, registry, API, celery workers).
 
 A smoke run of figure 5 only, with two images a batch: the bench must run, report every conversion as
-SUCCEEDED, write its JSON, and leave no scratch database, no Redis keys and no processes behind. The
-figure's value is a measurement, not asserted (a timing goal is the bench's to print).
+SUCCEEDED, write its JSON, and leave no scratch database, no Redis keys and no processes behind (its
+registry included). The figure's value is a measurement, not asserted (a timing goal is the bench's to print).
 """
 from __future__ import annotations
 
@@ -66,6 +66,12 @@ def test_figure_5_runs_through_the_service_and_cleans_up(tmp_path: Path) -> None
     assert _ours() == []
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # the API let go of its port
+    # The registry the bench started for its images (on a free port, not the demo's 5000) is gone too.
+    started = re.search(r"registry on 127\.0\.0\.1:(\d+) \(pid (\d+)", proc.stderr)
+    assert started is not None, proc.stderr[-3000:]
+    assert not psutil.pid_exists(int(started.group(2)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", int(started.group(1))))
 
 
 def _ours() -> list[str]:

@@ -27,11 +27,6 @@ from tests.fixtures.vhost_frontend import (
     Packet,
 )
 
-# About one run in twelve of this file loses a wake-up (a reply or a returned transmit buffer never seen by
-# the test front-end, under load); real guests (tests/e2e) have not shown it. Until the race is found, a
-# failing test runs again, at most twice: a back-end that is broken every time still fails.
-pytestmark = pytest.mark.flaky(reruns=2)
-
 CID = 7
 
 

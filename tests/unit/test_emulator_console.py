@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 
-from worker.emulator.enclave import Attached, qemu_command
+from worker.emulator.enclave import Attached
 
 
 def _attached(console: bool) -> tuple[Attached, io.StringIO]:
@@ -36,13 +36,3 @@ def test_a_program_printing_the_marker_mid_line_does_not_set_the_status() -> Non
     a.console_line("nitroconv-init: start")
     a.console_line("echo nitroconv-init: exit status=0")
     assert a.exit_status is None
-
-
-def test_qemu_command_loads_the_eif_in_the_nitro_enclave_machine() -> None:
-    argv = qemu_command(qemu="q", eif="/x/app.eif", vhost_socket="/w/v.sock", cpu_count=2, memory_mib=768, name="n")
-    assert argv[argv.index("-M") + 1] == "nitro-enclave,vsock=vsock0,id=n"
-    assert argv[argv.index("-chardev") + 1] == "socket,id=vsock0,path=/w/v.sock"
-    assert argv[argv.index("-kernel") + 1] == "/x/app.eif"
-    assert (argv[argv.index("-smp") + 1], argv[argv.index("-m") + 1]) == ("2", "768")
-    # The init's reset must end QEMU, not boot the enclave again: a triple fault under -no-reboot.
-    assert "-no-reboot" in argv and argv[argv.index("-append") + 1] == "reboot=t"

@@ -3,13 +3,14 @@
     python -m worker.emulator.enclave --qemu PATH --uds BASE --workdir DIR [--guest-cid N] [--console] \\
         run-enclave --eif-path EIF --cpu-count N --memory MIB [--debug-mode] [--attach-console]
 
-It plays nitro-cli's part of the parent: starts the vsock back-end and QEMU's `nitro-enclave` machine (TCG),
-answers the enclave's ready heartbeat on vsock port 9000 (the byte 0xB7 echoed, as nitro-cli does), shows
+It plays nitro-cli's part of the parent: an emulator session (worker/emulator/session.py: the vsock back-end,
+QEMU's `nitro-enclave` machine, the answer to the enclave's ready heartbeat on vsock port 9000), shows
 the console, and stays attached until the enclave ends; its exit status is the program's (the init's
 `exit status=N` console line; a signal N gives 128+N), 1 if the enclave ended without one.
 
 Without --console (or --attach-console) only the program's own output is shown: everything before the
-init's first line, and the kernel's and the init's lines after it, are left out, as a Nitro enclave shows no console unless it runs in debug mode.
+init's first line, and the kernel's and the init's lines after it, are left out, as a Nitro enclave shows no
+console unless it runs in debug mode.
 """
 
 from __future__ import annotations
@@ -20,48 +21,19 @@ import re
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
 from common.errors import EmulatorUnavailable
-from worker.emulator.spawn import spawn_backend
+from worker.emulator.session import EmulatorSession
 
-HEARTBEAT = b"\xb7"
-HEARTBEAT_PORT = 9000
 PREFIX = "nitroconv-run-local: "
 INIT_PREFIX = "nitroconv-init: "
 _KERNEL_LINE = re.compile(r"^\s*\[\s*\d+\.\d+\]")
 _EXIT = re.compile(r"^nitroconv-init: exit (status|signal)=(\d+)")
 QEMU_STOP_SECONDS = 5.0
-
-
-def qemu_command(*, qemu: str, eif: str, vhost_socket: str, cpu_count: int, memory_mib: int,
-                 name: str) -> list[str]:
-    """QEMU's nitro-enclave machine loading the EIF itself (header, sections, CRC and PCRs checked by its
-    loader), software emulation (nested KVM is not available here), only the serial console on stdout, a
-    reset (the init's end) ends QEMU. The machine allocates its RAM as a shared memfd itself."""
-    return [
-        qemu,
-        "-M", f"nitro-enclave,vsock=vsock0,id={name}",
-        "-accel", "tcg",
-        "-cpu", "max",
-        "-smp", str(cpu_count),
-        "-m", str(memory_mib),
-        "-nodefaults",
-        "-no-user-config",
-        "-display", "none",
-        "-serial", "stdio",
-        "-no-reboot",
-        "-chardev", f"socket,id=vsock0,path={vhost_socket}",
-        "-kernel", eif,
-        # Appended to the EIF's cmdline, not measured. The AWS cmdline's reboot=k needs a keyboard
-        # controller this machine lacks, and the enclave kernel then resets in a way -no-reboot does not
-        # catch: it boots again (deploy/emulator/README.md). A triple fault ends QEMU.
-        "-append", "reboot=t",
-    ]
 
 
 class Attached:
@@ -72,9 +44,7 @@ class Attached:
         self.show_all = args.console or args.attach_console
         self.exit_status: int | None = None
         self.init_started = False
-        self.heartbeats = 0
         self.stop_signal: int | None = None
-        self.procs: list[subprocess.Popen[bytes]] = []
 
     def say(self, text: str) -> None:
         print(PREFIX + text, file=self.err, flush=True)
@@ -98,8 +68,6 @@ class Attached:
 
     def run(self) -> int:
         a = self.args
-        workdir = Path(a.workdir)
-        vhost = workdir / "vhost.sock"
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         wake_r, wake_w = socket.socketpair()
@@ -107,38 +75,27 @@ class Attached:
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
 
-        heartbeat = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        hb_path = f"{a.uds}_{HEARTBEAT_PORT}"
-        if os.path.lexists(hb_path):
-            os.unlink(hb_path)
-        heartbeat.bind(hb_path)
-        heartbeat.listen(4)
-        heartbeat.setblocking(False)
-
+        session = EmulatorSession(qemu=a.qemu, eif=Path(a.eif_path), memory_mib=a.memory, cpu_count=a.cpu_count,
+                                  guest_cid=a.guest_cid, name=f"nitroconv-{os.getpid()}", workdir=Path(a.workdir),
+                                  uds=Path(a.uds), quiet=not self.show_all, heartbeat_report=self.say)
         try:
-            self.procs.append(spawn_backend(vhost, Path(a.uds), a.guest_cid, quiet=not self.show_all))
+            return self._attach(session, wake_r)
+        finally:
+            session.close(grace=QEMU_STOP_SECONDS)
+
+    def _attach(self, session: EmulatorSession, wake_r: socket.socket) -> int:
+        a = self.args
+        try:
+            qemu = session.start()
         except EmulatorUnavailable as exc:
-            self.say(str(exc))
+            self.say(f"{exc.code}: {exc}")
             return 1
-
-        name = f"nitroconv-{os.getpid()}"
-        argv = qemu_command(qemu=a.qemu, eif=a.eif_path, vhost_socket=str(vhost), cpu_count=a.cpu_count,
-                            memory_mib=a.memory, name=name)
-        try:
-            qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
-        except OSError as exc:
-            self.say(f"emulator_unavailable: cannot start {a.qemu}: {exc.strerror or exc}")
-            self._stop_all()
-            return 1
-        self.procs.insert(0, qemu)
-        self.say(f"enclave {name} starting: CID {a.guest_cid}, {a.cpu_count} CPU(s), {a.memory} MiB, "
+        self.say(f"enclave {session.name} starting: CID {a.guest_cid}, {a.cpu_count} CPU(s), {a.memory} MiB, "
                  f"EIF {a.eif_path}")
         assert qemu.stdout is not None and qemu.stderr is not None
         sel = selectors.DefaultSelector()
         sel.register(qemu.stdout, selectors.EVENT_READ, "console")
         sel.register(qemu.stderr, selectors.EVENT_READ, "stderr")
-        sel.register(heartbeat, selectors.EVENT_READ, "heartbeat")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         partial = b""
         qemu_err = bytearray()
@@ -157,8 +114,6 @@ class Attached:
                         wake_r.recv(64)
                     except BlockingIOError:
                         pass
-                elif key.data == "heartbeat":
-                    self._heartbeat(heartbeat)
                 else:
                     data = os.read(key.fd, 1 << 16)
                     if not data:
@@ -175,18 +130,11 @@ class Attached:
                     for raw in lines:
                         self.console_line(raw.decode("utf-8", "replace").rstrip("\r"))
         sel.close()
-        heartbeat.close()
-        try:
-            os.unlink(hb_path)
-        except FileNotFoundError:
-            pass
         if self.stop_signal is not None:
             self.say(f"stopping the enclave on {signal.Signals(self.stop_signal).name}")
-            self._stop_all()
             return 128 + self.stop_signal
         code = qemu.wait()
-        self._stop_all()
-        if self.heartbeats == 0:
+        if session.heartbeats == 0:
             self.say("warning: the enclave never sent its ready heartbeat (vsock port 9000)")
         if self.exit_status is None:
             detail = " ".join(qemu_err.decode("utf-8", "replace").split())[:500]
@@ -195,38 +143,6 @@ class Attached:
             return 1
         self.say(f"the enclave's program exited with status {self.exit_status}")
         return self.exit_status
-
-    def _heartbeat(self, listener: socket.socket) -> None:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(5)
-            try:
-                b = conn.recv(1)
-                if b == HEARTBEAT:
-                    conn.sendall(HEARTBEAT)
-                    self.heartbeats += 1
-                    self.say("heartbeat received: the enclave booted")
-                else:
-                    self.say(f"refused a heartbeat of {b!r} (expected {HEARTBEAT!r})")
-            except OSError as exc:
-                self.say(f"heartbeat failed: {exc}")
-
-    def _stop_all(self) -> None:
-        """QEMU first (the back-end then sees its front-end go and exits 0), then the back-end."""
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-            try:
-                proc.wait(QEMU_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,24 +4,48 @@ Only the features the back-end offers are handled: no indirect descriptors, no e
 device signals the call eventfd after using buffers unless the driver set VRING_AVAIL_F_NO_INTERRUPT.
 A guest that points outside its memory or builds a looping chain breaks the queue (GuestMemoryError);
 the back-end then stops using it, as a device that "needs reset" would.
+
+The ring indexes are shared with a driver running at the same time, so each is read and written as one
+16-bit access (load_u16/store_u16), never with struct's pack_into: that zeroes its target before writing
+the value, and a driver polling the used index in between sees it run backwards, then takes stale ring
+entries for new ones.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from worker.emulator.vhostuser import GuestMemory, GuestMemoryError
 
 DESC = struct.Struct("<QIHH")
-U16 = struct.Struct("<H")
 USED_ELEM = struct.Struct("<II")
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
+_BIG_ENDIAN_HOST = sys.byteorder != "little"
+
+
+def _le(value: int) -> int:
+    """A u16 between virtio's little-endian order and the host's (the same on x86)."""
+    return ((value & 0xFF) << 8) | (value >> 8) if _BIG_ENDIAN_HOST else value
+
+
+def load_u16(mapping: mmap.mmap, offset: int) -> int:
+    """A little-endian u16 of guest memory, in one load."""
+    with memoryview(mapping) as whole, whole[offset:offset + 2] as part, part.cast("H") as word:
+        return _le(int(word[0]))
+
+
+def store_u16(mapping: mmap.mmap, offset: int, value: int) -> None:
+    """A u16 into guest memory in one 16-bit store: a reader sees the old value or the new, nothing between."""
+    with memoryview(mapping) as whole, whole[offset:offset + 2] as part, part.cast("H") as word:
+        word[0] = _le(value)
 
 
 @dataclass
@@ -56,7 +80,7 @@ class VirtQueue:
 
     def _avail_idx(self, mem: GuestMemory) -> int:
         mapping, off = mem.user(self.avail_addr, 4)
-        return int(U16.unpack_from(mapping, off + 2)[0])
+        return load_u16(mapping, off + 2)
 
     def has_avail(self, mem: GuestMemory) -> bool:
         if not self.ready():
@@ -72,7 +96,7 @@ class VirtQueue:
         if not self.has_avail(mem):
             return None
         mapping, off = mem.user(self.avail_addr, 4 + 2 * self.num)
-        head = int(U16.unpack_from(mapping, off + 4 + 2 * (self.last_avail % self.num))[0])
+        head = load_u16(mapping, off + 4 + 2 * (self.last_avail % self.num))
         chain = Chain(head)
         dmap, doff = mem.user(self.desc_addr, DESC.size * self.num)
         index = head
@@ -102,16 +126,17 @@ class VirtQueue:
 
     def push_used(self, mem: GuestMemory, head: int, written: int) -> None:
         mapping, off = mem.user(self.used_addr, 4 + USED_ELEM.size * self.num)
-        idx = int(U16.unpack_from(mapping, off + 2)[0])
+        idx = load_u16(mapping, off + 2)
+        # The element is not the driver's to read until the index covers it: pack_into may write it any way.
         USED_ELEM.pack_into(mapping, off + 4 + USED_ELEM.size * (idx % self.num), head, written)
         # x86 stores are not reordered with other stores; the element is in place before the index.
-        U16.pack_into(mapping, off + 2, (idx + 1) & 0xFFFF)
+        store_u16(mapping, off + 2, (idx + 1) & 0xFFFF)
 
     def notify(self, mem: GuestMemory) -> None:
         if self.call_fd is None:
             return
         mapping, off = mem.user(self.avail_addr, 2)
-        if U16.unpack_from(mapping, off)[0] & AVAIL_F_NO_INTERRUPT:
+        if load_u16(mapping, off) & AVAIL_F_NO_INTERRUPT:
             return
         os.eventfd_write(self.call_fd, 1)
 

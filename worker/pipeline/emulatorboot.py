@@ -6,30 +6,31 @@ reads from /dev/nsm and prints (`nitroconv-init: pcr <n> <hex>`), so PCR0/1/2 (a
 computed by code that is not ours and compared with the Build's; and the init's "enclave ready"
 heartbeat travels over real vsock to the parent side here, which echoes it as nitro-cli does.
 
-The vsock device is vhost-user: `python -m worker.emulator` (the backend) serves it and maps the
-guest's connection to the parent's port P onto the Unix socket `<uds>_P`, where this module listens.
+The machine, the vsock backend (`python -m worker.emulator`, mapping the guest's connection to the
+parent's port P onto the Unix socket `<uds>_P`) and the heartbeat's answer are an emulator session
+(worker/emulator/session.py), as for `nitroconv run-local`; this module reads the console and judges.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
 import re
-import selectors
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.errors import BootCheckFailed, BootCheckNoHeartbeat, BootCheckPcrMismatch, BootCheckUnavailable
+from common.errors import (
+    BootCheckFailed,
+    BootCheckNoHeartbeat,
+    BootCheckPcrMismatch,
+    BootCheckUnavailable,
+    EmulatorUnavailable,
+)
+from worker.emulator.session import BACKEND_MODULE, HEARTBEAT_PORT, EmulatorSession
 from worker.pipeline.bootcheck import (
     DEFAULT_SETTLE,
     DEFAULT_TIMEOUT,
@@ -42,7 +43,6 @@ from worker.pipeline.bootcheck import (
     QEMU,
     BootResult,
     ConsoleParser,
-    _end,
     _watch,
     boot_eif,
     clean_line,
@@ -58,21 +58,9 @@ log = logging.getLogger(__name__)
 # from the NSM, MARK_NO_NSM / MARK_NSM_ERROR when it could not (no /dev/nsm, or a request the NSM refused).
 _PCR_LINE = re.compile(r"(\d{1,2}) ([0-9a-fA-F]{96})")
 
-# The parent side of the heartbeat (nitro-cli's): the enclave connects to the parent's port 9000,
-# sends 0xB7 and waits for it back.
-HEARTBEAT_PORT = 9000
-HEARTBEAT_BYTE = 0xB7
-_HEARTBEAT_READ_TIMEOUT = 10.0
-# Any CID but 0-2 (reserved) and 3 (the parent): each check has its own backend, so checks running
-# side by side on one host never share a CID space.
-GUEST_CID = 16
-
 # The nitro-enclave machine does not always end on the init's reset: once the program's exit line is in, the
 # verdict is final, and only this long is left for the kernel's last lines.
 AFTER_EXIT = 0.5
-BACKEND_MODULE = "worker.emulator"
-_BACKEND_READY_TIMEOUT = 20.0
-_KEEP_LOG = 4000
 
 AUTO = "auto"
 MODES = (AUTO, MODE_EMULATOR, MODE_PLAIN)
@@ -222,147 +210,6 @@ def run_boot_check(eif_path: Path, *, plan: BootCheckPlan, expected: Mapping[str
 
 
 # --- the boot --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def _has_sandbox(qemu: str) -> bool:
-    # A QEMU built without seccomp (the emulator's minimal build) refuses -sandbox, though -help lists it;
-    # options are parsed in order, so `-sandbox on -version` fails there or prints the version.
-    try:
-        done = subprocess.run([qemu, "-sandbox", "on", "-version"], capture_output=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
-def emulator_command(*, eif: Path, vhost_socket: Path, memory_mib: int, qemu: str,
-                     sandbox: bool = True) -> list[str]:
-    """The QEMU argv: the nitro-enclave machine loading `eif` itself, its vsock served over `vhost_socket`,
-    TCG (nested KVM is not to be had), the serial console on stdout, a reset ends QEMU.
-
-    The nitro-enclave machine shares guest memory (memfd) with the vhost-user backend by itself. The
-    guest may be hostile: no network, no disk, no monitor, QEMU's seccomp sandbox when it has one.
-    """
-    argv = [
-        qemu,
-        "-machine", "nitro-enclave,vsock=vsock0",
-        "-accel", "tcg",
-        "-cpu", "max",
-        "-smp", "1",
-        "-m", str(memory_mib),
-        "-nodefaults",
-        "-no-user-config",
-        "-display", "none",
-        "-serial", "stdio",
-        "-no-reboot",
-        "-chardev", f"socket,id=vsock0,path={vhost_socket}",
-        "-kernel", str(eif),
-    ]
-    if sandbox:
-        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
-    return argv
-
-
-class HeartbeatListener:
-    """The parent's port 9000: accepts the enclave's connections (via the backend's `<uds>_9000`), reads
-    one byte, echoes it when it is 0xB7, and records when that happened.
-
-    Runs in a thread of its own so the console loop stays the plain boot's.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.received_at: float | None = None
-        self.wrong: list[int] = []
-        self._stop = threading.Event()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(str(path))
-        self._sock.listen(4)
-        self._thread = threading.Thread(target=self._serve, name="heartbeat", daemon=True)
-
-    def start(self) -> HeartbeatListener:
-        self._thread.start()
-        return self
-
-    @property
-    def came(self) -> bool:
-        return self.received_at is not None
-
-    def _serve(self) -> None:
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._sock, selectors.EVENT_READ)
-            while not self._stop.is_set():
-                if not sel.select(0.2):
-                    continue
-                try:
-                    conn, _ = self._sock.accept()
-                except OSError:
-                    return
-                with conn:
-                    self._answer(conn)
-
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(_HEARTBEAT_READ_TIMEOUT)
-        try:
-            data = conn.recv(1)
-            if data == bytes([HEARTBEAT_BYTE]):
-                if self.received_at is None:
-                    self.received_at = time.monotonic()
-                conn.sendall(data)
-            elif data:
-                self.wrong.append(data[0])
-        except OSError:
-            return
-
-    def close(self) -> None:
-        """Stop listening (connections to the port are refused from now on)."""
-        self._sock.close()
-        self.path.unlink(missing_ok=True)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-        self.close()
-
-
-@dataclass
-class _Backend:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def tail(self) -> str:
-        try:
-            data = self.log_path.read_bytes()[-_KEEP_LOG:]
-        except OSError:
-            return ""
-        return " ".join(data.decode("utf-8", "replace").split())[-500:]
-
-
-def _start_backend(backend: Sequence[str], *, vhost_socket: Path, uds: Path, log_path: Path) -> _Backend:
-    argv = [*backend, "--vhost-socket", str(vhost_socket), "--uds", str(uds), "--guest-cid", str(GUEST_CID)]
-    with log_path.open("wb") as out:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, close_fds=True)
-        except OSError as exc:
-            raise BootCheckUnavailable(f"cannot start the vsock backend: {exc.strerror or exc}",
-                                       details={"backend": argv[:3]}) from exc
-    started = _Backend(proc, log_path)
-    deadline = time.monotonic() + _BACKEND_READY_TIMEOUT
-    while not vhost_socket.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _end(proc)
-            raise BootCheckUnavailable(
-                f"the vsock backend did not come up (status {proc.returncode}): {started.tail()}",
-                details={"backend": argv[:3]})
-        time.sleep(0.05)
-    return started
-
-
-def _socket_dir() -> Path:
-    # Unix socket paths are limited to 107 bytes: a short private dir under the system temp dir, not scratch.
-    return Path(tempfile.mkdtemp(prefix="ncvs-"))
-
-
 def boot_eif_emulated(
     eif_path: Path,
     *,
@@ -382,38 +229,24 @@ def boot_eif_emulated(
     Raises `BootCheckUnavailable` when the emulator or its backend cannot be started at all.
     """
     eif_path = Path(eif_path)
-    memory = memory_mib or memory_for(eif_path.stat().st_size)
-    sockets = _socket_dir()
-    vhost_socket, uds = sockets / "vhost.sock", sockets / "vsock"
-    heartbeat = HeartbeatListener(Path(f"{uds}_{HEARTBEAT_PORT}"))
-    if answer_heartbeat:
-        heartbeat.start()
-    else:
-        heartbeat.close()
+    session = EmulatorSession(qemu=qemu, eif=eif_path, memory_mib=memory_mib or memory_for(eif_path.stat().st_size),
+                              backend=backend, backend_log=True, answer_heartbeat=answer_heartbeat)
     parser = EmulatorConsoleParser()
     started = time.monotonic()
-    proc: subprocess.Popen[bytes] | None = None
-    backend_proc: _Backend | None = None
     try:
-        backend_proc = _start_backend(backend, vhost_socket=vhost_socket, uds=uds, log_path=sockets / "backend.log")
-        argv = emulator_command(eif=eif_path.resolve(), vhost_socket=vhost_socket, memory_mib=memory, qemu=qemu,
-                                sandbox=_has_sandbox(qemu))
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True, close_fds=True)
-        except OSError as exc:
-            raise BootCheckUnavailable(f"cannot start {qemu}: {exc.strerror or exc}", details={"qemu": qemu}) from exc
+            proc = session.start()
+        except EmulatorUnavailable as exc:
+            raise BootCheckUnavailable(str(exc), details=exc.details) from exc
         try:
             watch = _watch(proc, parser, started=started, timeout=timeout, settle=settle, after_exit=AFTER_EXIT)
         finally:
-            code = _end(proc)
+            # The verdict is in: QEMU is killed at once, not asked.
+            code = session.stop_qemu()
     finally:
-        heartbeat.stop()
-        backend_tail = ""
-        if backend_proc is not None:
-            _end(backend_proc.proc)
-            backend_tail = backend_proc.tail()
-        shutil.rmtree(sockets, ignore_errors=True)
+        session.close()
+    heartbeat = session.heartbeat_came
+    backend_tail = session.backend_tail()
     seconds = time.monotonic() - started
     console = parser.verdict()
     console_reason = console.reason
@@ -428,7 +261,7 @@ def boot_eif_emulated(
     if parser.bad_pcr_lines:
         console_reason += f" ({len(parser.bad_pcr_lines)} malformed PCR line(s))"
     verdict = judge(console_ok=console.ok, console_reason=console_reason, expected=expected,
-                    reported=parser.pcrs, heartbeat=heartbeat.came, nsm_problems=parser.nsm_problems)
+                    reported=parser.pcrs, heartbeat=heartbeat, nsm_problems=parser.nsm_problems)
     return BootResult(
         ok=verdict.ok,
         seconds=seconds,
@@ -440,6 +273,6 @@ def boot_eif_emulated(
         mode=MODE_EMULATOR,
         pcrs={pcr_name(i): parser.pcrs[i] for i in sorted(parser.pcrs)},
         pcrs_match=verdict.pcrs_match,
-        heartbeat=heartbeat.came,
+        heartbeat=heartbeat,
         error_code=verdict.error_code,
     )
