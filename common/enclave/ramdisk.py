@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from common.enclave.cpio import CpioArchive, CpioEntry
@@ -70,7 +70,7 @@ def _converters_own(path: bytes) -> bool:
     return path == SHIM_DIR.encode() or path.startswith(SHIM_DIR.encode() + b"/")
 
 
-def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None) -> Iterator[CpioEntry]:
+def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, daemons: Sequence[Path]) -> Iterator[CpioEntry]:
     root = tree.root
     yield CpioEntry(name=b"rootfs", mode=stat.S_IFDIR | (root.mode & 0o7777), uid=root.uid, gid=root.gid,
                     mtime=root.mtime)
@@ -87,15 +87,20 @@ def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None) -> Iterator[Cp
             yield _generated_dir(b"rootfs/" + name)
     if shim is not None:
         yield _generated_dir(b"rootfs/" + SHIM_DIR.encode())
-        yield _blob_file(f"rootfs/{SHIM_DIR}/{SHIM_NAME}".encode(), shim)
+        for file_name, file_path in sorted([(SHIM_NAME, shim), *((d.name, d) for d in daemons)]):
+            yield _blob_file(f"rootfs/{SHIM_DIR}/{file_name}".encode(), file_path)
     yield _generated_file(b"cmd", cmd_file(spec), 0o644)
     yield _generated_file(b"env", env_file(spec), 0o644)
 
 
-def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None) -> CpioArchive:
+def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None,
+                daemons: Sequence[Path] = ()) -> CpioArchive:
     """Ramdisk 1: the image tree under `rootfs/`, the init's mount points, and `cmd`/`env` at the archive root.
 
     With `shim`, the exec shim goes in as `rootfs/.nitroconv/shim` (0755, root) in place of anything
     the image has at `/.nitroconv`; `spec` then is expected to start it (common.enclave.shim.through_shim).
+    `daemons` (with a shim only) go beside it under their file names, for the init to start (shim.DAEMONS).
     """
-    return CpioArchive(_app_entries(tree, spec, shim))
+    if daemons and shim is None:
+        raise ValueError("the converter's daemons go into /.nitroconv beside the shim: no shim, no daemons")
+    return CpioArchive(_app_entries(tree, spec, shim, daemons))

@@ -13,7 +13,7 @@ from pathlib import Path
 from common.enclave.launch import LaunchSpec, launch_spec, parse_env
 from common.enclave.measure import Measurements
 from common.enclave.reader import check_written
-from common.enclave.shim import SHIM_DIR, through_shim
+from common.enclave.shim import DAEMONS, SHIM_DIR, through_shim
 from common.enclave.signing import EifSigner, load_signer
 from common.errors import (
     Cancelled,
@@ -168,6 +168,15 @@ def _shim(runtime_dir: Path) -> Path:
     return shim
 
 
+def _daemons(runtime_dir: Path) -> list[Path]:
+    """The converter's in-enclave daemons (common.enclave.shim.DAEMONS), built by `make runtime` beside the shim."""
+    missing = [name for name in DAEMONS if not (runtime_dir / name).is_file()]
+    if missing:
+        raise InvalidBlobs(f"runtime dir {runtime_dir} lacks {', '.join(missing)} (run `make runtime`)",
+                           details={"missing": missing, "runtime_dir": str(runtime_dir)})
+    return [runtime_dir / name for name in DAEMONS]
+
+
 def _launcher(runtime_dir: Path) -> bytes:
     """The output image's /enclave/run (worker/runtime/launcher.c), built by `make runtime`."""
     try:
@@ -222,7 +231,7 @@ def convert(
     """
     _check_blobs(blobs_dir)
     runtime = runtime_dir or default_runtime_dir()
-    shim, launcher = _shim(runtime), _launcher(runtime)
+    shim, daemons, launcher = _shim(runtime), _daemons(runtime), _launcher(runtime)
     base_ref = base_reference(output_base)
     base_credentials = _base_credentials(spec, base_ref.api_host) if base_ref is not None else None
     cache = BlobStore(cache_dir / "blobs", max_bytes=cache_max_bytes)
@@ -289,7 +298,8 @@ def convert(
             custom={"nitroconv": {"debug": spec.options.debug}},
         )
         built = build_eif(tree, launch, identity, blobs_dir=blobs_dir, out_path=eif_path,
-                          cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=shim, signer=signer)
+                          cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=shim, daemons=daemons,
+                          signer=signer)
         del tree  # the spool files stay until scratch is removed; the index can go
 
         stage(Stage.MEASURING)

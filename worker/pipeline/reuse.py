@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from common.enclave.launch import parse_env
 from common.enclave.measure import Measurements
+from common.enclave.shim import DAEMONS
 from common.enclave.signing import load_signer
 from common.errors import Cancelled, InvalidManifest, NitroconvError
 from common.image.layers import Limits
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 RECORD_VERSION = 1
 # bzImage.config is not in the EIF, but nitro-cli's kernel config names the kernel build: a new one is a new blob set.
 KEY_BLOB_FILES = (*BLOB_FILES, "bzImage.config")
-RUNTIME_FILES = ("shim", "run")
+RUNTIME_FILES = ("shim", "run", *DAEMONS)
 # Pushes remembered per record, for mounts; the oldest are forgotten first.
 _MAX_PUSHES = 32
 
