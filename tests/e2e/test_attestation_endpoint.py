@@ -26,45 +26,66 @@ from tests.fixtures.devblobs import DevBlobs
 from tests.fixtures.docker_engine import busybox_base_tar
 from tests.fixtures.images import image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry
+from worker.pipeline.bootcheck import boot_eif
 from worker.pipeline.convert import ConverterOptions, ConvertSpec, convert
 
 pytestmark = [pytest.mark.e2e, pytest.mark.qemu]
 
 ENDPOINT = "http://127.0.0.1:1300/.well-known/nitroconv/attestation"
-# The app: one document for the run-time nonce and user data (hex), printed base64 in "P DOC" lines; then
-# what a bad request gets (wget's exit status, and the JSON body through nc).
-SCRIPT = f"""
-wget -q -O /tmp/doc "{ENDPOINT}?nonce=$NONCE&user_data=$USER_DATA" || {{ echo "P FETCH FAILED $?"; exit 1; }}
-base64 /tmp/doc | sed 's/^/P DOC /'
-wget -q -O /tmp/bad "{ENDPOINT}?nonce=zz"; echo "P BAD WGET $?"
-printf 'GET /.well-known/nitroconv/attestation?nonce=zz HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' \\
-  | nc 127.0.0.1 1300 | tail -n 1 | sed 's/^/P BAD BODY /'
-"""
+# The app: one document for the run-time nonce and user data (hex), printed base64 in "P DOC" lines (when that
+# fails, the error's JSON body through nc); then what a bad request gets (wget's exit status, and the body).
+RAW_GET = r"printf 'GET /.well-known/nitroconv/attestation?%s HTTP/1.1\r\nHost: x\r\n\r\n' "
+SCRIPT = "; ".join([  # one line: /cmd holds one argument per line
+    'Q="nonce=$NONCE&user_data=$USER_DATA"',
+    f'if ! wget -q -O /tmp/doc "{ENDPOINT}?$Q"; then echo "P FETCH FAILED"; '
+    f'{RAW_GET} "$Q" | nc 127.0.0.1 1300 | tail -n 1 | sed "s/^/P FAILED BODY /"; exit 1; fi',
+    'base64 /tmp/doc | sed "s/^/P DOC /"',
+    f'wget -q -O /tmp/bad "{ENDPOINT}?nonce=zz"; echo "P BAD WGET $?"',
+    f'{RAW_GET} nonce=zz | nc 127.0.0.1 1300 | tail -n 1 | sed "s/^/P BAD BODY /"',
+])
 
 
 @dataclass(frozen=True)
 class Converted:
     ref: str
+    eif: Path
     pcrs: dict[int, bytes]
 
 
 @pytest.fixture(scope="module")
-def app(registry: RunningRegistry, dev_blobs: DevBlobs, runtime_dir: Path, emulator: Path,  # noqa: F811
-        tmp_path_factory: pytest.TempPathFactory) -> Converted:
+def converted(registry: RunningRegistry, dev_blobs: DevBlobs, runtime_dir: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Converted:
     base = make_layer(busybox_base_tar())
     config = image_config([base.diff_id], cmd=(), Entrypoint=["/bin/sh", "-c", SCRIPT])
     name = f"attest/app-{uuid.uuid4().hex[:6]}"
     image = push_test_image(registry, name, "v1", [base], config=config)
     out = f"{registry.host}/{name}-enclave:v1"
     spec = ConvertSpec(input_ref=image.ref, output_ref=out, input_credentials=None, output_credentials=None,
-                       options=ConverterOptions(mutable_env_vars=("NONCE=", "USER_DATA=")),
+                       options=ConverterOptions(mutable_env_vars=("NONCE=00", "USER_DATA=00")),
                        cpu_count=1, mem_size_mib=None, insecure_registries=registry.allowed_hosts)
     work = tmp_path_factory.mktemp("attest") / "w"
     work.mkdir()
     result = convert(spec, scratch=work / "scratch", blobs_dir=dev_blobs.dir, cache_dir=work / "cache",
                      on_stage=lambda stage, progress: None, eif_out=work / "app.eif", runtime_dir=runtime_dir)
     m = result.measurements
-    return Converted(out, {0: bytes.fromhex(m.pcr0), 1: bytes.fromhex(m.pcr1), 2: bytes.fromhex(m.pcr2)})
+    return Converted(out, work / "app.eif",
+                     {0: bytes.fromhex(m.pcr0), 1: bytes.fromhex(m.pcr1), 2: bytes.fromhex(m.pcr2)})
+
+
+@pytest.fixture(scope="module")
+def app(converted: Converted, emulator: Path) -> Converted:  # noqa: F811
+    return converted
+
+
+def test_without_an_nsm_the_endpoint_is_up_and_answers_503(converted: Converted, tmp_path: Path) -> None:
+    """Plain QEMU (the EIF's kernel and ramdisks, no NSM device): the init starts attestd before the program, which
+    reaches it on loopback at once and gets `nsm_unavailable`."""
+    result = boot_eif(converted.eif, timeout=TIMEOUT, settle=TIMEOUT, scratch=tmp_path)
+    assert result.exit_status == 1, result.console_tail
+    assert "P FETCH FAILED" in result.program_output
+    body = [line for line in result.program_output if line.startswith("P FAILED BODY ")]
+    assert body and '"code":"nsm_unavailable"' in body[0], result.program_output
+    assert "nitroconv-init: /.nitroconv/attestd ready" in result.console_tail
 
 
 @dataclass(frozen=True)
