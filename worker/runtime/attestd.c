@@ -509,6 +509,15 @@ static void conn_fail(struct conn *c, int status, const char *code, const char *
     conn_answer(c, answer, len);
 }
 
+static int head_may_end(const char *in, size_t len, size_t fresh)
+{
+    size_t from = len - fresh >= 2 ? len - fresh - 2 : 0;
+    for (size_t i = from; i + 1 < len; i++)
+        if (in[i] == '\n' && (in[i + 1] == '\n' || (in[i + 1] == '\r' && i + 2 < len && in[i + 2] == '\n')))
+            return 1;
+    return 0;
+}
+
 static void conn_read(struct conn *c)
 {
     if (c->state == LINGERING) {
@@ -529,6 +538,10 @@ static void conn_read(struct conn *c)
         return;
     }
     c->in_len += (size_t)n;
+    /* Parse only once the head's end (an empty line) may be in: it can only end in the new bytes or the two
+     * before them, so clients sending a byte at a time cost linear time, not a parse per byte. */
+    if (c->in_len < sizeof(c->in) && !head_may_end(c->in, c->in_len, (size_t)n))
+        return;
     struct att_request *req = malloc(sizeof(*req));
     struct http_error e;
     if (req == NULL) {
