@@ -171,3 +171,16 @@ def test_it_listens_on_loopback_only(attestd: int) -> None:
     listening = [line.split() for line in out if line.split()[3] == "0A"]  # TCP_LISTEN
     mine = [fields[1] for fields in listening if int(fields[1].split(":")[1], 16) == attestd]
     assert mine == [f"0100007F:{attestd:04X}"]
+
+
+def test_a_request_sent_a_byte_at_a_time_is_answered(attestd: int) -> None:
+    request = f"GET {PATH}?nonce=00 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", attestd), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(request)):
+            s.sendall(request[i:i + 1])
+            time.sleep(0.002)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 503 ") and b'"nsm_unavailable"' in data
