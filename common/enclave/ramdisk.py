@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from common.enclave.cpio import CpioArchive, CpioEntry
-from common.enclave.egress import EGRESSD_NAME
 from common.enclave.launch import LaunchSpec, cmd_file, env_file
 from common.enclave.shim import SHIM_DIR, SHIM_NAME
 from common.image.filetree import Node, NodeKind, Tree
@@ -71,7 +70,7 @@ def _converters_own(path: bytes) -> bool:
     return path == SHIM_DIR.encode() or path.startswith(SHIM_DIR.encode() + b"/")
 
 
-def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, egressd: Path | None,
+def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, daemons: Sequence[Path],
                  network_json: bytes | None) -> Iterator[CpioEntry]:
     root = tree.root
     yield CpioEntry(name=b"rootfs", mode=stat.S_IFDIR | (root.mode & 0o7777), uid=root.uid, gid=root.gid,
@@ -89,9 +88,8 @@ def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, egressd: Path 
             yield _generated_dir(b"rootfs/" + name)
     if shim is not None:
         yield _generated_dir(b"rootfs/" + SHIM_DIR.encode())
-        if egressd is not None:
-            yield _blob_file(f"rootfs/{SHIM_DIR}/{EGRESSD_NAME}".encode(), egressd)
-        yield _blob_file(f"rootfs/{SHIM_DIR}/{SHIM_NAME}".encode(), shim)
+        for file_name, file_path in sorted([(SHIM_NAME, shim), *((d.name, d) for d in daemons)]):
+            yield _blob_file(f"rootfs/{SHIM_DIR}/{file_name}".encode(), file_path)
     yield _generated_file(b"cmd", cmd_file(spec), 0o644)
     yield _generated_file(b"env", env_file(spec), 0o644)
     if network_json is not None:
@@ -99,14 +97,16 @@ def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, egressd: Path 
         yield _generated_file(b"nitroconv/network.json", network_json, 0o644)
 
 
-def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None, egressd: Path | None = None,
+def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None, daemons: Sequence[Path] = (),
                 network_json: bytes | None = None) -> CpioArchive:
     """Ramdisk 1: the image tree under `rootfs/`, the init's mount points, and `cmd`/`env` at the archive root.
 
     With `shim`, the exec shim goes in as `rootfs/.nitroconv/shim` (0755, root) in place of anything
     the image has at `/.nitroconv`; `spec` then is expected to start it (common.enclave.shim.through_shim).
-    With `egressd` too, the egress daemon goes in beside it as `rootfs/.nitroconv/egressd` (the init starts it).
+    `daemons` (with a shim only: attestd, egressd) go beside it under their file names, for the init to start.
     `network_json` (the canonical policy) goes in as `nitroconv/network.json`, outside the rootfs: the init
     hands it to egressd before it switches to the image's root.
     """
-    return CpioArchive(_app_entries(tree, spec, shim, egressd if shim is not None else None, network_json))
+    if daemons and shim is None:
+        raise ValueError("the converter's daemons go into /.nitroconv beside the shim: no shim, no daemons")
+    return CpioArchive(_app_entries(tree, spec, shim, daemons, network_json))

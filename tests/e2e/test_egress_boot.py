@@ -47,7 +47,7 @@ def test_egressd_redirects_in_the_enclave_kernel_and_never_waits_for_a_missing_p
     built = build_eif(tree_from_dir(image), launch, EifIdentity(image_name="egress-test", image_version="1",
                                                                 docker_info={}),
                       blobs_dir=dev_blobs.dir, out_path=tmp_path / "egress.eif", cpu_count=2, mem_size_mib=512,
-                      shim=runtime / "shim", egressd=runtime / "egressd",
+                      shim=runtime / "shim", daemons=[runtime / "egressd"],
                       network_json=json.dumps(POLICY, sort_keys=True, separators=(",", ":")).encode())
 
     result = boot_eif(built.path, timeout=TIMEOUT, settle=TIMEOUT, scratch=tmp_path)

@@ -28,7 +28,7 @@ import pytest
 from common.enclave.cpio import iter_cpio
 from common.enclave.ramdisk import GENERATED_MTIME
 from common.enclave.reader import iter_section_data, read_eif
-from common.enclave.shim import SHIM_PATH
+from common.enclave.shim import DAEMONS, SHIM_PATH
 from tests.fixtures.docker_engine import APP_GID, APP_UID
 from tests.fixtures.images import PushSession
 from tests.fixtures.registries import RunningRegistry
@@ -98,8 +98,8 @@ CONVERTER_ADDED = {
     "var": "nitro-cli creates it for the init",
 }
 # The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/enclave/shim.py) and
-# the egress daemon the init starts (common/enclave/egress.py).
-CONVERTER_OWN = {".nitroconv", ".nitroconv/shim", ".nitroconv/egressd"}
+# the daemons the init starts (attestd; egressd unless the egress mode is `none`, common/enclave/egress.py).
+CONVERTER_OWN = {".nitroconv", ".nitroconv/shim", ".nitroconv/egressd", *(f".nitroconv/{name}" for name in DAEMONS)}
 # Directory mtimes are compared, except where the engine writes into the directory at `docker create`
 # (its init layer adds etc/hostname and the like, which bumps the mtime), and for the mount points both
 # sides create when the image lacks them (each at its own time; see the comparison).
@@ -372,12 +372,13 @@ def test_convert_docker_rootfs_matches_docker_export(docker_snapshot: Snapshot, 
     assert len(set(mine) & set(theirs)) > 250
 
 
-def test_convert_docker_shim_is_the_runtime_build(converted_snapshot, runtime_dir: Path) -> None:
+def test_convert_docker_shim_and_daemons_are_the_runtime_build(converted_snapshot, runtime_dir: Path) -> None:
     ours, _ = converted_snapshot
     assert ours.entries[".nitroconv"] == GENERATED_DIR
-    shim = (runtime_dir / "shim").read_bytes()
-    assert ours.entries[".nitroconv/shim"] == Entry("file", 0o755, 0, 0, GENERATED_MTIME, size=len(shim),
-                                                     sha256=hashlib.sha256(shim).hexdigest())
+    for name in ("shim", *DAEMONS):
+        built = (runtime_dir / name).read_bytes()
+        assert ours.entries[f".nitroconv/{name}"] == Entry("file", 0o755, 0, 0, GENERATED_MTIME, size=len(built),
+                                                           sha256=hashlib.sha256(built).hexdigest())
 
 
 def test_convert_docker_hardlink_groups_match(docker_snapshot: Snapshot, converted_snapshot) -> None:

@@ -13,7 +13,7 @@ from common.enclave.egress import EGRESS_SERVICE_NAME, EGRESSD_NAME, network_jso
 from common.enclave.launch import LaunchSpec, launch_spec, parse_env
 from common.enclave.measure import Measurements
 from common.enclave.reader import check_written
-from common.enclave.shim import SHIM_DIR, through_shim
+from common.enclave.shim import DAEMONS, SHIM_DIR, through_shim
 from common.enclave.signing import EifSigner
 from common.errors import InvalidOptions, MemoryTooSmall
 from common.image.filetree import NodeKind, Tree
@@ -49,8 +49,9 @@ class Plan:
     base_credentials: Credentials | None
     shim: Path
     launcher: bytes
-    # The in-enclave egress daemon (absent with egress mode `none`) and the parent's egress service.
-    egressd: Path | None
+    # The in-enclave daemons beside the shim (attestd; egressd unless the egress mode is `none`) and the
+    # parent's egress service.
+    daemons: tuple[Path, ...]
     egress_service: bytes
     signer: EifSigner | None
     ca_bundle: bytes | None
@@ -101,7 +102,8 @@ def prepare(spec: ConvertSpec, host: ConversionHost, work: Workspace) -> Plan:
         work=work, output=output, base=base,
         base_credentials=spec.output_credentials if base is not None and base.api_host == output.api_host else None,
         shim=shim, launcher=launcher,
-        egressd=host.runtime_file(EGRESSD_NAME) if ships_egressd(spec.options.network) else None,
+        daemons=(*(host.runtime_file(name) for name in DAEMONS),
+                 *((host.runtime_file(EGRESSD_NAME),) if ships_egressd(spec.options.network) else ())),
         egress_service=host.runtime_file(EGRESS_SERVICE_NAME).read_bytes(),
         signer=host.signer(),
         ca_bundle=load_ca_bundle(host.ca_bundle) if spec.options.add_ccm_ca_certificates else None,
@@ -159,8 +161,8 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
         custom={"nitroconv": {"debug": spec.options.debug}},
     )
     eif = build_eif(tree, launch, identity, blobs_dir=host.blobs_dir, out_path=plan.work.scratch / "app.eif",
-                    cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, signer=plan.signer,
-                    egressd=plan.egressd, network_json=network_json(spec.options.network))
+                    cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, daemons=plan.daemons,
+                    signer=plan.signer, network_json=network_json(spec.options.network))
     return Built(eif, image, pulled.base, warnings)
 
 

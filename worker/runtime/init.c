@@ -14,6 +14,7 @@
  *      vsock (a plain QEMU boot) the init says so on the console and carries on;
  *   4. read /cmd (argv) and /env (envp), one item per line, then unlink both;
  *   5. make /rootfs the root (bind, move onto /, chroot) and mount the usual filesystems in it;
+ *   5a. start the converter's daemons present in /.nitroconv (attestd), each ready before the program;
  *   6. fork; the child starts a session and execvpe()s argv[0] with the PATH of the AWS init;
  *   7. reap every child until the first one exits, then sync and reboot.
  *
@@ -493,6 +494,39 @@ static void prepare_rootfs(void)
     mount_cgroups();
 }
 
+/* Starts one of the converter's daemons (in the measured /.nitroconv), if this image has it: the daemon
+ * forks once it serves and its first process exits, so waiting for that one means ready. A daemon that
+ * fails to start costs the program only that service. */
+static void start_daemon(const char *path)
+{
+    if (access(path, X_OK) < 0)
+        return;
+    pid_t pid = fork();
+    if (pid < 0) {
+        say(NCI_PREFIX "%s not started: fork: %s", path, strerror(errno));
+        return;
+    }
+    if (pid == 0) {
+        sigset_t all;
+        sigfillset(&all);
+        sigprocmask(SIG_UNBLOCK, &all, NULL);
+        char *const argv[] = {(char *)path, NULL}, *const envp[] = {NULL};
+        execve(path, argv, envp);
+        _exit(127);
+    }
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) {
+            say(NCI_PREFIX "%s: wait: %s", path, strerror(errno));
+            return;
+        }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        say(NCI_PREFIX "%s ready", path);
+    else
+        say(NCI_PREFIX "%s did not start (%s %d), continuing", path, WIFEXITED(status) ? "status" : "signal",
+            WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+}
+
 /* Runs argv in a child and reports on the console whether execvpe() succeeded. The child's end of
  * a close-on-exec pipe closes exactly when the exec succeeds (EOF for the parent); on failure
  * the child sends errno through it instead. Only then is the marker printed, so the marker
@@ -595,6 +629,7 @@ int main(void)
     start_egressd();
     enter_rootfs();
     prepare_rootfs();
+    start_daemon("/.nitroconv/attestd");
 
     pid_t pid = launch(argv, envp, argc);
     reap_until(pid);

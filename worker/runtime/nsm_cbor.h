@@ -1,23 +1,28 @@
-/* The two Nitro Secure Module requests the init makes, DescribePCR and GetRandom, in the CBOR the NSM
- * speaks (the serde encoding of aws-nitro-enclaves-nsm-api's Request/Response enums, passed raw
- * through the driver's NSM_IOCTL_RAW):
+/* The Nitro Secure Module requests of the init (DescribePCR, GetRandom) and of attestd (Attestation), in
+ * the CBOR the NSM speaks (the serde encoding of aws-nitro-enclaves-nsm-api's Request/Response enums,
+ * passed raw through the driver's NSM_IOCTL_RAW):
  *
  *   DescribePCR request   {"DescribePCR": {"index": n}}
  *   DescribePCR response  {"DescribePCR": {"lock": bool, "data": bytes}}   (keys in any order)
  *   GetRandom request     "GetRandom"
  *   GetRandom response    {"GetRandom": {"random": bytes}}
+ *   Attestation request   {"Attestation": {"user_data": bytes|null, "nonce": bytes|null, "public_key": bytes|null}}
+ *   Attestation response  {"Attestation": {"document": bytes}}                (a COSE_Sign1)
  *   any error             {"Error": "<ErrorCode>"}
  *
  * Only what these need: definite lengths, no tags, no floats. The decoder is strict: every length
  * is checked against what remains of the buffer before it is used, the response must be exactly one
  * item with nothing after it, and a key other than the expected ones is an error. Pure functions of
- * their buffers (no I/O), so the host's unit tests compile and feed them directly. */
+ * their buffers (no I/O), so the host's unit tests compile and feed them directly. Each program uses only
+ * some of them, hence NSM_CBOR_FN's `unused`. */
 #ifndef NITROCONV_NSM_CBOR_H
 #define NITROCONV_NSM_CBOR_H
 
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#define NSM_CBOR_FN static __attribute__((unused))
 
 enum {
     NSM_CBOR_OK = 0,
@@ -33,6 +38,7 @@ enum {
 #define NSM_CBOR_MAJOR_SIMPLE 7u
 #define NSM_CBOR_FALSE 20u
 #define NSM_CBOR_TRUE 21u
+#define NSM_CBOR_NULL 22u
 
 struct nsm_cbor_in {
     const uint8_t *p;
@@ -41,7 +47,7 @@ struct nsm_cbor_in {
 
 /* Appends a head (major type and argument, shortest form) to buf; returns the new length, or 0
  * when it does not fit. */
-static size_t nsm_cbor_put_head(uint8_t *buf, size_t cap, size_t len, unsigned major, uint32_t arg)
+NSM_CBOR_FN size_t nsm_cbor_put_head(uint8_t *buf, size_t cap, size_t len, unsigned major, uint32_t arg)
 {
     uint8_t head[5];
     size_t n;
@@ -71,7 +77,7 @@ static size_t nsm_cbor_put_head(uint8_t *buf, size_t cap, size_t len, unsigned m
     return len + n;
 }
 
-static size_t nsm_cbor_put_text(uint8_t *buf, size_t cap, size_t len, const char *s)
+NSM_CBOR_FN size_t nsm_cbor_put_text(uint8_t *buf, size_t cap, size_t len, const char *s)
 {
     size_t n = strlen(s);
     len = nsm_cbor_put_head(buf, cap, len, NSM_CBOR_MAJOR_TEXT, (uint32_t)n);
@@ -82,7 +88,7 @@ static size_t nsm_cbor_put_text(uint8_t *buf, size_t cap, size_t len, const char
 }
 
 /* {"DescribePCR": {"index": index}}; returns its length, 0 when cap is too small. */
-static size_t nsm_describe_pcr_request(uint8_t *buf, size_t cap, uint16_t index)
+NSM_CBOR_FN size_t nsm_describe_pcr_request(uint8_t *buf, size_t cap, uint16_t index)
 {
     size_t len = nsm_cbor_put_head(buf, cap, 0, NSM_CBOR_MAJOR_MAP, 1);
     if (len)
@@ -97,13 +103,54 @@ static size_t nsm_describe_pcr_request(uint8_t *buf, size_t cap, uint16_t index)
 }
 
 /* "GetRandom" (a unit variant is a bare string). */
-static size_t nsm_get_random_request(uint8_t *buf, size_t cap)
+NSM_CBOR_FN size_t nsm_get_random_request(uint8_t *buf, size_t cap)
 {
     return nsm_cbor_put_text(buf, cap, 0, "GetRandom");
 }
 
+/* A byte string, or null when `s` is NULL (an Option the NSM reads as absent). */
+NSM_CBOR_FN size_t nsm_cbor_put_bytes_or_null(uint8_t *buf, size_t cap, size_t len, const uint8_t *s, size_t n)
+{
+    if (s == NULL)
+        return nsm_cbor_put_head(buf, cap, len, NSM_CBOR_MAJOR_SIMPLE, NSM_CBOR_NULL);
+    if (n > UINT32_MAX)
+        return 0;
+    len = nsm_cbor_put_head(buf, cap, len, NSM_CBOR_MAJOR_BYTES, (uint32_t)n);
+    if (len == 0 || cap - len < n)
+        return 0;
+    if (n)
+        memcpy(buf + len, s, n);
+    return len + n;
+}
+
+/* {"Attestation": {"user_data": …, "nonce": …, "public_key": …}}, every key present and null for what the
+ * caller did not give, as aws-nitro-enclaves-nsm-api's own client sends it; 0 when cap is too small. */
+NSM_CBOR_FN size_t nsm_attestation_request(uint8_t *buf, size_t cap, const uint8_t *user_data, size_t user_data_len,
+                                           const uint8_t *nonce, size_t nonce_len, const uint8_t *public_key,
+                                           size_t public_key_len)
+{
+    size_t len = nsm_cbor_put_head(buf, cap, 0, NSM_CBOR_MAJOR_MAP, 1);
+    if (len)
+        len = nsm_cbor_put_text(buf, cap, len, "Attestation");
+    if (len)
+        len = nsm_cbor_put_head(buf, cap, len, NSM_CBOR_MAJOR_MAP, 3);
+    if (len)
+        len = nsm_cbor_put_text(buf, cap, len, "user_data");
+    if (len)
+        len = nsm_cbor_put_bytes_or_null(buf, cap, len, user_data, user_data_len);
+    if (len)
+        len = nsm_cbor_put_text(buf, cap, len, "nonce");
+    if (len)
+        len = nsm_cbor_put_bytes_or_null(buf, cap, len, nonce, nonce_len);
+    if (len)
+        len = nsm_cbor_put_text(buf, cap, len, "public_key");
+    if (len)
+        len = nsm_cbor_put_bytes_or_null(buf, cap, len, public_key, public_key_len);
+    return len;
+}
+
 /* Reads one head; arguments above 32 bits, indefinite lengths and reserved forms are refused. */
-static int nsm_cbor_head(struct nsm_cbor_in *in, unsigned *major, uint32_t *arg)
+NSM_CBOR_FN int nsm_cbor_head(struct nsm_cbor_in *in, unsigned *major, uint32_t *arg)
 {
     if (in->left < 1)
         return NSM_CBOR_MALFORMED;
@@ -123,7 +170,7 @@ static int nsm_cbor_head(struct nsm_cbor_in *in, unsigned *major, uint32_t *arg)
 }
 
 /* A string of the given major type: points *s into the buffer (not NUL-terminated). */
-static int nsm_cbor_string(struct nsm_cbor_in *in, unsigned want_major, const uint8_t **s, size_t *n)
+NSM_CBOR_FN int nsm_cbor_string(struct nsm_cbor_in *in, unsigned want_major, const uint8_t **s, size_t *n)
 {
     unsigned major;
     uint32_t len;
@@ -136,7 +183,7 @@ static int nsm_cbor_string(struct nsm_cbor_in *in, unsigned want_major, const ui
     return NSM_CBOR_OK;
 }
 
-static int nsm_cbor_is(const uint8_t *s, size_t n, const char *want)
+NSM_CBOR_FN int nsm_cbor_is(const uint8_t *s, size_t n, const char *want)
 {
     return n == strlen(want) && memcmp(s, want, n) == 0;
 }
@@ -144,7 +191,7 @@ static int nsm_cbor_is(const uint8_t *s, size_t n, const char *want)
 /* Opens {name: {…}}: checks the envelope and returns the number of entries of the inner map. An
  * {"Error": "<code>"} reply copies the code (NUL-terminated, truncated to err_cap) and returns
  * NSM_CBOR_ERROR_REPLY. */
-static int nsm_cbor_open(struct nsm_cbor_in *in, const char *name, uint32_t *entries, char *err, size_t err_cap)
+NSM_CBOR_FN int nsm_cbor_open(struct nsm_cbor_in *in, const char *name, uint32_t *entries, char *err, size_t err_cap)
 {
     unsigned major;
     uint32_t count;
@@ -172,7 +219,7 @@ static int nsm_cbor_open(struct nsm_cbor_in *in, const char *name, uint32_t *ent
     return NSM_CBOR_OK;
 }
 
-static int nsm_cbor_bytes_into(struct nsm_cbor_in *in, uint8_t *out, size_t cap, size_t *out_len)
+NSM_CBOR_FN int nsm_cbor_bytes_into(struct nsm_cbor_in *in, uint8_t *out, size_t cap, size_t *out_len)
 {
     const uint8_t *s;
     size_t n;
@@ -186,7 +233,7 @@ static int nsm_cbor_bytes_into(struct nsm_cbor_in *in, uint8_t *out, size_t cap,
 }
 
 /* {"DescribePCR": {"lock": bool, "data": bytes}}: both keys exactly once, nothing else. */
-static int nsm_parse_describe_pcr(const uint8_t *resp, size_t len, uint8_t *data, size_t cap, size_t *data_len,
+NSM_CBOR_FN int nsm_parse_describe_pcr(const uint8_t *resp, size_t len, uint8_t *data, size_t cap, size_t *data_len,
                                   int *locked, char *err, size_t err_cap)
 {
     struct nsm_cbor_in in = {resp, len};
@@ -223,7 +270,7 @@ static int nsm_parse_describe_pcr(const uint8_t *resp, size_t len, uint8_t *data
 }
 
 /* {"GetRandom": {"random": bytes}}. */
-static int nsm_parse_get_random(const uint8_t *resp, size_t len, uint8_t *out, size_t cap, size_t *out_len,
+NSM_CBOR_FN int nsm_parse_get_random(const uint8_t *resp, size_t len, uint8_t *out, size_t cap, size_t *out_len,
                                 char *err, size_t err_cap)
 {
     struct nsm_cbor_in in = {resp, len};
@@ -239,6 +286,25 @@ static int nsm_parse_get_random(const uint8_t *resp, size_t len, uint8_t *out, s
     rc = nsm_cbor_bytes_into(&in, out, cap, out_len);
     if (rc != NSM_CBOR_OK)
         return rc;
+    return in.left == 0 ? NSM_CBOR_OK : NSM_CBOR_MALFORMED;
+}
+
+/* {"Attestation": {"document": bytes}}: points *doc into `resp` (the document is not copied). */
+NSM_CBOR_FN int nsm_parse_attestation(const uint8_t *resp, size_t len, const uint8_t **doc, size_t *doc_len, char *err,
+                                      size_t err_cap)
+{
+    struct nsm_cbor_in in = {resp, len};
+    uint32_t entries;
+    const uint8_t *key;
+    size_t key_len;
+    int rc = nsm_cbor_open(&in, "Attestation", &entries, err, err_cap);
+    if (rc != NSM_CBOR_OK)
+        return rc;
+    if (entries != 1 || nsm_cbor_string(&in, NSM_CBOR_MAJOR_TEXT, &key, &key_len) != NSM_CBOR_OK ||
+        !nsm_cbor_is(key, key_len, "document"))
+        return NSM_CBOR_MALFORMED;
+    if (nsm_cbor_string(&in, NSM_CBOR_MAJOR_BYTES, doc, doc_len) != NSM_CBOR_OK || *doc_len == 0)
+        return NSM_CBOR_MALFORMED;
     return in.left == 0 ? NSM_CBOR_OK : NSM_CBOR_MALFORMED;
 }
 

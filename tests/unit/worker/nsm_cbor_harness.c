@@ -3,7 +3,9 @@
  *   req-describe <index>          -> hex of the DescribePCR request
  *   req-random                    -> hex of the GetRandom request
  *   describe <cap> <hex response> -> "ok <locked> <hex data>" | "err <rc> <error code>"
- *   random <cap> <hex response>   -> "ok - <hex random>"      | "err <rc> <error code>" */
+ *   random <cap> <hex response>   -> "ok - <hex random>"      | "err <rc> <error code>"
+ *   req-attest <ud> <nonce> <pk>  -> hex of the Attestation request; each value hex, or "-" for none
+ *   attest 0 <hex response>       -> "ok - <hex document>"    | "err <rc> <error code>" */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,7 +39,17 @@ int main(void)
         char mode[32] = "", hex[sizeof(line)] = "";
         size_t cap = 0;
         uint8_t req[64], out[4096];
-        if (sscanf(line, "req-describe %zu", &cap) == 1) {
+        static char a[3][8192];
+        if (sscanf(line, "req-attest %8191s %8191s %8191s", a[0], a[1], a[2]) == 3) {
+            static uint8_t v[3][4096], big[8192];
+            size_t n[3];
+            for (int i = 0; i < 3; i++)
+                n[i] = strcmp(a[i], "-") == 0 ? 0 : unhex(a[i], v[i], sizeof(v[i]));
+            size_t len = nsm_attestation_request(big, sizeof(big), strcmp(a[0], "-") ? v[0] : NULL, n[0],
+                                                 strcmp(a[1], "-") ? v[1] : NULL, n[1],
+                                                 strcmp(a[2], "-") ? v[2] : NULL, n[2]);
+            put_hex(big, len);
+        } else if (sscanf(line, "req-describe %zu", &cap) == 1) {
             size_t n = nsm_describe_pcr_request(req, sizeof(req), (uint16_t)cap);
             put_hex(req, n);
         } else if (strcmp(line, "req-random") == 0) {
@@ -50,7 +62,15 @@ int main(void)
             char code[16] = "";
             size_t got = 0;
             int locked = -1, rc;
-            if (strcmp(mode, "describe") == 0)
+            const uint8_t *doc = NULL;
+            if (strcmp(mode, "attest") == 0) {
+                rc = nsm_parse_attestation(resp, len, &doc, &got, code, sizeof(code));
+                if (rc == NSM_CBOR_OK) {
+                    if (got > sizeof(out))
+                        abort();
+                    memcpy(out, doc, got);
+                }
+            } else if (strcmp(mode, "describe") == 0)
                 rc = nsm_parse_describe_pcr(resp, len, out, cap, &got, &locked, code, sizeof(code));
             else
                 rc = nsm_parse_get_random(resp, len, out, cap, &got, code, sizeof(code));

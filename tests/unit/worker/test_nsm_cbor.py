@@ -65,6 +65,9 @@ class Harness:
     def random(self, resp: bytes, cap: int = 1024) -> tuple[str, ...]:
         return tuple(self.ask(f"random {cap} {resp.hex()}").split(" "))
 
+    def attest(self, resp: bytes) -> tuple[str, ...]:
+        return tuple(self.ask(f"attest 0 {resp.hex()}").split(" "))
+
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
@@ -168,3 +171,36 @@ def test_get_random(harness: Harness) -> None:
         assert harness.random(resp[:cut]) == ("err", str(MALFORMED), ""), cut
     assert harness.random(cmap(text("GetRandom"), cmap(text("rand"), bstr(rnd))))[0] == "err"
     assert harness.random(resp + b"\0")[0] == "err"
+
+
+NULL = b"\xf6"
+
+
+def test_attestation_request_names_every_field_null_when_not_given(harness: Harness) -> None:
+    # As aws-nitro-enclaves-nsm-api's client serialises Request::Attestation (serde: fields in declaration order).
+    want = cmap(text("Attestation"), cmap(text("user_data"), NULL, text("nonce"), NULL, text("public_key"), NULL))
+    assert harness.ask("req-attest - - -") == want.hex()
+
+
+def test_attestation_request_carries_the_values_at_the_nsm_limits(harness: Harness) -> None:
+    ud, nonce, pk = b"u" * 512, bytes(range(256)) * 2, b"\x04" * 1024
+    want = cmap(text("Attestation"), cmap(text("user_data"), bstr(ud), text("nonce"), bstr(nonce),
+                                          text("public_key"), bstr(pk)))
+    assert len(want) < 0x1000  # the NSM driver's request limit
+    assert harness.ask(f"req-attest {ud.hex()} {nonce.hex()} {pk.hex()}") == want.hex()
+    assert harness.ask(f"req-attest - {nonce[:1].hex()} -") == cmap(
+        text("Attestation"), cmap(text("user_data"), NULL, text("nonce"), bstr(nonce[:1]), text("public_key"),
+                                  NULL)).hex()
+
+
+def test_attestation_response_document_and_refusals(harness: Harness) -> None:
+    doc = bytes.fromhex("84") + bstr(cmap(head(0, 1), head(1, 0))) + cmap() + bstr(b"payload") + bstr(bytes(64))
+    resp = cmap(text("Attestation"), cmap(text("document"), bstr(doc)))
+    assert harness.attest(resp) == ("ok", "-", doc.hex())
+    for cut in range(len(resp)):
+        assert harness.attest(resp[:cut]) == ("err", str(MALFORMED), ""), cut
+    assert harness.attest(resp + b"\0") == ("err", str(MALFORMED), "")
+    assert harness.attest(cmap(text("Attestation"), cmap(text("document"), bstr(b"")))) == ("err", str(MALFORMED), "")
+    assert harness.attest(cmap(text("Attestation"), cmap(text("doc"), bstr(doc)))) == ("err", str(MALFORMED), "")
+    assert harness.attest(cmap(text("Attestation"), cmap(text("document"), text("x")))) == ("err", str(MALFORMED), "")
+    assert harness.attest(cmap(text("Error"), text("InvalidArgument"))) == ("err", str(ERROR_REPLY), "InvalidArgument")

@@ -56,7 +56,7 @@ def test_egress_daemon_goes_beside_the_shim(tmp_path: Path) -> None:
         app_archive(tree, spec, shim=shim, **kwargs).write_to(buf)
         return {h.name.decode(): (h.mode, d) for h, d in iter_cpio(io.BytesIO(buf.getvalue()))}
 
-    got = members(egressd=egressd)
+    got = members(daemons=[egressd])
     assert got[f"rootfs{EGRESSD_PATH}"] == (stat.S_IFREG | 0o755, b"\x7fELF egressd")
     assert f"rootfs{EGRESSD_PATH}" not in members()
 
