@@ -42,14 +42,14 @@ def _strings(value: object) -> list[str | None]:
 _BOOT_CHECK = BootCheckSchema()
 _OPTIONS = ConverterOptionsSchema()
 _OPTION_KINDS = {"add_ccm_ca_certificates": bool, "allow_cmdline_args": bool, "debug": bool, "entrypoint": list,
-                 "entrypoint_args": list, "env_vars": list, "mutable_env_vars": list, "java_mode": str}
+                 "entrypoint_args": list, "env_vars": list, "mutable_env_vars": list, "java_mode": str, "network": dict}
 
 
 def _is_dumped(key: str, value: object) -> bool:
     kind = _OPTION_KINDS.get(key)
     if kind is list:
         return type(value) is list and all(type(item) is str for item in value)
-    return kind is not None and (type(value) is kind or (kind is str and value is None))
+    return kind is not None and (type(value) is kind or (kind in (str, dict) and value is None))
 
 
 def _options(stored: dict[str, object]) -> dict[str, object]:
@@ -132,6 +132,7 @@ def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> 
             "cancel_requested": build.cancel_requested,
             "boot_check": _boot_check(build.boot_check),
             "reused_from": build.reused_from,
+            "network": build.network,
             "request": {
                 "input_image": {"name": build.input_image_name,
                                 "auth_config": _auth_echo(build.input_username, build.input_credentials)},

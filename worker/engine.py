@@ -66,6 +66,7 @@ class PipelineEngine:
                 java_mode=str(o["java_mode"]) if o.get("java_mode") else None,
                 add_ccm_ca_certificates=bool(o.get("add_ccm_ca_certificates")),
                 enable_overlay_filesystem_persistence=build.enable_overlay_filesystem_persistence,
+                network=_network(o.get("network")),
             ),
             cpu_count=build.cpu_count,
             mem_size_mib=build.mem_size,
@@ -86,4 +87,10 @@ class PipelineEngine:
             exposed_ports=tuple((int(p), str(proto)) for p, proto in result.exposed_ports),
             warnings=tuple(str(w) for w in result.warnings), docker_version=result.docker_version,
             mem_size=int(result.mem_size_mib), boot_check=result.boot_check, reused_from=result.reused_from,
+            network=result.network,
         )
+
+
+def _network(value: object) -> dict[str, object] | None:
+    # The API stored parse_request's form; convert() checks it again, so a hand-edited row fails by name.
+    return dict(value) if isinstance(value, dict) else None

@@ -9,7 +9,8 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, pre_load, types, validate, validates_schema
 
 from api.schemas.common import MAX_OFFSET, PageMetadataSchema, StatusSchema, group_filter
-from common.errors import InvalidReference
+from common.enclave.network import parse_request
+from common.errors import InvalidOptions, InvalidReference
 from common.options import JAVA_MODES
 from common.registry.reference import parse_reference
 
@@ -52,6 +53,30 @@ class ImageInfoSchema(Schema):
     auth_config = fields.Nested(AuthConfigSchema, load_default=None, allow_none=True)
 
 
+class NetworkPolicyField(fields.Field):
+    """converter_options.network: checked and normalized by common.enclave.network (one message naming the field)."""
+
+    def _deserialize(self, value: object, attr: str | None, data: Mapping[str, Any] | None,
+                     **kwargs: object) -> dict[str, object]:
+        try:
+            return parse_request(value)
+        except InvalidOptions as exc:
+            raise ValidationError(exc.message) from None
+
+    def _serialize(self, value: object, attr: str | None, obj: object, **kwargs: object) -> object:
+        return value
+
+
+NETWORK_DESCRIPTION = (
+    "nitroconv's extension: the app's network policy, measured into the EIF (PCR2) and written to launch.json. "
+    "`ingress`: the published TCP ports, each a port or {port, proxy_protocol} (PROXY protocol v2 to the app); "
+    "omitted: the image's EXPOSEd TCP ports. `egress.mode`: none, proxy (HTTP CONNECT proxy, HTTP(S)_PROXY set) "
+    "or transparent; `egress.allow`/`egress.deny`: rules {host: name or *.name} or {cidr}, with optional `ports` "
+    "(443 or \"8000-8100\"); deny wins, no allow match is refused; omitted egress: transparent, allow everything "
+    "(CCM's behaviour); omitted allow: everything. `hostname`: one RFC 1123 label; omitted: from the image name. "
+    "Stored with defaults filled in; the policy the EIF got, EXPOSE resolved, is the Build's `conversion.network`.")
+
+
 class ConverterOptionsSchema(Schema):
     add_ccm_ca_certificates = fields.Boolean(load_default=False)
     allow_cmdline_args = fields.Boolean(load_default=False)
@@ -61,6 +86,12 @@ class ConverterOptionsSchema(Schema):
     env_vars = _strings(env_entry)
     mutable_env_vars = _strings(env_entry)
     java_mode = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(JAVA_MODES))
+    network = NetworkPolicyField(allow_none=True, metadata={
+        "type": "object", "description": NETWORK_DESCRIPTION,
+        "example": {"ingress": [8080, {"port": 8443, "proxy_protocol": True}],
+                    "egress": {"mode": "proxy", "allow": [{"host": "*.example.com", "ports": [443]}],
+                               "deny": [{"cidr": "169.254.0.0/16"}]},
+                    "hostname": "app"}})
 
 
 class NitroEnclavesOptionsSchema(Schema):
@@ -341,6 +372,10 @@ class ConversionSchema(Schema):
         metadata={"readOnly": True, "description": "the earlier conversion whose EIF and output layer this one reused (its build id; "
                                  "`cache:<key>` when another account made it); null when converted afresh"})
     request = fields.Nested(ConversionEchoSchema, required=True)
+    network = fields.Dict(
+        load_default=None, allow_none=True,
+        metadata={"readOnly": True, "description": "the network policy measured into the EIF and written to "
+                  "launch.json, every default filled in (ingress from the image's EXPOSE); null until built"})
 
 
 class BuildSchema(Schema):

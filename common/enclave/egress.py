@@ -2,13 +2,12 @@
 of worker/runtime/egressd.c) and, in proxy mode, the proxy variables in the program's environment."""
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from common.enclave.shim import SHIM_DIR
 
-# Next to the exec shim, in the converter's own directory of the rootfs; the init starts it (worker/runtime/init.c).
+# Next to the exec shim, in the converter's own directory of the rootfs; the exec shim starts it (worker/runtime/netup.h).
 EGRESSD_NAME = "egressd"
 EGRESSD_PATH = f"/{SHIM_DIR}/{EGRESSD_NAME}"
 # The parent's side, beside the launcher in the output image (/enclave/egress; the launcher spawns it).
@@ -41,10 +40,3 @@ def proxy_env(network: Mapping[str, Any] | None) -> tuple[str, ...]:
     names = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
     return (*(f"{name}={PROXY_URL}" for name in names), f"NO_PROXY={NO_PROXY}", f"no_proxy={NO_PROXY}")
 
-
-def network_json(network: Mapping[str, Any] | None) -> bytes | None:
-    """The policy as the enclave reads it (/nitroconv/network.json): canonical JSON, sorted keys, no spaces, so
-    the same request gives the same bytes (and PCR2); None without a policy (egressd then has no egress)."""
-    if network is None:
-        return None
-    return json.dumps(network, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from common.enclave.cpio import CpioArchive, CpioEntry
@@ -70,8 +70,8 @@ def _converters_own(path: bytes) -> bool:
     return path == SHIM_DIR.encode() or path.startswith(SHIM_DIR.encode() + b"/")
 
 
-def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, daemons: Sequence[Path],
-                 network_json: bytes | None) -> Iterator[CpioEntry]:
+def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None,
+                 extras: Mapping[str, bytes | Path]) -> Iterator[CpioEntry]:
     root = tree.root
     yield CpioEntry(name=b"rootfs", mode=stat.S_IFDIR | (root.mode & 0o7777), uid=root.uid, gid=root.gid,
                     mtime=root.mtime)
@@ -88,25 +88,25 @@ def _app_entries(tree: Tree, spec: LaunchSpec, shim: Path | None, daemons: Seque
             yield _generated_dir(b"rootfs/" + name)
     if shim is not None:
         yield _generated_dir(b"rootfs/" + SHIM_DIR.encode())
-        for file_name, file_path in sorted([(SHIM_NAME, shim), *((d.name, d) for d in daemons)]):
-            yield _blob_file(f"rootfs/{SHIM_DIR}/{file_name}".encode(), file_path)
+        files: dict[str, bytes | Path] = {**extras, SHIM_NAME: shim}
+        for file_name in sorted(files):
+            entry = f"rootfs/{SHIM_DIR}/{file_name}".encode()
+            content = files[file_name]
+            # Programs (given as paths) are executable; generated configuration is read-only data.
+            yield (_blob_file(entry, content) if isinstance(content, Path)
+                   else _generated_file(entry, content, 0o644))
     yield _generated_file(b"cmd", cmd_file(spec), 0o644)
     yield _generated_file(b"env", env_file(spec), 0o644)
-    if network_json is not None:
-        yield _generated_dir(b"nitroconv")
-        yield _generated_file(b"nitroconv/network.json", network_json, 0o644)
 
 
-def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None, daemons: Sequence[Path] = (),
-                network_json: bytes | None = None) -> CpioArchive:
+def app_archive(tree: Tree, spec: LaunchSpec, *, shim: Path | None = None,
+                extras: Mapping[str, bytes | Path] | None = None) -> CpioArchive:
     """Ramdisk 1: the image tree under `rootfs/`, the init's mount points, and `cmd`/`env` at the archive root.
 
     With `shim`, the exec shim goes in as `rootfs/.nitroconv/shim` (0755, root) in place of anything
     the image has at `/.nitroconv`; `spec` then is expected to start it (common.enclave.shim.through_shim).
-    `daemons` (with a shim only: attestd, egressd) go beside it under their file names, for the init to start.
-    `network_json` (the canonical policy) goes in as `nitroconv/network.json`, outside the rootfs: the init
-    hands it to egressd before it switches to the image's root.
+    `extras` go beside it in `/.nitroconv` (a path: a program, 0755; bytes: a 0644 file), all of it measured.
     """
-    if daemons and shim is None:
-        raise ValueError("the converter's daemons go into /.nitroconv beside the shim: no shim, no daemons")
-    return CpioArchive(_app_entries(tree, spec, shim, daemons, network_json))
+    if extras and shim is None:
+        raise ValueError("the converter's /.nitroconv files need the shim")
+    return CpioArchive(_app_entries(tree, spec, shim, dict(extras or {})))

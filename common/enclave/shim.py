@@ -12,7 +12,7 @@ SHIM_DIR = ".nitroconv"
 SHIM_NAME = "shim"
 SHIM_PATH = f"/{SHIM_DIR}/{SHIM_NAME}"
 # The converter's in-enclave daemons: files of these names in the runtime dir, shipped beside the shim (so
-# measured in PCR2) and started by the init before the program (worker/runtime/init.c start_daemon).
+# measured in PCR2) and started by the exec shim before the program (worker/runtime/netup.h).
 # attestd serves attestation documents on 127.0.0.1:1300 (worker/runtime/attestd.c).
 DAEMONS: tuple[str, ...] = ("attestd",)
 

@@ -286,6 +286,7 @@ class Outcome:
     # The earlier conversion whose EIF and layer were reused (a build id, an output reference, or a cache
     # entry when another account made it); None when converted afresh.
     reused_from: str | None = None
+    network: Mapping[str, object] | None = None
 
 
 def succeed(session: Session, build_id: uuid.UUID, fence: uuid.UUID, outcome: Outcome) -> uuid.UUID | None:
@@ -302,6 +303,7 @@ def succeed(session: Session, build_id: uuid.UUID, fence: uuid.UUID, outcome: Ou
         "lease_owner": None, "lease_expires_at": None,
         "boot_check": dict(outcome.boot_check) if outcome.boot_check is not None else None,
         "reused_from": outcome.reused_from,
+        "network": dict(outcome.network) if outcome.network is not None else None,
     }
     if outcome.mem_size is not None:
         values["mem_size"] = outcome.mem_size

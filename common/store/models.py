@@ -198,6 +198,8 @@ class Build(Base):
     reused_from: Mapped[str | None] = mapped_column(String(200))
     # CCM's application configs attached to the build, by config id (migration 0009).
     configs: Mapped[dict[str, object]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    # The network policy the EIF was built with (common.enclave.network.resolve); null until it succeeded.
+    network: Mapped[dict[str, object] | None] = mapped_column(JSONB)
 
 
 class Task(Base):

@@ -5,7 +5,7 @@
 ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS runtime
-# The exec shim and the launcher, by worker/runtime/Makefile with the zig pinned in setup.cfg (the `runtime`
+# The exec shim, netd and the launcher, by worker/runtime/Makefile with the zig pinned in setup.cfg (the `runtime`
 # extra): the bytes of worker/runtime/SHA256SUMS, the same as `make setup` builds on any host, or no image.
 RUN apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
       make binutils && rm -rf /var/lib/apt/lists/*
@@ -16,7 +16,7 @@ RUN python3 -m venv /opt/zig && python3 -c "import configparser; \
  && /opt/zig/bin/pip install --no-cache-dir -r /tmp/toolchain.txt && rm /tmp/toolchain.txt
 COPY worker/runtime /src/worker/runtime
 RUN make -s -C /src/worker/runtime OUT=/src/out PYTHON=/opt/zig/bin/python check \
- && install -D -m 0755 -t /opt/nitroconv/runtime /src/out/run /src/out/shim /src/out/attestd /src/out/egressd /src/out/egress
+ && install -D -m 0755 -t /opt/nitroconv/runtime /src/out/run /src/out/shim /src/out/attestd /src/out/netd /src/out/egressd /src/out/egress
 
 FROM ${BASE}
 # Up to the dependencies this file is api.Dockerfile's to the letter, so building the second image reuses

@@ -1,17 +1,17 @@
-"""egressd in the enclave kernel (the dev blobs' kernel under plain QEMU, no vsock transport, so no parent): the init
-starts it from the measured ramdisk with the policy beside it, it installs the nat OUTPUT REDIRECT rule and the
+"""egressd in the enclave kernel (the dev blobs' kernel under plain QEMU, no vsock transport, so no parent): the exec
+shim starts it from the measured ramdisk with the policy beside it, it installs the nat OUTPUT REDIRECT rule and the
 default route over lo through the kernel's own interfaces (there is no iptables binary), and a program's plain TCP
 connection is caught by it: refused by the policy, or, when allowed, failed at once because the parent cannot be
 reached. Nothing waits for a parent that is not there. The emulator test (test_egress_emulator.py) has one."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from common.enclave.launch import LaunchSpec
+from common.enclave.network import canonical_json
 from common.enclave.shim import through_shim
 from tests.fixtures.devblobs import DevBlobs, build_shim, make, runtime_target
 from tests.fixtures.rootfs import tree_from_dir
@@ -47,8 +47,8 @@ def test_egressd_redirects_in_the_enclave_kernel_and_never_waits_for_a_missing_p
     built = build_eif(tree_from_dir(image), launch, EifIdentity(image_name="egress-test", image_version="1",
                                                                 docker_info={}),
                       blobs_dir=dev_blobs.dir, out_path=tmp_path / "egress.eif", cpu_count=2, mem_size_mib=512,
-                      shim=runtime / "shim", daemons=[runtime / "egressd"],
-                      network_json=json.dumps(POLICY, sort_keys=True, separators=(",", ":")).encode())
+                      shim=runtime / "shim",
+                      extras={"egressd": runtime / "egressd", "network.json": canonical_json(POLICY)})
 
     result = boot_eif(built.path, timeout=TIMEOUT, settle=TIMEOUT, scratch=tmp_path)
 

@@ -1,7 +1,7 @@
 """A bounded libFuzzer run (ASan + UBSan, Debian's clang) over the C code of worker/runtime that reads untrusted bytes:
 launch.json, the run-time answer, the image's /etc/passwd and /etc/group, /cmd and /env, attestd's HTTP requests,
-the egress policy and DNS queries. Every harness first replays its corpus (tests/fuzz/corpus/<name>: seeds and the
-inputs of crashes fixed before), then mutates for FUZZ_SECONDS."""
+the egress policy and DNS queries, the ingress PROXY v2 header. Every harness first replays its corpus
+(tests/fuzz/corpus/<name>: seeds and the inputs of crashes fixed before), then mutates for FUZZ_SECONDS."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ from tests.fixtures.require import skip_or_fail
 
 HERE = Path(__file__).resolve().parent
 SOURCES = HERE.parents[1] / "worker" / "runtime"
-HARNESSES = ("launch_json", "shim_protocol", "shim_etc", "init_items", "attestd_request", "egress")
+HARNESSES = ("launch_json", "shim_protocol", "shim_etc", "init_items", "attestd_request", "egress", "proxy_header")
 # About a minute in all for `make test`; a longer hunt: `fuzz_<name> -max_total_time=3600 corpus/<name>`.
 FUZZ_SECONDS = 15
 

@@ -149,7 +149,7 @@ def test_deploy_images_worker_image_converts_like_the_host(docker_engine, worker
                                                           image_conversion) -> None:
     built = _runtime_from(docker_engine, worker_image)
     host = build_shim(runtime_target()).parent
-    assert set(built) == {"run", "shim", "attestd", "egressd", "egress"}
+    assert set(built) == {"run", "shim", "attestd", "netd", "egressd", "egress"}
     # The same pinned zig, musl and flags (worker/runtime/Makefile) whatever the base image has: the binaries
     # built inside the image are the recorded ones and the host's to the byte, hence the whole EIF is.
     recorded = recorded_sums()

@@ -55,7 +55,7 @@ def test_runtime_toolchain_pin_is_the_recipes_and_the_installed_one() -> None:
 
 def test_runtime_clean_build_elsewhere_gives_the_recorded_bytes(tmp_path: Path) -> None:
     recorded = recorded_sums()
-    assert set(recorded) == {"init", "shim", "attestd", "run", "egressd", "egress"}
+    assert set(recorded) == {"init", "shim", "attestd", "run", "netd", "egressd", "egress"}
     src = _clean_copy(tmp_path / "another" / "checkout" / "runtime")
     out = tmp_path / "out"
     make(src, f"OUT={out}", "check")
@@ -73,13 +73,11 @@ def test_runtime_setup_recipes_give_the_recorded_bytes(tmp_path: Path) -> None:
     make(BLOBS_RECIPE, f"BLOBS={tmp_path / 'blobs'}", str(tmp_path / "blobs" / "init"))
     assert _sha256(tmp_path / "runtime" / "shim") == recorded["shim"]
     assert _sha256(tmp_path / "runtime" / "run") == recorded["run"]
-    assert _sha256(tmp_path / "runtime" / "attestd") == recorded["attestd"]
-    assert _sha256(tmp_path / "runtime" / "egressd") == recorded["egressd"]
-    assert _sha256(tmp_path / "runtime" / "egress") == recorded["egress"]
-    assert _sha256(tmp_path / "blobs" / "init") == recorded["init"]
+    for name in ("attestd", "netd", "egressd", "egress", "init"):
+        assert _sha256((tmp_path / "blobs" if name == "init" else tmp_path / "runtime") / name) == recorded[name]
     # And what `make setup` left for this checkout's conversions (rebuilt if a source is newer).
     state = build_shim(runtime_target()).parent
-    shipped = ("shim", "attestd", "run", "egressd", "egress")
+    shipped = ("shim", "attestd", "run", "netd", "egressd", "egress")
     assert {name: _sha256(state / name) for name in shipped} == {k: recorded[k] for k in shipped}
 
 

@@ -48,6 +48,18 @@ class _Progress:
             self._bar.close()
 
 
+def _network(text: str) -> dict[str, object]:
+    from common.enclave.network import parse_request
+    from common.errors import InvalidOptions
+
+    try:
+        return parse_request(json.loads(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    except InvalidOptions as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
 def cmd_convert_local(args: argparse.Namespace) -> int:
     from worker.pipeline.reuse import convert_reusing
     from worker.pipeline.spec import ConverterOptions, ConvertSpec, Progress, Workspace
@@ -66,6 +78,7 @@ def cmd_convert_local(args: argparse.Namespace) -> int:
                 env_vars=tuple(args.env or ()),
                 debug=args.debug,
                 add_ccm_ca_certificates=args.ca_bundle is not None,
+                network=args.network,
             ),
             cpu_count=args.cpu_count,
             mem_size_mib=args.mem_size,
@@ -210,7 +223,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
     req = RunLocalRequest(target=args.target, env=args.env or [], args=args.args, cpu_count=args.cpu_count,
                           mem_size=args.mem_size, console=args.console,
-                          insecure_registries=frozenset(args.insecure_registry or ()))
+                          insecure_registries=frozenset(args.insecure_registry or ()), publish=args.publish or [])
     settings = get_settings()
     return run_local(req, settings, credentials=settings.input_credentials)
 
@@ -223,6 +236,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     conv.add_argument("--entrypoint", nargs="+", action="extend", metavar="ARG", help="replaces ENTRYPOINT")
     conv.add_argument("--entrypoint-args", nargs="+", action="extend", metavar="ARG", help="replaces CMD")
     conv.add_argument("--env", nargs="+", action="extend", metavar="K=V", help="added after the image's ENV")
+    conv.add_argument("--network", type=_network, metavar="JSON",
+                      help='converter_options.network, e.g. \'{"ingress": [8080], "egress": {"mode": "none"}}\'')
     conv.add_argument("--cpu-count", type=int, default=2)
     conv.add_argument("--mem-size", type=int, metavar="MIB",
                       help="enclave memory, at least 4x the EIF (default: that minimum rounded up to 256 MiB)")
@@ -289,6 +304,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run_local.add_argument("--cpu-count", type=int, metavar="N")
     run_local.add_argument("--mem-size", type=int, metavar="MIB")
     run_local.add_argument("--console", action="store_true", help="show the whole console, kernel and init too")
+    run_local.add_argument("--publish", "-p", action="append", metavar="[IP:]HOSTPORT:PORT",
+                           help="serve the enclave's published PORT on IP:HOSTPORT here (IP 127.0.0.1 unless "
+                                "given; HOSTPORT 0 picks a free one, the launcher prints it)")
     run_local.add_argument("--insecure-registry", nargs="+", action="extend", metavar="HOST")
     run_local.add_argument("--args", nargs=argparse.REMAINDER, default=[], metavar="ARG",
                            help="the program's extra arguments (last; only with allow_cmdline_args)")

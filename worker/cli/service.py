@@ -166,11 +166,22 @@ def _auth(side: str, args: argparse.Namespace) -> JsonObject | None:
     return {"username": user or "", "password": password}
 
 
+def _json_object(text: str) -> JsonObject:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def conversion_request(args: argparse.Namespace) -> JsonObject:
     """The POST body for `nitroconv convert`'s options: the API's request, option for option."""
     converter: JsonObject = {k: v for k, v in {
         "entrypoint": args.entrypoint, "entrypoint_args": args.entrypoint_args, "env_vars": args.env,
-        "mutable_env_vars": args.mutable_env, "java_mode": args.java_mode}.items() if v is not None}
+        "mutable_env_vars": args.mutable_env, "java_mode": args.java_mode,
+        "network": getattr(args, "network", None)}.items() if v is not None}
     for flag in ("debug", "allow_cmdline_args", "add_ccm_ca_certificates"):
         if getattr(args, flag):
             converter[flag] = True
@@ -311,6 +322,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     conv.add_argument("--mutable-env", nargs="+", action="extend", metavar="K=V",
                       help="mutable_env_vars: defaults the parent may override at launch")
     conv.add_argument("--java-mode", choices=JAVA_MODES)
+    conv.add_argument("--network", type=_json_object, metavar="JSON",
+                      help='converter_options.network, e.g. \'{"ingress": [8080], "egress": {"mode": "none"}}\' '
+                           "(the service checks it)")
     conv.add_argument("--debug", action="store_true", help="a debug-mode enclave (all-zero PCRs when attested)")
     conv.add_argument("--allow-cmdline-args", action="store_true")
     conv.add_argument("--add-ccm-ca-certificates", action="store_true",

@@ -15,8 +15,10 @@ enclave's exec shim applies the allow-list measured into the EIF (PCR2), as it d
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -30,6 +32,8 @@ from common.settings import Settings
 ENV_LAUNCH_JSON = "NITROCONV_RUN_LAUNCH_JSON"
 ENV_VSOCK_UDS = "NITROCONV_RUN_VSOCK_UDS"
 ENV_NITRO_CLI = "NITROCONV_RUN_NITRO_CLI"
+ENV_PUBLISH = "NITROCONV_RUN_PUBLISH"
+_PUBLISH = re.compile(r"(?:(\d{1,3}(?:\.\d{1,3}){3}):)?(\d{1,5}):(\d{1,5})")
 DEFAULT_GUEST_CID = 16
 # What a bare EIF runs with when --mem-size is not given: 4x the EIF (the initramfs unpacks next to
 # its packed copy), at least 512 MiB, in 64 MiB steps, as the boot check sizes it.
@@ -45,6 +49,8 @@ class RunLocalRequest:
     mem_size: int | None = None
     console: bool = False
     insecure_registries: frozenset[str] = frozenset()
+    # [IP:]HOSTPORT:PORT items: the enclave's published PORT served on IP:HOSTPORT here (the launcher's ingress).
+    publish: list[str] = field(default_factory=list)
 
 
 def emulator_qemu(settings: Settings) -> Path:
@@ -64,6 +70,23 @@ def parse_env(items: list[str]) -> dict[str, str]:
             raise InvalidOptions(f"--env {name}: a value cannot hold a NUL byte")
         values[name] = value
     return values
+
+
+def parse_publish(items: list[str]) -> list[tuple[str, int, int]]:
+    """`--publish [IP:]HOSTPORT:PORT` items as (ip, hostport, port); IP defaults to 127.0.0.1 (this machine only)."""
+    out = []
+    for item in items:
+        match = _PUBLISH.fullmatch(item)
+        ip, host_port, port = (match.group(1) or "127.0.0.1", int(match.group(2)), int(match.group(3))) \
+            if match else ("", -1, -1)
+        try:
+            ipaddress.IPv4Address(ip)
+        except ValueError:
+            match = None
+        if not match or not 0 <= host_port <= 65535 or not 1 <= port <= 65535:
+            raise InvalidOptions(f"--publish expects [IPv4:]HOSTPORT:PORT, got {item!r}", details={"field": "publish"})
+        out.append((ip, host_port, port))
+    return out
 
 
 def _memory_for(eif: Path) -> int:
@@ -114,6 +137,7 @@ def run_local(req: RunLocalRequest, settings: Settings, credentials: object | No
     if req.mem_size is not None and req.mem_size < 64:
         raise InvalidOptions("--mem-size must be at least 64 (MiB)")
     env = parse_env(req.env)
+    publish = parse_publish(req.publish)
     # Unix socket paths are short (108 bytes): the work dir lives in /tmp whatever TMPDIR says.
     with tempfile.TemporaryDirectory(prefix="nitroconv-run-", dir="/tmp") as tmp:
         work = Path(tmp)
@@ -121,6 +145,8 @@ def run_local(req: RunLocalRequest, settings: Settings, credentials: object | No
         if target.is_file():
             eif = target.resolve()
             launch = _launch_for_eif(eif, req, env)
+            # A bare EIF says nothing of its policy: the ports asked for are tried (the enclave refuses others).
+            launch["network"] = {"ingress": [{"port": p, "proxy_protocol": False} for p in sorted({p for *_, p in publish})]}
         else:
             from worker.pipeline.outputimage import fetch_eif
 
@@ -144,6 +170,8 @@ def run_local(req: RunLocalRequest, settings: Settings, credentials: object | No
         # The launcher sees only what a `docker run -e` would give it: the --env values, nothing of ours.
         launcher_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env,
                         ENV_LAUNCH_JSON: str(launch_path), ENV_VSOCK_UDS: str(uds), ENV_NITRO_CLI: str(nitro_cli)}
+        if publish:
+            launcher_env[ENV_PUBLISH] = ",".join(f"{ip}:{hp}:{p}" for ip, hp, p in publish)
         proc = subprocess.Popen([str(launcher), "--", *req.args], env=launcher_env)
         while True:
             try:

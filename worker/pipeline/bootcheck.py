@@ -52,6 +52,9 @@ C_MARKERS: Mapping[str, str] = {
 # and prints anything else under its prefix only when it fails to start the program (then exits 126/127).
 SHIM_PREFIX = "nitroconv-shim: "
 SHIM_NOTICES = ("no run-time values ", "run-time values ignored ", "refused ")
+# The daemons the shim starts before the program (worker/runtime/netup.h) print under their own prefixes; their
+# lines are the converter's, not the program's output.
+DAEMON_PREFIXES = ("nitroconv-egressd: ", "nitroconv-netd: ", "nitroconv-attestd: ")
 SHIM_EXIT_CODES = (126, 127)
 
 QEMU = "qemu-system-x86_64"
@@ -138,6 +141,8 @@ class ConsoleParser:
         if _KERNEL_PANIC in line and self.panic is None:
             self.panic = line.split(_KERNEL_PANIC, 1)[1].strip()
         if _KERNEL_LINE.match(line):
+            return
+        if line.startswith(DAEMON_PREFIXES):
             return
         if self.launched and self.exit_status is None and line.startswith(SHIM_PREFIX):
             # The converter's lines, not the program's output; a hostile program printing one can only

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +62,8 @@ def build_eif(
     cpu_count: int,
     mem_size_mib: int | None,
     shim: Path | None = None,
-    daemons: Sequence[Path] = (),
     signer: EifSigner | None = None,
-    network_json: bytes | None = None,
+    extras: Mapping[str, bytes | Path] | None = None,
 ) -> BuiltEif:
     """Write the EIF to `out_path` in one pass; PCRs are computed while the sections stream out.
 
@@ -88,8 +87,7 @@ def build_eif(
     )
     # nitro-cli trims the cmdline file: the section has no trailing newline (EIF.md §5.2).
     cmdline = (blobs_dir / "cmdline").read_bytes().strip()
-    boot, app = bootstrap_archive(blobs_dir), app_archive(tree, launch, shim=shim, daemons=daemons,
-                                                             network_json=network_json)
+    boot, app = bootstrap_archive(blobs_dir), app_archive(tree, launch, shim=shim, extras=extras)
     if mem_size_mib is None:
         mem_size_mib = default_mem_mib(eif_size(kernel=kernel.stat().st_size, cmdline=len(cmdline),
                                                 metadata=len(metadata), ramdisks=[boot.size, app.size],

@@ -15,7 +15,7 @@ from common.util.compression import Compression
 from worker.pipeline.emulatorboot import BootCheckPlan
 
 BLOB_FILES = ("bzImage", "cmdline", "init", "nsm.ko")
-RUNTIME_FILES = ("shim", "run", *DAEMONS, "egressd", "egress")
+RUNTIME_FILES = ("shim", "run", *DAEMONS, "netd", "egressd", "egress")
 # The kernel's initramfs unpacker drops names of PATH_MAX (4096 with the NUL) or more, and the app
 # ramdisk prefixes every image path with "rootfs/".
 DEFAULT_LIMITS = Limits(max_path_bytes=4096 - 1 - len("rootfs/"))

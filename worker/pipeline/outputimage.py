@@ -190,11 +190,12 @@ def labels(measurements: Measurements, input_digest: str) -> dict[str, str]:
 
 
 def config_json(layer: OutputLayer, image_labels: Mapping[str, str], entrypoint: list[str] | None,
-                base: BaseImage | None = None) -> bytes:
+                base: BaseImage | None = None, exposed_ports: Sequence[int] = ()) -> bytes:
     """The image config: fixed `created`, fixed history timestamp, sorted keys, so it is byte-stable.
 
     With a base, it is the base's config with our layer's diff_id appended, our Entrypoint, our
-    labels merged over the base's, and one history entry for our layer.
+    labels merged over the base's, and one history entry for our layer. `exposed_ports`: the enclave's
+    published ports, where the launcher listens (`docker run -P` maps them); a base's own are dropped.
     """
     doc: dict[str, object] = base.config if base is not None else {"architecture": "amd64", "os": "linux"}
     inner = doc.get("config")
@@ -202,6 +203,9 @@ def config_json(layer: OutputLayer, image_labels: Mapping[str, str], entrypoint:
     # The base's CMD would reach the launcher as extra arguments for the enclave's program.
     config.pop("Cmd", None)
     config.pop("Entrypoint", None)
+    config.pop("ExposedPorts", None)
+    if exposed_ports:
+        config["ExposedPorts"] = {f"{port}/tcp": {} for port in sorted(exposed_ports)}
     if entrypoint:
         config["Entrypoint"] = list(entrypoint)
     base_labels = config.get("Labels")

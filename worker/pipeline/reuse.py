@@ -243,6 +243,7 @@ def _store(cache: ConversionCache, key: str, result: ConvertResult, staged: Path
         "warnings": list(result.warnings),
         "docker_version": result.docker_version,
         "boot_check": result.boot_check,
+        "network": result.network,
         "origin": {"owner": owner, "build_id": build_id, "reference": result.output_reference},
         "pushes": [asdict(Push(owner, ref.api_host, ref.repository, result.output_reference, build_id))],
     })
@@ -258,7 +259,9 @@ def _reuse(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pl
                         str(layer_doc["diff_id"]), str(record["eif_sha256"]))
     m = record["measurements"]
     measurements = Measurements(str(m["pcr0"]), str(m["pcr1"]), str(m["pcr2"]), m.get("pcr8"))
-    packaged = Packaged(layer, measurements, str(record["input_digest"]), resolve_output_base(host, plan))
+    network = record.get("network")
+    packaged = Packaged(layer, measurements, str(record["input_digest"]), resolve_output_base(host, plan),
+                        network if isinstance(network, dict) else {})
     out_ref = plan.output
     pushes = [Push(**p) for p in record.get("pushes", []) if isinstance(p, dict)]
     mount_from = next((p.repository for p in reversed(pushes)
@@ -297,6 +300,7 @@ def _reuse(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pl
         layer_blob=layer.blob,
         layer_diff_id=layer.diff_id,
         reused_from=reused_from,
+        network=packaged.network or None,
     )
 
 

@@ -67,7 +67,7 @@ class ConverterOptions:
     java_mode: str | None = None
     add_ccm_ca_certificates: bool = False
     enable_overlay_filesystem_persistence: bool = True
-    # The normalised network policy (common/enclave/network.py); None: the defaults.
+    # converter_options.network as the request gave it (common.enclave.network.parse_request's form, or None).
     network: Mapping[str, Any] | None = None
 
 
@@ -122,3 +122,5 @@ class ConvertResult:
     layer_diff_id: str = ""
     # The earlier build whose EIF and layer this one reused, when it did.
     reused_from: str | None = None
+    # The network policy measured into the EIF and written to launch.json (common.enclave.network.resolve).
+    network: dict[str, object] | None = None

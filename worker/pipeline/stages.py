@@ -9,9 +9,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.enclave.egress import EGRESS_SERVICE_NAME, EGRESSD_NAME, network_json, proxy_env, ships_egressd
+from common.enclave.egress import EGRESS_SERVICE_NAME, EGRESSD_NAME, proxy_env, ships_egressd
 from common.enclave.launch import LaunchSpec, launch_spec, parse_env
 from common.enclave.measure import Measurements
+from common.enclave.network import (
+    NETD_NAME,
+    canonical_json,
+    netd_conf,
+    parse_request,
+    published_ports,
+    resolve,
+)
 from common.enclave.reader import check_written
 from common.enclave.shim import DAEMONS, SHIM_DIR, through_shim
 from common.enclave.signing import EifSigner
@@ -22,6 +30,7 @@ from common.registry.auth import Credentials
 from common.registry.reference import Reference
 from worker.pipeline.build import BuiltEif, EifIdentity, build_eif, docker_info
 from worker.pipeline.cabundle import append_ca_bundle, load_ca_bundle
+from worker.pipeline.etcfiles import write_etc_files
 from worker.pipeline.host import ConversionHost
 from worker.pipeline.memory import MEMORY_FACTOR, minimum_mem_mib
 from worker.pipeline.outputbase import BaseImage, base_reference, resolve_base
@@ -49,9 +58,9 @@ class Plan:
     base_credentials: Credentials | None
     shim: Path
     launcher: bytes
-    # The in-enclave daemons beside the shim (attestd; egressd unless the egress mode is `none`) and the
-    # parent's egress service.
-    daemons: tuple[Path, ...]
+    # The daemons the shim starts, by file name in /.nitroconv (worker/runtime/netup.h); the build takes those its
+    # policy needs. And the parent's egress service, beside the launcher.
+    daemons: dict[str, Path]
     egress_service: bytes
     signer: EifSigner | None
     ca_bundle: bytes | None
@@ -70,6 +79,8 @@ class Built:
     image: PulledImage
     base: BaseImage | None
     warnings: tuple[str, ...]
+    # The network policy measured into the EIF and written to launch.json (common.enclave.network.resolve).
+    network: dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,7 @@ class Packaged:
     measurements: Measurements
     input_digest: str
     base: BaseImage | None
+    network: dict[str, object]
     stream: LayerStream | None = None
     boot_check: dict[str, object] | None = None
 
@@ -95,6 +107,7 @@ def prepare(spec: ConvertSpec, host: ConversionHost, work: Workspace) -> Plan:
     if spec.cpu_count < 1 or (spec.mem_size_mib is not None and spec.mem_size_mib < 1):
         raise InvalidOptions("cpu_count and mem_size must be positive", details={"field": "cpu_count/mem_size"})
     check_java_mode(spec.options.java_mode)
+    parse_request(spec.options.network)
     for credentials in (spec.input_credentials, spec.output_credentials):
         if credentials is not None:
             credentials.check()
@@ -102,8 +115,7 @@ def prepare(spec: ConvertSpec, host: ConversionHost, work: Workspace) -> Plan:
         work=work, output=output, base=base,
         base_credentials=spec.output_credentials if base is not None and base.api_host == output.api_host else None,
         shim=shim, launcher=launcher,
-        daemons=(*(host.runtime_file(name) for name in DAEMONS),
-                 *((host.runtime_file(EGRESSD_NAME),) if ships_egressd(spec.options.network) else ())),
+        daemons={name: host.runtime_file(name) for name in (*DAEMONS, NETD_NAME, EGRESSD_NAME)},
         egress_service=host.runtime_file(EGRESS_SERVICE_NAME).read_bytes(),
         signer=host.signer(),
         ca_bundle=load_ca_bundle(host.ca_bundle) if spec.options.add_ccm_ca_certificates else None,
@@ -141,16 +153,25 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
     if plan.ca_bundle is not None:
         append_ca_bundle(tree, plan.ca_bundle)
     inner = image.config.get("config")
+    network = resolve(spec.options.network, exposed_ports=_exposed_ports(image.config), image_name=image.name)
     launch = launch_spec(
         inner if isinstance(inner, dict) else {},
         entrypoint=spec.options.entrypoint,
         entrypoint_args=spec.options.entrypoint_args,
         # In proxy mode the proxy variables come first, so the request's own env_vars still win.
-        env_vars=(*proxy_env(spec.options.network), *spec.options.env_vars),
+        env_vars=(*proxy_env(network), *spec.options.env_vars),
     )
     warnings = command_warnings(tree, launch) + option_warnings(spec.options)
     if tree.lookup(SHIM_DIR.encode(), follow=False) is not None:
         warnings += (f"the image's /{SHIM_DIR} is replaced by the converter's exec shim",)
+    write_etc_files(tree, network)
+    extras: dict[str, bytes | Path] = {"network.json": canonical_json(network)}
+    extras.update({name: plan.daemons[name] for name in DAEMONS})
+    if network["ingress"]:
+        extras["netd.conf"] = netd_conf(network)
+        extras[NETD_NAME] = plan.daemons[NETD_NAME]
+    if ships_egressd(network):
+        extras[EGRESSD_NAME] = plan.daemons[EGRESSD_NAME]
     # WORKDIR, USER and the run-time allow-list are the shim's options: in /cmd, so measured in PCR2.
     launch = through_shim(launch, mutable_env=spec.options.mutable_env_vars, allow_args=spec.options.allow_cmdline_args)
     identity = EifIdentity(
@@ -161,9 +182,9 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
         custom={"nitroconv": {"debug": spec.options.debug}},
     )
     eif = build_eif(tree, launch, identity, blobs_dir=host.blobs_dir, out_path=plan.work.scratch / "app.eif",
-                    cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, daemons=plan.daemons,
-                    signer=plan.signer, network_json=network_json(spec.options.network))
-    return Built(eif, image, pulled.base, warnings)
+                    cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, extras=extras,
+                    signer=plan.signer)
+    return Built(eif, image, pulled.base, warnings, network)
 
 
 def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan, built: Built) -> Packaged:
@@ -191,7 +212,7 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
     # in file order, header first. The strict reader stays the conformance oracle (tests, `verify`).
     assert eif.written is not None
     check_written(eif.path, eif.written)
-    files = {**enclave_files(spec, eif.measurements, eif.mem_size_mib), "run": plan.launcher,
+    files = {**enclave_files(spec, eif.measurements, eif.mem_size_mib, built.network), "run": plan.launcher,
              EGRESS_SERVICE_NAME: plan.egress_service}
     stream = None
     if host.stream_push and host.boot_check is None:
@@ -207,7 +228,7 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
             stream.close()
         raise
     input_digest = built.image.input_digest or built.image.config_digest
-    return Packaged(layer, eif.measurements, input_digest, built.base, stream, boot)
+    return Packaged(layer, eif.measurements, input_digest, built.base, built.network, stream, boot)
 
 
 def push(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan, packaged: Packaged, *,
@@ -216,7 +237,8 @@ def push(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan
     `mount_from`: a repository on the output registry that holds our layer already (tried as a mount first)."""
     progress.enter(Stage.PUSHING)
     layer, base = packaged.layer, packaged.base
-    config = config_json(layer, labels(packaged.measurements, packaged.input_digest), ENTRYPOINT, base)
+    config = config_json(layer, labels(packaged.measurements, packaged.input_digest), ENTRYPOINT, base,
+                         published_ports(packaged.network))
     return push_image(plan.output, layer, config, {}, credentials=spec.output_credentials,
                       insecure_registries=host.insecure_registries, base=base, cache=host.blob_store(),
                       base_credentials=plan.base_credentials, streamed=packaged.stream, mount_from=mount_from)
@@ -246,6 +268,7 @@ def result(built: Built, packaged: Packaged, pushed: Pushed) -> ConvertResult:
         boot_check=packaged.boot_check,
         layer_blob=packaged.layer.blob,
         layer_diff_id=packaged.layer.diff_id,
+        network=packaged.network,
     )
 
 
@@ -276,8 +299,14 @@ def option_warnings(options: ConverterOptions) -> tuple[str, ...]:
     return (DEBUG_WARNING,) if options.debug else ()
 
 
-def enclave_files(spec: ConvertSpec, measurements: Measurements, mem_size_mib: int) -> dict[str, bytes]:
-    """`measurements.json` (nitro-cli's shape) and `launch.json` (what the launcher needs) of the output image."""
+def enclave_files(spec: ConvertSpec, measurements: Measurements, mem_size_mib: int,
+                  network: dict[str, object] | None = None) -> dict[str, bytes]:
+    """`measurements.json` (nitro-cli's shape) and `launch.json` (what the launcher needs) of the output image.
+
+    `network`: the resolved policy; None resolves the request's without an image (no EXPOSE, name from input_ref).
+    """
+    if network is None:
+        network = resolve(spec.options.network, exposed_ports=(), image_name=spec.input_ref)
     mutable = dict(parse_env(spec.options.mutable_env_vars, field="mutable_env_vars"))
     launch = {
         "eif": "/enclave/app.eif",
@@ -288,6 +317,7 @@ def enclave_files(spec: ConvertSpec, measurements: Measurements, mem_size_mib: i
         "mutable_env_vars": mutable,
         "java_mode": spec.options.java_mode,
         "enable_overlay_filesystem_persistence": spec.options.enable_overlay_filesystem_persistence,
+        "network": network,
     }
     return {
         "measurements.json": (json.dumps(measurements.to_nitro_cli(), indent=2) + "\n").encode(),

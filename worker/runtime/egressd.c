@@ -20,7 +20,7 @@
  * addresses only, so a deny cidr rule holds whatever the parent answers for a name.
  *
  *   egressd [--policy PATH] [--parent-uds PATH] [--foreground]
- * --policy defaults to /nitroconv/network.json; --parent-uds replaces vsock CID 3 port 9002 by a Unix
+ * --policy defaults to /.nitroconv/network.json; --parent-uds replaces vsock CID 3 port 9002 by a Unix
  * socket (process-level tests); without --foreground it returns once its sockets are bound and serves
  * in the background, so the program starts with DNS and the proxy already there.
  */
@@ -56,7 +56,7 @@
 #include "netrelay.h"
 
 #define PROG "nitroconv-egressd: "
-#define DEFAULT_POLICY "/nitroconv/network.json"
+#define DEFAULT_POLICY "/.nitroconv/network.json"
 #define PARENT_CID 3
 #define PARENT_PORT 9002
 #define PROXY_PORT 3128

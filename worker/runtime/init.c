@@ -14,7 +14,6 @@
  *      vsock (a plain QEMU boot) the init says so on the console and carries on;
  *   4. read /cmd (argv) and /env (envp), one item per line, then unlink both;
  *   5. make /rootfs the root (bind, move onto /, chroot) and mount the usual filesystems in it;
- *   5a. start the converter's daemons present in /.nitroconv (attestd), each ready before the program;
  *   6. fork; the child starts a session and execvpe()s argv[0] with the PATH of the AWS init;
  *   7. reap every child until the first one exits, then sync and reboot.
  *
@@ -93,10 +92,6 @@ struct nsm_raw {
 };
 #define NSM_IOCTL_RAW _IOWR(0x0A, 0x0, struct nsm_raw)
 #define NSM_RESPONSE_MAX 0x3000
-
-/* The converter's egress daemon (worker/runtime/egressd.c) and the policy it enforces, both in the app ramdisk. */
-#define EGRESSD_PATH "/rootfs/.nitroconv/egressd"
-#define NETWORK_POLICY_PATH "/nitroconv/network.json"
 
 static char *const default_argv[] = {"sh", NULL};
 static char *const default_envp[] = {LOOKUP_PATH_ENV, NULL};
@@ -369,34 +364,6 @@ static char **read_items(const char *path, int keep_empty, size_t *count)
     return items;
 }
 
-/* egressd returns once its proxy and DNS stub are bound and serves on in the background, so the program
- * starts with them there. It starts from the ramdisk's root, before the switch to the image's: the policy
- * stays out of the program's reach. Without the binary (no egress) nothing happens. */
-static void start_egressd(void)
-{
-    if (access(EGRESSD_PATH, X_OK) != 0)
-        return;
-    pid_t pid = fork();
-    if (pid < 0) {
-        say(NCI_PREFIX "egressd: fork: %s", strerror(errno));
-        return;
-    }
-    if (pid == 0) {
-        sigset_t all;
-        sigfillset(&all);
-        sigprocmask(SIG_UNBLOCK, &all, NULL);
-        char *const argv[] = {"egressd", "--policy", NETWORK_POLICY_PATH, NULL};
-        char *const envp[] = {NULL};
-        execve(EGRESSD_PATH, argv, envp);
-        _exit(127);
-    }
-    int status;
-    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-    }
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        say(NCI_PREFIX "egressd did not start (status 0x%x): the program has no egress", (unsigned)status);
-}
-
 static void enter_rootfs(void)
 {
     /* A bind mount makes /rootfs a mount point, which MS_MOVE needs (the switch_root dance). */
@@ -492,39 +459,6 @@ static void prepare_rootfs(void)
     ensure(mkdir("/dev/pts", 0755), "mkdir /dev/pts");
     mount_all(rootfs_mounts_after_links, sizeof(rootfs_mounts_after_links) / sizeof(rootfs_mounts_after_links[0]));
     mount_cgroups();
-}
-
-/* Starts one of the converter's daemons (in the measured /.nitroconv), if this image has it: the daemon
- * forks once it serves and its first process exits, so waiting for that one means ready. A daemon that
- * fails to start costs the program only that service. */
-static void start_daemon(const char *path)
-{
-    if (access(path, X_OK) < 0)
-        return;
-    pid_t pid = fork();
-    if (pid < 0) {
-        say(NCI_PREFIX "%s not started: fork: %s", path, strerror(errno));
-        return;
-    }
-    if (pid == 0) {
-        sigset_t all;
-        sigfillset(&all);
-        sigprocmask(SIG_UNBLOCK, &all, NULL);
-        char *const argv[] = {(char *)path, NULL}, *const envp[] = {NULL};
-        execve(path, argv, envp);
-        _exit(127);
-    }
-    int status;
-    while (waitpid(pid, &status, 0) < 0)
-        if (errno != EINTR) {
-            say(NCI_PREFIX "%s: wait: %s", path, strerror(errno));
-            return;
-        }
-    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
-        say(NCI_PREFIX "%s ready", path);
-    else
-        say(NCI_PREFIX "%s did not start (%s %d), continuing", path, WIFEXITED(status) ? "status" : "signal",
-            WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
 }
 
 /* Runs argv in a child and reports on the console whether execvpe() succeeded. The child's end of
@@ -626,10 +560,8 @@ int main(void)
         envp = default_envp;
     }
 
-    start_egressd();
     enter_rootfs();
     prepare_rootfs();
-    start_daemon("/.nitroconv/attestd");
 
     pid_t pid = launch(argv, envp, argc);
     reap_until(pid);

@@ -60,6 +60,8 @@
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
+#include "ingress.h"
+
 #define PROG "nitroconv-run: "
 #define LAUNCH_JSON "/enclave/launch.json"
 #define NITRO_CLI "nitro-cli"
@@ -96,6 +98,9 @@ struct launch {
     size_t n_env;
     char *java_mode; /* NULL for JSON null */
     int overlay_persistence;
+    /* "network": the published ports of the build's policy (the rest of it is the enclave's business). */
+    struct ingress_port ingress[INGRESS_MAX];
+    int n_ingress;
 };
 
 struct answer {
@@ -330,10 +335,132 @@ static int env_object(struct reader *r, struct launch *l) {
     }
 }
 
-enum key { K_EIF, K_CPU, K_MEM, K_DEBUG, K_ARGS, K_ENV, K_JAVA, K_OVERLAY, K_COUNT };
+/* Any JSON value, checked and skipped (bounded nesting). */
+static int skip_value(struct reader *r, int depth) {
+    skip_ws(r);
+    if (depth > 16)
+        return fail(r, "nested too deeply");
+    if (r->p >= r->end)
+        return fail(r, "truncated");
+    char c = *r->p;
+    if (c == '"') {
+        char *s;
+        if (string(r, &s))
+            return -1;
+        free(s);
+        return 0;
+    }
+    if (c == 't' || c == 'f') { int b; return boolean(r, &b); }
+    if (c == 'n') return literal(r, "null");
+    if (c >= '0' && c <= '9') { long long v; return integer(r, 1LL << 53, &v); }
+    if (c != '{' && c != '[')
+        return fail(r, "unexpected character");
+    char close_c = c == '{' ? '}' : ']';
+    r->p++;
+    skip_ws(r);
+    if (r->p < r->end && *r->p == close_c) { r->p++; return 0; }
+    for (;;) {
+        if (c == '{') {
+            char *k;
+            if (string(r, &k))
+                return -1;
+            free(k);
+            if (expect(r, ':'))
+                return -1;
+        }
+        if (skip_value(r, depth + 1))
+            return -1;
+        skip_ws(r);
+        if (r->p < r->end && *r->p == ',') { r->p++; continue; }
+        return expect(r, close_c);
+    }
+}
+
+/* {"port": N, "proxy_protocol": B} */
+static int ingress_entry(struct reader *r, struct ingress_port *e) {
+    int seen_port = 0, seen_proxy = 0;
+    e->proxy = 0;
+    if (expect(r, '{'))
+        return -1;
+    for (;;) {
+        char *k;
+        if (string(r, &k))
+            return -1;
+        if (expect(r, ':')) { free(k); return -1; }
+        int rc;
+        if (strcmp(k, "port") == 0 && !seen_port++) {
+            long long v;
+            rc = integer(r, 65535, &v);
+            e->port = (int)v;
+            if (!rc && v < 1)
+                rc = fail(r, "network: ingress port out of range");
+        } else if (strcmp(k, "proxy_protocol") == 0 && !seen_proxy++) {
+            rc = boolean(r, &e->proxy);
+        } else {
+            rc = fail(r, "network: unknown or duplicate ingress key");
+        }
+        free(k);
+        if (rc)
+            return -1;
+        skip_ws(r);
+        if (r->p < r->end && *r->p == ',') { r->p++; continue; }
+        if (expect(r, '}'))
+            return -1;
+        return seen_port ? 0 : fail(r, "network: ingress entry without a port");
+    }
+}
+
+static int network_object(struct reader *r, struct launch *l) {
+    if (expect(r, '{'))
+        return -1;
+    skip_ws(r);
+    if (r->p < r->end && *r->p == '}') { r->p++; return 0; }
+    for (;;) {
+        char *k;
+        if (string(r, &k))
+            return -1;
+        int is_ingress = strcmp(k, "ingress") == 0;
+        free(k);
+        if (expect(r, ':'))
+            return -1;
+        if (!is_ingress) {
+            if (skip_value(r, 1))
+                return -1;
+        } else {
+            if (expect(r, '['))
+                return -1;
+            skip_ws(r);
+            if (r->p < r->end && *r->p == ']') {
+                r->p++;
+            } else {
+                for (;;) {
+                    if (l->n_ingress == INGRESS_MAX)
+                        return fail(r, "network: too many ingress ports");
+                    struct ingress_port *e = &l->ingress[l->n_ingress];
+                    if (ingress_entry(r, e))
+                        return -1;
+                    for (int i = 0; i < l->n_ingress; i++)
+                        if (l->ingress[i].port == e->port)
+                            return fail(r, "network: an ingress port is listed twice");
+                    l->n_ingress++;
+                    skip_ws(r);
+                    if (r->p < r->end && *r->p == ',') { r->p++; continue; }
+                    if (expect(r, ']'))
+                        return -1;
+                    break;
+                }
+            }
+        }
+        skip_ws(r);
+        if (r->p < r->end && *r->p == ',') { r->p++; continue; }
+        return expect(r, '}');
+    }
+}
+
+enum key { K_EIF, K_CPU, K_MEM, K_DEBUG, K_ARGS, K_ENV, K_JAVA, K_OVERLAY, K_NETWORK, K_COUNT };
 static const char *const KEYS[K_COUNT] = {
     "eif", "cpu_count", "memory_mib", "debug", "allow_cmdline_args", "mutable_env_vars", "java_mode",
-    "enable_overlay_filesystem_persistence",
+    "enable_overlay_filesystem_persistence", "network",
 };
 
 /* Parses launch.json text into `l`; returns NULL or why it was refused. */
@@ -378,6 +505,7 @@ static const char *parse_launch(const char *text, size_t len, struct launch *l) 
                 else rc = string(&r, &l->java_mode);
                 break;
             case K_OVERLAY: rc = boolean(&r, &l->overlay_persistence); break;
+            case K_NETWORK: rc = network_object(&r, l); break;
             case K_COUNT: break;
             }
             if (rc)
@@ -665,9 +793,15 @@ static pid_t spawn_egress(void) {
     return pid;
 }
 
-static int run(const char *nitro_cli, char *const cmd[], const struct answer *a, int attached, const char *uds) {
+static int run(const char *nitro_cli, char *const cmd[], const struct answer *a, int attached, const char *uds,
+               const struct launch *l) {
     if (pipe2(wake_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
         die(1, "pipe: %s", strerror(errno));
+    /* Published ports first: a port that cannot be bound fails the launch before any enclave starts. */
+    char why[256];
+    int ingress = ingress_start(l->ingress, l->n_ingress, uds, why, sizeof why);
+    if (ingress < 0)
+        die(1, "ingress: %s", why);
     int lfd = uds ? listen_uds(uds) : listen_vsock();
     if (lfd < 0) {
         int err = errno;
@@ -727,6 +861,14 @@ static int run(const char *nitro_cli, char *const cmd[], const struct answer *a,
         if (child_done) {
             /* nitro-cli is gone: serve the late shim for a while, then leave with its status. With
              * nothing to serve there is no need to wait: the shim's defaults are the answer. */
+            if (!attached && exit_code(status) == 0 && ingress > 0) {
+                /* nitro-cli returned with the enclave running: the published ports live as long as this
+                 * process, so it stays until it is told to stop. */
+                if (pending_signal)
+                    break;
+                timeout = -1;
+                goto wait;
+            }
             if (attached || exit_code(status) != 0 || served || lfd < 0 || !(a->n_env || a->n_args))
                 break;
             struct timespec now;
@@ -739,6 +881,7 @@ static int run(const char *nitro_cli, char *const cmd[], const struct answer *a,
             }
             timeout = (int)left;
         }
+    wait:;
         struct pollfd fds[2] = {{wake_pipe[0], POLLIN, 0}, {lfd, POLLIN, 0}};
         int rc = poll(fds, lfd >= 0 ? 2 : 1, timeout);
         if (rc < 0 && errno != EINTR)
@@ -781,6 +924,10 @@ static int run(const char *nitro_cli, char *const cmd[], const struct answer *a,
                     say("refused a vsock connection from CID %u: not an enclave", peer.svm_cid);
                 else if (serve_one(cfd, a, (long)peer.svm_cid) == 0)
                     served = 1;
+                /* The enclave's CID, for the published ports to reach its vsock listeners. */
+                if (peer.svm_cid > VMADDR_CID_HOST && ingress > 0 &&
+                    write(ingress, &peer.svm_cid, sizeof peer.svm_cid) < 0)
+                    say("ingress: cannot pass on the enclave's CID: %s", strerror(errno));
                 close(cfd);
             }
         }
@@ -886,6 +1033,10 @@ int main(int argc, char **argv) {
         printf("debug: %s\n", debug ? "true" : "false");
         printf("java_mode: %s\n", l.java_mode ? l.java_mode : "null");
         printf("enable_overlay_filesystem_persistence: %s\n", l.overlay_persistence ? "true" : "false");
+        printf("ingress:");
+        for (int k = 0; k < l.n_ingress; k++)
+            printf(" %d%s", l.ingress[k].port, l.ingress[k].proxy ? "(proxy-protocol)" : "");
+        printf("%s\n", l.n_ingress ? "" : " (none)");
         return 0;
     }
     if (emulator && access(emulator, X_OK) != 0)
@@ -897,5 +1048,5 @@ int main(int argc, char **argv) {
         say("debug mode: the enclave's console is attached and its attestation shows all-zero PCRs");
     fflush(stdout);
     /* The emulator stays attached until the enclave ends, like nitro-cli --attach-console. */
-    return run(nitro_cli, cmd, &a, debug || emulator != NULL, uds);
+    return run(nitro_cli, cmd, &a, debug || emulator != NULL, uds, &l);
 }

@@ -1,7 +1,7 @@
 /*
  * The egress policy of a converted enclave (NETDESIGN: converter_options.network.egress), as egressd
  * enforces it. The converter normalises and validates the policy (common/enclave/network.py) and writes
- * it as canonical JSON into the app ramdisk (/nitroconv/network.json, measured into PCR2); this reader is
+ * it as canonical JSON into the app ramdisk (/.nitroconv/network.json, measured into PCR2); this reader is
  * strict anyway, because whatever it does not understand it must not silently widen: an unknown key or
  * a malformed rule refuses the whole policy (egressd then allows nothing).
  *

@@ -19,6 +19,9 @@
  *   5. setgroups, setgid, setuid; then argv[0] is looked up on the environment's PATH (not the
  *      init's) and exec'd. Errors: `nitroconv-shim: …` on stderr, exit 127 (not found) or 126.
  *
+ * Before all of this (worker/runtime/netup.h): loopback up, the host name from /etc/hostname, and
+ * /.nitroconv/netd (ingress) started detached when the build publishes ports.
+ *
  * Everything given on the command line is in the app ramdisk, so measured in PCR2; the run-time
  * values are not, and are never logged.
  *
@@ -46,6 +49,9 @@
 #include <linux/vm_sockets.h>
 
 #include "console.h"
+#ifndef NITROCONV_SHIM_TEST
+#include "netup.h"
+#endif
 
 #define SHIM_PREFIX "nitroconv-shim: "
 #define PARENT_CID 3
@@ -769,6 +775,9 @@ int main(int argc, char **argv)
 {
     struct options o;
     parse_options(argc, argv, &o);
+#ifndef NITROCONV_SHIM_TEST
+    network_up();
+#endif
 
     struct strv env = {0};
     for (char **e = environ; e && *e; e++) {

@@ -39,6 +39,9 @@ def test_api_openapi_document_lists_the_contract_paths(client):
     for path in ("/v1/builds/convert-app/nitro-enclaves", "/v1/builds/{build_id}", "/v1/tasks/{task_id}",
                  "/v1/apps/{app_id}", "/v1/sys/auth", "/healthz"):
         assert path in doc["paths"]
+    network = doc["components"]["schemas"]["ConverterOptions"]["properties"]["network"]
+    assert network["type"] == "object" and "EXPOSE" in network["description"] and network["example"]["ingress"]
+    assert "network" in doc["components"]["schemas"]["Conversion"]["properties"]
     assert client.get("/v1/docs").status_code == 200
 
 
@@ -126,6 +129,10 @@ def test_api_submit_validation_is_422_with_fields(client, tenant):
     bad["nitro_enclaves_options"] = {"cpu_count": 0, "mem_size": 0}
     e = err(client.post("/v1/builds/convert-app/nitro-enclaves", json=bad, headers=tenant.headers("WRITER")), 422)
     assert {"cpu_count", "mem_size", "converter_options"} <= set(e["details"]["fields"])
+    bad = body(app_id, converter_options={"network": {"ingress": [8080], "egress": {"deny": [{"host": "a.b", "ports": ["x"]}]}}})
+    e = err(client.post("/v1/builds/convert-app/nitro-enclaves", json=bad, headers=tenant.headers("WRITER")), 422)
+    assert e["details"]["fields"] == {"converter_options": {"network": [
+        "network.egress.deny[0].ports[0]: 'x' is not a range LOW-HIGH of ports from 1 to 65535"]}}
     e = err(client.post("/v1/builds/convert-app/nitro-enclaves", json=body(str(uuid.uuid4())),
                         headers=tenant.headers("WRITER")), 422)
     assert "app_id" in e["details"]["fields"]

@@ -50,6 +50,9 @@ def test_worker_converts_and_records_the_engines_pcrs(flow: Flow, registry, tmp_
     assert (nitro["pcr0"], nitro["pcr1"], nitro["pcr2"]) == (
         direct.measurements.pcr0, direct.measurements.pcr1, direct.measurements.pcr2)
     assert conv["eif_sha256"] == direct.eif_sha256
+    # A request that said nothing of the network: the policy built is recorded explicitly, and is the engine's.
+    assert conv["network"] == direct.network
+    assert conv["network"]["ingress"] == [] and conv["network"]["egress"]["mode"] == "transparent"
     # The worker measured its host's kernel/cmdline/ramdisk 0 and deflated the kernel before its pool forked
     # (worker.pipeline.warm): what it built from those memos is what a fresh process builds.
     assert f"conversion memos warmed from {s.blobs_dir}" in flow.worker.log.read_text(errors="replace")
@@ -104,3 +107,25 @@ def test_worker_wrong_credentials_fail_unauthorized_and_leak_nowhere(flow: Flow,
         dump = session.execute(text("SELECT b::text FROM builds b")).scalars().all()
         events = session.execute(text("SELECT e::text FROM build_events e")).scalars().all()
     assert not any(CANARY in row for row in [*dump, *events])
+
+
+def test_worker_records_the_requested_network_policy(flow: Flow, registry):
+    _, client, _ = flow
+    image = push_test_image(registry, f"svc/net-{uuid.uuid4().hex[:6]}", "1")
+    tenant = flow.tenant()
+    request = convert_request(tenant.create_app(), f"{registry.host}/{image.repo}:1", f"{registry.host}/svc/net:1")
+    request["request"]["converter_options"]["network"] = {
+        "ingress": [{"port": 8443, "proxy_protocol": True}],
+        "egress": {"mode": "proxy", "allow": [{"host": "*.Example.com", "ports": [443]}], "deny": [{"cidr": "10.0.0.0/8"}]}}
+    submitted = ok(client.post("/v1/builds/convert-app/nitro-enclaves", json=request, headers=tenant.headers("WRITER")),
+                   BuildSchema, 200)
+    egress = {"mode": "proxy", "allow": [{"host": "*.example.com", "ports": [443]}],
+              "deny": [{"cidr": "10.0.0.0/8", "ports": ["1-65535"]}]}
+    # Stored and echoed normalized; what only the image can say (the host name here) is filled in by the build.
+    assert submitted["conversion"]["request"]["converter_options"]["network"] == {
+        "ingress": [{"port": 8443, "proxy_protocol": True}], "egress": egress, "hostname": None}
+    assert submitted["conversion"]["network"] is None
+    build = wait_ended(client, tenant.headers(), submitted["build_id"])
+    assert build["conversion"]["state"] == "SUCCEEDED", build["conversion"]
+    assert build["conversion"]["network"] == {"ingress": [{"port": 8443, "proxy_protocol": True}], "egress": egress,
+                                              "hostname": image.repo.rsplit("/", 1)[1]}

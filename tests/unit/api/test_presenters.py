@@ -16,6 +16,9 @@ ALL_OPTIONS = {"add_ccm_ca_certificates": False, "allow_cmdline_args": True, "de
                "entrypoint": ["/bin/sh", "-c"], "entrypoint_args": ["echo hi"], "env_vars": ["A=1", "B=é"],
                "mutable_env_vars": ["PORT=8080"], "java_mode": "OPENJDK"}
 
+NETWORK_REQUEST = {"ingress": None, "hostname": None,
+                   "egress": {"mode": "none", "allow": [], "deny": []}}
+
 
 def _app() -> App:
     return App(id=uuid.uuid4(), account_id=uuid.uuid4(), name="app ü", description="what it does")
@@ -57,6 +60,9 @@ CASES = {
         conversion_state="FAILED", approval_status="REJECTED", progress=0.5, attempts=3,
         error_code="boot_check_failed", error_message=None, pcr0="0" * 96, pcr1="1" * 96, pcr2="2" * 96,
         boot_check={"ok": False, "seconds": 120.0, "console_tail": [], "reason": "timeout"}),
+    "succeeded with a network policy": _build(
+        conversion_state="SUCCEEDED", progress=1, converter_options={**ALL_OPTIONS, "network": NETWORK_REQUEST},
+        network={**NETWORK_REQUEST, "ingress": [{"port": 8080, "proxy_protocol": False}], "hostname": "in"}),
     "cancel requested while running": _build(conversion_state="PULLING", progress=0.25, cancel_requested=True,
                                             started_at=T0),
 }
@@ -73,7 +79,8 @@ def test_build_view_is_the_schemas_dump(build):
 
 @pytest.mark.parametrize("options", [ALL_OPTIONS, {}, {"debug": True, "java_mode": None},
                                      {"debug": 1}, {"entrypoint": None}, {"entrypoint": ["a", 2]},
-                                     {"java_mode": 5}, {"surprise": True, "debug": False}])
+                                     {"java_mode": 5}, {"surprise": True, "debug": False},
+                                     {"network": NETWORK_REQUEST}, {"network": None}])
 def test_converter_options_are_their_schemas_dump(options):
     assert json.dumps(_options(dict(options)), sort_keys=True) == \
         json.dumps(ConverterOptionsSchema().dump(options), sort_keys=True)

@@ -67,6 +67,22 @@ def test_conversion_request_rejects_invalid_fields(body, field):
     assert field in _errors(body)
 
 
+def test_conversion_request_network_refusal_names_the_field():
+    body = flat(converter_options={"network": {"egress": {"allow": [{"cidr": "10.0.0.0/8"}, {"cidr": "10.0.0.1/8"}]}}})
+    assert _errors(body) == {"converter_options": {"network": [
+        "network.egress.allow[1].cidr: '10.0.0.1/8' is not a CIDR block (address/prefix, no host bits set)"]}}
+
+
+def test_conversion_request_network_is_loaded_normalized():
+    loaded = ConversionRequestSchema().load(flat(converter_options={"network": {"ingress": [8080]}}))
+    assert loaded["converter_options"]["network"] == {
+        "ingress": [{"port": 8080, "proxy_protocol": False}], "hostname": None,
+        "egress": {"mode": "transparent", "deny": [],
+                   "allow": [{"cidr": "0.0.0.0/0", "ports": ["1-65535"]}, {"cidr": "::/0", "ports": ["1-65535"]}]}}
+    # A request that says nothing keeps saying nothing; the Build's conversion.network shows what was built.
+    assert "network" not in ConversionRequestSchema().load(flat(converter_options={}))["converter_options"]
+
+
 def test_conversion_request_names_differ_after_normalisation():
     assert "output_image" in _errors(flat(input_image={"name": "busybox"},
                                           output_image={"name": "docker.io/library/busybox:latest"}))

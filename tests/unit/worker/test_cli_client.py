@@ -30,6 +30,13 @@ def test_cli_client_convert_options_become_the_api_request(monkeypatch):
     assert options == {"cpu_count": 4, "enable_overlay_filesystem_persistence": False}
 
 
+def test_cli_client_network_option_is_passed_as_given():
+    body = conversion_request(_args("--network", '{"ingress": [8080], "egress": {"mode": "none"}}'))
+    assert body["request"]["converter_options"] == {"network": {"ingress": [8080], "egress": {"mode": "none"}}}
+    with pytest.raises(SystemExit):
+        _args("--network", "[8080]")
+
+
 def test_cli_client_unset_password_variable_is_a_usage_error(monkeypatch):
     monkeypatch.delenv("PW_NONE", raising=False)
     with pytest.raises(UsageError):

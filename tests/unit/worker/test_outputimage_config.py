@@ -79,3 +79,9 @@ def test_manifest_json_lists_base_layers_before_ours() -> None:
     doc = json.loads(manifest_json(config, OURS.blob, {}, [Blob(BASE_BLOB, 7, LAYER_MEDIA_TYPE)]))
     assert [layer["digest"] for layer in doc["layers"]] == [BASE_BLOB, OURS.blob.digest]
     assert "annotations" not in doc
+
+
+def test_config_exposes_the_published_ports_only() -> None:
+    doc = json.loads(config_json(OURS, {}, ["/enclave/run"], exposed_ports=[8443, 8080]))
+    assert doc["config"]["ExposedPorts"] == {"8080/tcp": {}, "8443/tcp": {}}
+    assert "ExposedPorts" not in json.loads(config_json(OURS, {}, ["/enclave/run"]))["config"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.enclave.cpio import iter_cpio
-from common.enclave.egress import EGRESSD_PATH, PROXY_URL, egress_mode, network_json, proxy_env, ships_egressd
+from common.enclave.egress import EGRESSD_PATH, PROXY_URL, egress_mode, proxy_env, ships_egressd
 from common.enclave.launch import LaunchSpec, launch_spec
 from common.enclave.ramdisk import app_archive
 from common.image.filetree import BytesContent, Tree
@@ -51,23 +51,12 @@ def test_egress_daemon_goes_beside_the_shim(tmp_path: Path) -> None:
     tree.add_file(b"bin/app", BytesContent(b"app"), mode=0o755)
     spec = LaunchSpec(argv=("/bin/app",), env=(), workdir="/", user="")
 
-    def members(**kwargs: Path) -> dict[str, tuple[int, bytes]]:
+    def members(**kwargs: dict[str, Path]) -> dict[str, tuple[int, bytes]]:
         buf = io.BytesIO()
         app_archive(tree, spec, shim=shim, **kwargs).write_to(buf)
         return {h.name.decode(): (h.mode, d) for h, d in iter_cpio(io.BytesIO(buf.getvalue()))}
 
-    got = members(daemons=[egressd])
+    got = members(extras={"egressd": egressd})
     assert got[f"rootfs{EGRESSD_PATH}"] == (stat.S_IFREG | 0o755, b"\x7fELF egressd")
     assert f"rootfs{EGRESSD_PATH}" not in members()
 
-
-def test_egress_policy_file_is_canonical_and_outside_the_rootfs() -> None:
-    network = {"hostname": "app", "egress": {"mode": "proxy", "deny": [], "allow": [{"host": "a.test"}]},
-               "ingress": []}
-    data = network_json(network)
-    assert data == b'{"egress":{"allow":[{"host":"a.test"}],"deny":[],"mode":"proxy"},"hostname":"app","ingress":[]}'
-    assert network_json(None) is None
-    buf = io.BytesIO()
-    app_archive(Tree(), LaunchSpec(argv=("/app",), env=(), workdir="/", user=""), network_json=data).write_to(buf)
-    got = {h.name.decode(): d for h, d in iter_cpio(io.BytesIO(buf.getvalue()))}
-    assert got["nitroconv/network.json"] == data

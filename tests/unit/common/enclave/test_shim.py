@@ -10,7 +10,7 @@ import pytest
 from common.enclave.cpio import CpioHeader, iter_cpio
 from common.enclave.launch import LaunchSpec, cmd_file
 from common.enclave.ramdisk import GENERATED_MTIME, app_archive
-from common.enclave.shim import DAEMONS, SHIM_PATH, ShimOptions, shim_argv, through_shim
+from common.enclave.shim import SHIM_PATH, ShimOptions, shim_argv, through_shim
 from common.errors import InvalidOptions
 from common.image.filetree import BytesContent, Tree
 
@@ -114,21 +114,19 @@ def test_shim_ramdisk_replaces_the_images_own_dot_nitroconv(tmp_path: Path) -> N
     assert "rootfs/.nitroconv/sub" not in got
 
 
-def test_shim_ramdisk_puts_the_daemons_beside_the_shim_in_name_order(tmp_path: Path) -> None:
-    shim, attestd = tmp_path / "shim", tmp_path / "attestd"
+def test_shim_ramdisk_puts_the_converters_extras_beside_it(tmp_path: Path) -> None:
+    shim, netd = tmp_path / "shim", tmp_path / "netd"
     shim.write_bytes(b"shim")
-    attestd.write_bytes(b"\x7fELF attestd")
+    netd.write_bytes(b"netd")
     tree = _tree()
-    tree.add_file(b".nitroconv/attestd", BytesContent(b"theirs"), mode=0o4755)  # the image's own is dropped
-    archive = app_archive(tree, through_shim(SPEC), shim=shim, daemons=[attestd])
-    buf = io.BytesIO()
-    archive.write_to(buf)
-    buf.seek(0)
-    names = [h.name.decode() for h, _ in iter_cpio(buf)]
-    assert [n for n in names if n.startswith("rootfs/.nitroconv")] == [
-        "rootfs/.nitroconv", "rootfs/.nitroconv/attestd", "rootfs/.nitroconv/shim"]
-    f, data = members(archive)["rootfs/.nitroconv/attestd"]
-    assert (f.mode, f.uid, f.gid, f.mtime, data) == (stat.S_IFREG | 0o755, 0, 0, GENERATED_MTIME, b"\x7fELF attestd")
-    assert DAEMONS == ("attestd",)
-    with pytest.raises(ValueError, match="no shim, no daemons"):
-        app_archive(_tree(), SPEC, daemons=[attestd])
+    tree.add_file(b".nitroconv/network.json", BytesContent(b"theirs"))
+    got = members(app_archive(tree, through_shim(SPEC), shim=shim,
+                              extras={"network.json": b'{"x":1}\n', "netd": netd, "netd.conf": b"80 0\n"}))
+    names = [n for n in got if n.startswith("rootfs/.nitroconv")]
+    assert names == ["rootfs/.nitroconv", "rootfs/.nitroconv/netd", "rootfs/.nitroconv/netd.conf",
+                     "rootfs/.nitroconv/network.json", "rootfs/.nitroconv/shim"]
+    assert got["rootfs/.nitroconv/network.json"] == (got["rootfs/.nitroconv/network.json"][0], b'{"x":1}\n')
+    assert got["rootfs/.nitroconv/network.json"][0].mode == stat.S_IFREG | 0o644
+    assert got["rootfs/.nitroconv/netd"][0].mode == stat.S_IFREG | 0o755
+    with pytest.raises(ValueError):
+        app_archive(_tree(), SPEC, extras={"network.json": b"{}"})
