@@ -21,8 +21,15 @@ class Principal:
     account_id: uuid.UUID | None
     role: Role | None
     session_id: uuid.UUID | None = None
+    refused: str | None = None  # the session's account is deactivated, or the caller disabled there
 
     def require_account(self) -> uuid.UUID:
+        if self.refused == "account_deactivated":
+            raise Forbidden("the session's account is deactivated; a MANAGER of it can enable it again "
+                            "(PATCH /v1/accounts/{id})", code="account_deactivated")
+        if self.refused == "user_disabled":
+            raise Forbidden("you are disabled in the session's account; a MANAGER of it can enable you again",
+                            code="user_disabled")
         if self.account_id is None or self.role is None:
             raise Forbidden("select an account first (POST /v1/accounts or /v1/sys/session/select_account)")
         return self.account_id
@@ -91,7 +98,8 @@ def _load(session_id: uuid.UUID) -> Principal:
     state = sessions.current(db(), session_id)
     if state is None:
         raise _ended()
-    found = Principal(user_id=state.user_id, account_id=state.account_id, role=state.role, session_id=session_id)
+    found = Principal(user_id=state.user_id, account_id=state.account_id, role=state.role, session_id=session_id,
+                      refused=state.refused)
     g.principal = found
     return found
 

@@ -3,6 +3,7 @@ document them."""
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -68,7 +69,8 @@ def _boot_check(stored: dict[str, object] | None) -> dict[str, object] | None:
     return _BOOT_CHECK.dump(view)
 
 
-def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> dict[str, object]:
+def build_view(build: Build | Row[Any], app_name: str, app_description: str,
+               app_group_id: uuid.UUID | str | None = None) -> dict[str, object]:
     """The Build exactly as `BuildSchema().dump` gives it (JSON types, ids as strings), so the routes can send
     it without a dump; tests/unit/api/test_presenters.py holds the two equal."""
     options = dict(build.converter_options)
@@ -116,7 +118,7 @@ def build_view(build: Build | Row[Any], app_name: str, app_description: str) -> 
         "marketplace_build_id": None,
         "launch_hint": None,
         "enable_overlay_filesystem_persistence": build.enable_overlay_filesystem_persistence,
-        "group_id": None,
+        "group_id": _str(app_group_id),  # a Build is in its app's group
         "conversion": {
             "state": build.conversion_state,
             "progress": float(build.progress),

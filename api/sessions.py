@@ -15,16 +15,17 @@ from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from common.store.accounts import Role
-from common.store.models import Membership, Session
+from common.store.models import Account, Membership, Session
 
 _S = Session.__table__
 _LIVE = (_S.c.token_expires_at > func.now(), _S.c.expires_at > func.now())
 # Every authenticated request runs this (by the primary keys of sessions and memberships); the API prepares it
 # on each connection (api/prepared.py).
 SESSION_STATEMENT = (
-    select(_S.c.user_id, _S.c.account_id, Membership.role)
+    select(_S.c.user_id, _S.c.account_id, Membership.role, Membership.disabled, Account.enabled)
     .select_from(_S.outerjoin(Membership, (Membership.user_id == _S.c.user_id)
-                              & (Membership.account_id == _S.c.account_id)))
+                              & (Membership.account_id == _S.c.account_id))
+                 .outerjoin(Account.__table__, Account.id == _S.c.account_id))
     .where(_S.c.id == bindparam("session_id"), *_LIVE))
 
 
@@ -34,6 +35,17 @@ class SessionState:
     user_id: uuid.UUID
     account_id: uuid.UUID | None
     role: Role | None
+    # Why the session's account cannot be acted in (its account_id and role are then None): the stable code.
+    refused: str | None = None
+
+
+def refusal(account_enabled: bool | None, member_disabled: bool | None) -> str | None:
+    """The stable code for a member who may not act in an account, or None."""
+    if account_enabled is False:
+        return "account_deactivated"
+    if member_disabled:
+        return "user_disabled"
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,10 @@ def current(db: DbSession, session_id: uuid.UUID) -> SessionState | None:
         return None
     remember(session_id, row.user_id, row.account_id)
     role = Role(row.role) if row.role else None
-    return SessionState(session_id, row.user_id, row.account_id if role else None, role)
+    refused = refusal(row.enabled, row.disabled) if role else None
+    if refused:
+        role = None
+    return SessionState(session_id, row.user_id, row.account_id if role else None, role, refused)
 
 
 @dataclass(frozen=True)

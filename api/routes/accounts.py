@@ -36,9 +36,11 @@ users_blp = Blueprint("users", __name__, url_prefix="/v1/users", description="Me
 user_blp = Blueprint("user", __name__, url_prefix="/v1/user", description="The signed-in user")
 
 
-def _account(account: Account, role: str, totals: bool = False) -> dict[str, object]:
+def _account(account: Account, role: str, totals: bool = False, disabled: bool = False) -> dict[str, object]:
+    """`disabled`: the caller is DISABLED in the account (their `status` there)."""
     return {"acct_id": account.id, "name": account.name, "created_at": epoch(account.created_at), "role": role,
-            "roles": [role], "status": "ACTIVE", "account_status": "Active",
+            "roles": [role], "status": "DISABLED" if disabled else "ACTIVE",
+            "account_status": "Active" if account.enabled else "Deactivated",
             "node_enrollment": dict(account.node_enrollment), "component": account.component,
             "custom_logo": account.custom_logo,
             "auth_configs": {accounts.auth_config_id(account.id): accounts.PASSWORD_CONFIG},
@@ -47,14 +49,11 @@ def _account(account: Account, role: str, totals: bool = False) -> dict[str, obj
             "azure_cvm_pcr_priority": account.azure_cvm_pcr_priority}
 
 
-def _status(user: User) -> str:
-    return "PENDING" if user.password_hash == "!" else "ACTIVE"  # invited, never given a password
-
-
 def _user(user: User, membership: Membership | None) -> dict[str, object]:
     role = membership.role if membership is not None else None
     return {"user_id": user.id, "user_email": user.email, "role": role, "roles": [role] if role else [],
-            "status": _status(user), "user_account_status": _status(user), "first_name": user.first_name,
+            "status": accounts.member_status(user, None),
+            "user_account_status": accounts.member_status(user, membership), "first_name": user.first_name,
             "last_name": user.last_name,
             "created_at": epoch(membership.created_at if membership is not None else user.created_at)}
 
@@ -76,7 +75,10 @@ class AccountList(MethodView):
     @accounts_blp.response(200, AccountListSchema)
     def get(self, query: dict[str, object]) -> dict[str, object]:
         """The caller's accounts (scope USER), a page after `previous_id`."""
-        return {"items": [_account(a, r) for a, r in accounts.account_page(db(), principal().user_id, query)]}
+        me = principal()
+        off = accounts.disabled_in(db(), me.user_id)
+        return {"items": [_account(a, r, disabled=a.id in off)
+                          for a, r in accounts.account_page(db(), me.user_id, query)]}
 
 
 @accounts_blp.route("/<uuid:acct_id>")
@@ -85,12 +87,17 @@ class AccountItem(MethodView):
     @accounts_blp.response(200, AccountSchema)
     def get(self, query: dict[str, object], acct_id: uuid.UUID) -> dict[str, object]:
         """One of the caller's accounts."""
-        return _account(*accounts.member_account(db(), principal().user_id, acct_id), bool(query["with_totals"]))
+        me = principal()
+        return _account(*accounts.member_account(db(), me.user_id, acct_id), bool(query["with_totals"]),
+                        acct_id in accounts.disabled_in(db(), me.user_id))
 
     @accounts_blp.arguments(AccountUpdateSchema)
     @accounts_blp.response(200, AccountSchema)
     def patch(self, body: dict[str, object], acct_id: uuid.UUID) -> dict[str, object]:
-        """Change an account (its MANAGER)."""
+        """Change an account (its MANAGER). `enabled: false` / `account_status: Deactivated` deactivates it: its
+        data is kept, but no member can act in it (sessions, tokens and submissions there are refused with
+        `account_deactivated`) until one of its MANAGERs enables it again with `enabled: true` / `account_status:
+        Active`, the only change a deactivated account accepts (it can still be deleted)."""
         return _account(*accounts.update_account(db(), principal().user_id, acct_id, body))
 
     @accounts_blp.response(204)
@@ -175,7 +182,9 @@ class UserAccounts(MethodView):
             accounts.member(db(), me.require(Role.READER), user_id)  # 404 outside the account
             raise ValidationFailed("The request is invalid.", code="not_own_user",
                                    details={"fields": {"user_id": ["only a user's own accounts are listed"]}})
-        return jsonify({str(a.id): {"roles": [r], "status": "ACTIVE"} for a, r in accounts.memberships(db(), user_id)})
+        off = accounts.disabled_in(db(), user_id)
+        return jsonify({str(a.id): {"roles": [r], "status": "DISABLED" if a.id in off else "ACTIVE"}
+                        for a, r in accounts.memberships(db(), user_id)})
 
     @users_blp.response(204)
     def delete(self, user_id: uuid.UUID) -> None:

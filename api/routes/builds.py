@@ -44,7 +44,7 @@ def sealer(secret: bytes) -> Sealer:
 
 
 def _view(row: Row[Any]) -> dict[str, object]:
-    return build_view(row, row.app_name, row.app_description)
+    return build_view(row, row.app_name, row.app_description, row.app_group_id)
 
 
 def _wait_seconds(query: Mapping[str, object]) -> int:
@@ -101,7 +101,7 @@ def _submit(body: dict[str, object], query: Mapping[str, object]) -> Response:
     else:
         # CCM documents 200 for the accepted conversion; `Prefer: respond-async` (RFC 7240) asks for 202.
         status = 202 if _PREFER_ASYNC.search(request.headers.get("Prefer", "")) else 200
-        view = build_view(submitted.build, submitted.app_name, submitted.app_description)
+        view = build_view(submitted.build, submitted.app_name, submitted.app_description, submitted.app_group_id)
     response = jsonify(view)
     response.status_code = status
     response.headers["Location"] = url_for("builds.Build", build_id=submitted.build_id)

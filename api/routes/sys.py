@@ -101,7 +101,8 @@ def _session() -> tuple[uuid.UUID, uuid.UUID]:
 class SelectAccount(MethodView):
     @blp.response(200, SessionResponseSchema)
     def post(self, acct_id: uuid.UUID) -> dict[str, object]:
-        """Make another of the caller's accounts the calling session's: the same token then acts there."""
+        """Make another of the caller's accounts the calling session's: the same token then acts there. A
+        deactivated account (`account_deactivated`) or one the caller is disabled in (`user_disabled`) is refused."""
         user_id, session_id = _session()
         accounts.require_member(db(), user_id, acct_id)
         sessions.select_account(db(), session_id, user_id, acct_id)

@@ -117,9 +117,11 @@ class AccountUpdateSchema(Schema):
     mod_auth_configs = fields.Dict(keys=fields.UUID(), values=fields.Nested(AuthenticationConfigSchema),
                                    validate=validate.Length(max=10))
     del_auth_configs = fields.List(fields.UUID(), validate=validate.Length(max=10))
-    enabled = fields.Boolean(metadata={"description": "`false` is refused (`account_deactivation_unsupported`)"})
+    enabled = fields.Boolean(metadata={"description": "`false` deactivates the account (data kept, no member can "
+                                                      "act in it), `true` enables it again; its MANAGERs'"})
     account_status = fields.String(validate=validate.OneOf(ACCOUNT_STATUSES), metadata={
-        "description": "`Deactivated` is refused (`account_deactivation_unsupported`)"})
+        "description": "`Deactivated` / `Active`: as `enabled` (both given must agree, else "
+                       "`account_status_conflict`)"})
     default_group_id = fields.UUID(allow_none=True, metadata={"description": "recorded (no groups here)"})
     marketplace_group_id = fields.UUID(allow_none=True, metadata={"description": "recorded (no marketplace here)"})
     azure_cvm_pcr_priority = fields.List(fields.Integer(), allow_none=True, validate=_pcr_priority,
@@ -203,8 +205,10 @@ USER_STATUSES = ("ACTIVE", "PENDING", "DISABLED")
 
 class UserUpdateSchema(Schema):
     """CCM's UpdateUserRequest (and our `role`). Roles are a MANAGER's to change; names the user's own or a
-    MANAGER's; the e-mail only the user's own. `user_account_status` can only be the current one here
-    (`user_account_status_unsupported`): a member is ACTIVE, or PENDING until given a password."""
+    MANAGER's; the e-mail only the user's own. `user_account_status` is the member's status in this account: a
+    MANAGER sets DISABLED (the member can no longer select or act in this account; not themself) and sets a
+    disabled member back to ACTIVE (PENDING for one never given a password). PENDING ends only with a password;
+    any other change is `user_account_status_unsupported`."""
 
     role = fields.String(validate=validate.OneOf(ROLES))
     roles = fields.List(fields.String(validate=validate.OneOf(ROLES)), validate=validate.Length(min=1, max=3),

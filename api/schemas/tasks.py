@@ -79,7 +79,8 @@ class TaskListQuerySchema(Schema):
     sort_by = fields.String(load_default="created_at:DESC", validate=validate.Regexp(
         r"^(created_at|updated_at|status)(:(ASC|DESC))?(,(created_at|updated_at|status)(:(ASC|DESC))?){0,2}$"),
         metadata={"description": "CCM's `key1:ASC,key2:DESC` over created_at, updated_at, status"})
-    base_filters = fields.String(load_default=None, metadata={"description": "accepted and ignored"})
+    base_filters = fields.String(load_default=None, metadata={
+        "description": "accepted and ignored: CCM's document gives it no syntax or meaning"})
 
 
 class TaskListSchema(Schema):

@@ -14,6 +14,7 @@ from common.store.accounts import (
     authenticate,
     create_account,
     create_user,
+    disabled_everywhere,
     first_account,
     normalise_email,
 )
@@ -25,7 +26,23 @@ def sign_in(session: Session, email: str, password: str) -> tuple[User, uuid.UUI
     user = authenticate(session, email, password)
     if user is None:
         raise Unauthenticated("wrong e-mail or password")
+    if disabled_everywhere(session, user.id):
+        raise Forbidden("you are disabled in every account you are a member of; a MANAGER of one can enable you",
+                        code="user_disabled")
     return user, first_account(session, user.id)
+
+
+def disabled_in(session: Session, user_id: uuid.UUID) -> set[uuid.UUID]:
+    """The accounts the user is DISABLED in."""
+    return set(session.execute(select(Membership.account_id).where(
+        Membership.user_id == user_id, Membership.disabled.is_(True))).scalars())
+
+
+def member_status(user: User, membership: Membership | None) -> str:
+    """CCM's user_account_status: DISABLED by a MANAGER, PENDING until given a password, else ACTIVE."""
+    if membership is not None and membership.disabled:
+        return "DISABLED"
+    return "PENDING" if user.password_hash == "!" else "ACTIVE"  # "!": invited, never given a password
 
 
 _ACCOUNT_SORT = {"name": lambda a: a.name.casefold(), "created_at": lambda a: a.created_at, "acct_id": lambda a: str(a.id)}
@@ -65,8 +82,18 @@ def user_email(session: Session, user_id: uuid.UUID) -> str:
 
 
 def require_member(session: Session, user_id: uuid.UUID, account_id: uuid.UUID) -> None:
-    if not any(a.id == account_id for a, _ in memberships(session, user_id)):
+    """The user may act in the account: a member (else 404), not disabled there, and the account enabled."""
+    row = session.execute(select(Account.enabled, Membership.disabled)
+                          .join(Membership, Membership.account_id == Account.id)
+                          .where(Membership.user_id == user_id, Account.id == account_id)).one_or_none()
+    if row is None:
         raise NotFound("no such account")
+    if not row.enabled:
+        raise Forbidden("the account is deactivated; a MANAGER of it can enable it again (PATCH /v1/accounts/{id})",
+                        code="account_deactivated")
+    if row.disabled:
+        raise Forbidden("you are disabled in this account; a MANAGER of it can enable you again",
+                        code="user_disabled")
 
 
 def new_account(session: Session, user_id: uuid.UUID, name: str) -> Account:
@@ -115,11 +142,19 @@ def update_user(session: Session, account_id: uuid.UUID, caller: uuid.UUID, call
         raise Forbidden("this needs the MANAGER role")
     if "user_email" in body and not own:
         raise Forbidden("only a user's own e-mail can be changed", code="not_own_user")
-    status = "PENDING" if user.password_hash == "!" else "ACTIVE"
-    if body.get("user_account_status") not in (None, status):
-        raise ValidationFailed("The request is invalid.", code="user_account_status_unsupported", details={
-            "fields": {"user_account_status": [f"a member's status here follows their sign-in ({status}); "
-                                               "remove the member instead of disabling them"]}})
+    status, wanted = member_status(user, membership), body.get("user_account_status")
+    if wanted not in (None, status):
+        enabled_status = member_status(user, None)
+        if wanted not in ("DISABLED", enabled_status):
+            raise ValidationFailed("The request is invalid.", code="user_account_status_unsupported", details={
+                "fields": {"user_account_status": [
+                    f"the member is {status}: a MANAGER can set DISABLED or, on a disabled member, "
+                    f"{enabled_status}; PENDING ends when the member is given a password"]}})
+        if caller_role is not Role.MANAGER:
+            raise Forbidden("this needs the MANAGER role")
+        if own:
+            raise Forbidden("a MANAGER cannot disable themself", code="cannot_disable_self")
+        membership.disabled = wanted == "DISABLED"
     if roles:
         role = max((Role(r) for r in roles), key=list(Role).index).value
         if membership.role == Role.MANAGER.value and role != Role.MANAGER.value and _managers(session, account_id) <= 1:
@@ -168,8 +203,10 @@ def _member(session: Session, account_id: uuid.UUID, user_id: uuid.UUID) -> tupl
 
 
 def _managers(session: Session, account_id: uuid.UUID) -> int:
+    """The account's MANAGERs who can act (a disabled one cannot, so does not count)."""
     return len(session.execute(select(Membership.user_id).where(
-        Membership.account_id == account_id, Membership.role == Role.MANAGER.value)).all())
+        Membership.account_id == account_id, Membership.role == Role.MANAGER.value,
+        Membership.disabled.is_(False))).all())
 
 
 def change_role(session: Session, account_id: uuid.UUID, user_id: uuid.UUID, role: str) -> tuple[User, Membership]:
@@ -227,10 +264,13 @@ def update_account(session: Session, user_id: uuid.UUID, account_id: uuid.UUID,
     account, role = member_account(session, user_id, account_id)
     if role != Role.MANAGER.value:
         raise Forbidden("this needs the MANAGER role")
-    if body.get("enabled") is False or body.get("account_status") == "Deactivated":
-        raise ValidationFailed("The request is invalid.", code="account_deactivation_unsupported", details={
-            "fields": {"account_status" if "account_status" in body else "enabled": [
-                "accounts cannot be deactivated here; delete the account instead"]}})
+    if user_id in _disabled_members(session, account_id):
+        raise Forbidden("you are disabled in this account; another MANAGER of it can enable you again",
+                        code="user_disabled")
+    enabled = _wanted_enabled(body)
+    if not account.enabled and enabled is not True:
+        raise Forbidden("the account is deactivated: enable it (`enabled: true` or `account_status: Active`) "
+                        "to change it", code="account_deactivated")
     check_auth_configs(body.get("add_auth_configs"), "add_auth_configs")
     mods = body.get("mod_auth_configs") or {}
     assert isinstance(mods, Mapping)
@@ -247,8 +287,28 @@ def update_account(session: Session, user_id: uuid.UUID, account_id: uuid.UUID,
     for key in _ACCOUNT_FIELDS:
         if key in body:
             setattr(account, key, body[key])
+    if enabled is not None:
+        account.enabled = enabled
     session.commit()
     return account, role
+
+
+def _disabled_members(session: Session, account_id: uuid.UUID) -> set[uuid.UUID]:
+    return set(session.execute(select(Membership.user_id).where(
+        Membership.account_id == account_id, Membership.disabled.is_(True))).scalars())
+
+
+def _wanted_enabled(body: Mapping[str, object]) -> bool | None:
+    """What `enabled` and CCM's `account_status` ask for together (None: neither is given)."""
+    asked = set()
+    if body.get("enabled") is not None:
+        asked.add(bool(body["enabled"]))
+    if body.get("account_status") is not None:
+        asked.add(body["account_status"] == "Active")
+    if len(asked) > 1:
+        raise ValidationFailed("The request is invalid.", code="account_status_conflict", details={"fields": {
+            "account_status": ["`enabled` and `account_status` disagree"]}})
+    return asked.pop() if asked else None
 
 
 def delete_account(session: Session, user_id: uuid.UUID, account_id: uuid.UUID) -> None:

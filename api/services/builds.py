@@ -62,6 +62,7 @@ class Submitted:
     app_name: str
     app_description: str
     created: bool
+    app_group_id: uuid.UUID | str | None = None
 
     @property
     def build_id(self) -> uuid.UUID:
@@ -221,6 +222,10 @@ def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid
         seen = got.app_settings
     else:
         raise Conflict("the session's account changed during the submission; retry")
+    if got.outcome in ("deactivated", "disabled"):
+        Principal(user_id=user_id, account_id=None, role=None,
+                  refused="account_deactivated" if got.outcome == "deactivated" else "user_disabled").require_account()
+        raise AssertionError("a refused account passed require_account()")
     if got.outcome == "role":
         role = Role(got.role) if got.role else None
         Principal(user_id=user_id, account_id=account_id if role else None, role=role).require(Role.WRITER)
@@ -235,11 +240,12 @@ def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid
         existing = existing_build(db(), account_id, idempotency_key)
         if existing is None:  # deleted (DELETE /v1/builds/{id}) since the statement saw it
             raise Conflict("the build of this Idempotency-Key was deleted; retry", code="idempotency_conflict")
-        return Submitted(account_id, check_retry(existing, d.fingerprint), app_name, app_description, False)
+        return Submitted(account_id, check_retry(existing, d.fingerprint), app_name, app_description, False,
+                         got.app_group_id)
     assert got.outcome == "created", got.outcome
     build = stamped_build(row, got.created_at, got.updated_at, got.approval_updated_at)
     _enqueue(s, build.id)
-    return Submitted(account_id, build, app_name, app_description, True)
+    return Submitted(account_id, build, app_name, app_description, True, got.app_group_id)
 
 
 def _no_app() -> ValidationFailed:
@@ -260,12 +266,12 @@ _BUILDS: Table = Build.__table__  # type: ignore[assignment]
 _UNSHOWN = {"account_id", "created_by", "idempotency_key", "request_fingerprint", "approval_reason", "lease_owner",
             "lease_expires_at", "enqueued_at", "not_before", "claimed_at"}
 _VIEW = select(*(c for c in _BUILDS.c if c.key not in _UNSHOWN), App.name.label("app_name"),
-               App.description.label("app_description")).join(App, App.id == _BUILDS.c.app_id)
+               App.description.label("app_description"), App.group_id.label("app_group_id")).join(App, App.id == _BUILDS.c.app_id)
 GET_STATEMENT = _VIEW.where(_BUILDS.c.id == bindparam("build_id"), _BUILDS.c.account_id == bindparam("account_id"))
 
 
 def get(session: Session, account_id: uuid.UUID, build_id: uuid.UUID) -> Row[Any]:
-    """The build's row with `app_name` and `app_description`."""
+    """The build's row with `app_name`, `app_description` and `app_group_id`."""
     row = session.connection().execute(GET_STATEMENT, {"build_id": build_id, "account_id": account_id}).one_or_none()
     if row is None:
         raise NotFound("no such build")

@@ -61,9 +61,17 @@ def role_in(session: Session, user_id: uuid.UUID, account_id: uuid.UUID) -> Role
 
 
 def first_account(session: Session, user_id: uuid.UUID) -> uuid.UUID | None:
+    """The first account the user may act in: enabled, and the user not disabled there."""
     return session.execute(
-        select(Membership.account_id).where(Membership.user_id == user_id)
+        select(Membership.account_id).join(Account, Account.id == Membership.account_id)
+        .where(Membership.user_id == user_id, Membership.disabled.is_(False), Account.enabled.is_(True))
         .order_by(Membership.created_at, Membership.account_id).limit(1)).scalar_one_or_none()
+
+
+def disabled_everywhere(session: Session, user_id: uuid.UUID) -> bool:
+    """The user is a member somewhere and DISABLED in every account they are a member of."""
+    flags = session.execute(select(Membership.disabled).where(Membership.user_id == user_id)).scalars().all()
+    return bool(flags) and all(flags)
 
 
 def ensure_admin(session: Session, email: str, password: str, account_name: str = "default") -> uuid.UUID:

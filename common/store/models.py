@@ -49,6 +49,8 @@ class Account(Base):
     default_group_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     marketplace_group_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     azure_cvm_pcr_priority: Mapped[list[int] | None] = mapped_column(JSONB)
+    # Migration 0011: CCM's account_status (Active / Deactivated); a deactivated account keeps its data.
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("true"))
 
 
 class User(Base):
@@ -71,6 +73,8 @@ class Membership(Base):
         UUID(as_uuid=True), ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True)
     role: Mapped[str] = mapped_column(String(16), nullable=False)
     created_at: Mapped[datetime] = _created()
+    # Migration 0011: CCM's user_account_status DISABLED, for this account only.
+    disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
 
 
 class Session(Base):

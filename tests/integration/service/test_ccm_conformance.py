@@ -123,8 +123,12 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
         "mod_auth_configs": {config_id: password_config}, "del_auth_configs": [], "enabled": True,
         "account_status": "Active", "default_group_id": str(uuid.uuid4()), "marketplace_group_id": str(uuid.uuid4()),
         "azure_cvm_pcr_priority": list(range(23))})
-    ccm.call("PATCH", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]},
-             body={"account_status": "Deactivated"}, refused=(422, "account_deactivation_unsupported"))
+    assert ccm.call("PATCH", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]},
+                    body={"account_status": "Deactivated"})["account_status"] == "Deactivated"
+    ccm.call("POST", "/v1/sys/session/select_account/{account-id}", params={"account-id": acct["acct_id"]},
+             refused=(403, "account_deactivated"))
+    assert ccm.call("PATCH", "/v1/accounts/{account-id}", params={"account-id": acct["acct_id"]},
+                    body={"enabled": True})["account_status"] == "Active"
     moved = ccm.call("POST", "/v1/sys/session/select_account/{account-id}", params={"account-id": acct["acct_id"]})
     assert moved["session_info"]["selected_account_id"] == acct["acct_id"]
     ccm.call("POST", "/v1/sys/session/refresh")
@@ -145,8 +149,12 @@ def test_every_ccm_operation_answers_as_documented(flow, registry):  # noqa: ANN
     assert (changed["roles"], changed["first_name"]) == (["WRITER"], "Renamed")
     assert ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": me["user_id"]},
                     body={"user_email": tenant.emails["MANAGER"]})["user_email"] == tenant.emails["MANAGER"]
+    assert ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": created["user_id"]},
+                    body={"user_account_status": "DISABLED"})["user_account_status"] == "DISABLED"
+    assert ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": created["user_id"]},
+                    body={"user_account_status": "ACTIVE"})["user_account_status"] == "ACTIVE"
     ccm.call("PATCH", "/v1/users/{user-id}", params={"user-id": created["user_id"]},
-             body={"user_account_status": "DISABLED"}, refused=(422, "user_account_status_unsupported"))
+             body={"user_account_status": "PENDING"}, refused=(422, "user_account_status_unsupported"))
     accounts = ccm.call("GET", "/v1/users/{user-id}/accounts", params={"user-id": me["user_id"]})
     assert accounts[acct["acct_id"]]["roles"] == ["MANAGER"]
     ccm.call("DELETE", "/v1/users/{user-id}/accounts", params={"user-id": invited["user_id"]})

@@ -73,8 +73,7 @@ def test_account_auth_configs_status_and_groups(client, tenant):
     assert ok(client.get(f"{path}?with_totals=true", headers=h), AccountSchema)["totals"] == {
         "datasets": 0, "final_workflows": 0, "nodes": 0}
     for bad, status, code in (
-            ({"enabled": False}, 422, "account_deactivation_unsupported"),
-            ({"account_status": "Deactivated"}, 422, "account_deactivation_unsupported"),
+            ({"enabled": False, "account_status": "Active"}, 422, "account_status_conflict"),
             ({"add_auth_configs": [{"password": {"require_2fa": True, "administrators_only": False}}]}, 422,
              "auth_method_unsupported"),
             ({"add_auth_configs": [{"oauth": {"idp_name": "x"}}]}, 422, "auth_method_unsupported"),
@@ -131,8 +130,8 @@ def test_user_names_email_status_and_roles(client, tenant, make_tenant):
                      headers=tenant.headers()), 403, "not_own_user")
     err(client.patch(path, json={"user_email": tenant.emails["WRITER"]}, headers=tenant.headers("READER")),
         409, "email_taken")
-    err(client.patch(path, json={"user_account_status": "DISABLED"}, headers=tenant.headers()), 422,
-        "user_account_status_unsupported")
+    err(client.patch(path, json={"user_account_status": "DISABLED"}, headers=tenant.headers("WRITER")), 403,
+        "forbidden")
     # A MANAGER changes names and roles at once; nothing is written when one part is refused.
     err(client.patch(path, json={"last_name": "B", "user_account_status": "PENDING"}, headers=tenant.headers()),
         422, "user_account_status_unsupported")
