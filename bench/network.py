@@ -14,8 +14,9 @@ network"), so nothing it listens on or dials is seen by the rest of the machine.
   clients): one at a time (latency p50/p99, requests/s), then `--concurrency` at once (requests/s).
 - **Egress**: the enclave's busybox `wget` downloads `--egress-mib` from a busybox `httpd` on that address,
   through egressd's HTTP proxy (`http_proxy`, proxy mode) and through the transparent redirect (transparent mode),
-  each an EIF of its own (the mode is part of the measured policy); against the same `wget` on this host. The
-  enclave times its downloads with /proc/uptime (10 ms), the host with its monotonic clock.
+  each an EIF of its own (the mode is part of the measured policy); against the same `wget` on this host, and the
+  same download from an `httpd` on the enclave's own loopback (both ends emulated, no vsock: what TCG alone
+  allows). The enclave times its downloads with /proc/uptime (10 ms), the host with its monotonic clock.
 
 Figures are printed, not judged. Prints a skip line and exits 0 without the emulator or without root (network
 namespaces); exits 1 when a figure could not be measured.
@@ -64,25 +65,43 @@ BULK_ADDR = "10.254.17.2"
 BULK_PORT = 18080
 INDEX = b"hello from the enclave\n"
 BOOT_SECONDS = 300.0
+LOOPBACK_PATH = "enclave loopback (no vsock)"
+VCPUS = 2  # run-local's default, and the fewest a Nitro enclave on an x86 instance gets
 CLONE_NEWNET = 0x40000000
 
-INGRESS_APP = ("mkdir -p /www && printf 'hello from the enclave\\n' > /www/index.html && echo P serving "
-               f"&& exec httpd -f -p {APP_PORT} -h /www")
-# One line per download: round, wget's status, /proc/uptime before and after.
+# Before serving, IN_ENCLAVE_GETS busybox wgets one at a time from an httpd on the enclave's own loopback: the
+# requests' cost on the emulated CPU with no vsock in the way (a process start each included). One line: the
+# failures, /proc/uptime before and after. One line of shell: argv items cannot hold newlines.
+INGRESS_APP = ("mkdir -p /www && printf 'hello from the enclave\\n' > /www/index.html "
+               "&& httpd -p 127.0.0.1:8081 -h /www && sleep 1; f=0; i=0; t0=$(cut -d' ' -f1 /proc/uptime); "
+               "while [ $i -lt %(gets)d ]; do wget -q -Y off -O /dev/null http://127.0.0.1:8081/ || f=$((f + 1)); "
+               "i=$((i + 1)); done; t1=$(cut -d' ' -f1 /proc/uptime); echo \"P inside 1 rc=$f $t0 $t1\"; "
+               f"echo P serving && exec httpd -f -p {APP_PORT} -h /www")
+IN_ENCLAVE_GETS = 50
+# One line per download: what, round, wget's status, /proc/uptime before and after. The same download from an
+# httpd inside the enclave first ("loopback"): both ends on the emulated CPU, no vsock, what TCG alone costs.
+# busybox wget ignores no_proxy: -Y off keeps that one off the proxy.
 EGRESS_APP = """n=$1
-i=1
-while [ $i -le $n ]; do
-  t0=$(cut -d' ' -f1 /proc/uptime)
-  wget -q -O /dev/null http://%(addr)s:%(port)d/bulk
-  rc=$?
-  t1=$(cut -d' ' -f1 /proc/uptime)
-  echo "P egress $i rc=$rc $t0 $t1"
-  i=$((i + 1))
-done
+fetch() {
+  i=1
+  while [ $i -le $n ]; do
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    wget -q -O /dev/null $3 "$2"
+    rc=$?
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    echo "P $1 $i rc=$rc $t0 $t1"
+    i=$((i + 1))
+  done
+}
+mkdir -p /tmp/www && head -c %(bytes)d /dev/zero > /tmp/www/bulk
+httpd -p 127.0.0.1:%(port)d -h /tmp/www && sleep 1
+fetch loopback http://127.0.0.1:%(port)d/bulk "-Y off"
+rm -f /tmp/www/bulk
+fetch egress http://%(addr)s:%(port)d/bulk
 """
 
 _PUBLISHED = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+) -> enclave port (\d+)")
-_EGRESS_LINE = re.compile(r"P egress (\d+) rc=(\d+) ([0-9.]+) ([0-9.]+)")
+_ROUND_LINE = re.compile(r"P ([a-z]+) (\d+) rc=(\d+) ([0-9.]+) ([0-9.]+)")
 
 
 # ---- pure: figures and the report ---------------------------------------------------------------------------
@@ -121,6 +140,7 @@ class IngressFigures:
     concurrent: Requests = field(default_factory=Requests)
     concurrency: int = 1
     error: str = ""
+    inside_seconds: float | None = None  # IN_ENCLAVE_GETS wgets inside the enclave, all of them
 
 
 @dataclass
@@ -147,15 +167,15 @@ def published_port(line: str, port: int) -> int | None:
     return int(found.group(2))
 
 
-def egress_rounds(lines: Sequence[str]) -> tuple[list[float], list[str]]:
-    """The enclave's download times (seconds) and a description of each failed round, from its `P egress` lines."""
+def egress_rounds(lines: Sequence[str], kind: str) -> tuple[list[float], list[str]]:
+    """The enclave's download times (seconds) and a description of each failed round, from its `P KIND` lines."""
     seconds: list[float] = []
     failures: list[str] = []
     for line in lines:
-        found = _EGRESS_LINE.search(line)
-        if found is None:
+        found = _ROUND_LINE.search(line)
+        if found is None or found.group(1) != kind:
             continue
-        n, rc, t0, t1 = int(found.group(1)), int(found.group(2)), float(found.group(3)), float(found.group(4))
+        n, rc, t0, t1 = int(found.group(2)), int(found.group(3)), float(found.group(4)), float(found.group(5))
         if rc != 0:
             failures.append(f"round {n}: wget exited {rc}")
         else:
@@ -184,14 +204,22 @@ def report(ingress: Sequence[IngressFigures], egress: Sequence[EgressFigures]) -
                          f"{_ratio(direct.serial.per_second, f.serial.per_second)} fewer one at a time, "
                          f"{_ratio(direct.concurrent.per_second, f.concurrent.per_second)} fewer at "
                          f"{f.concurrency} at once")
+        if f.inside_seconds is not None:
+            each = f.inside_seconds / IN_ENCLAVE_GETS * 1000
+            lines.append(f"  inside the enclave: {IN_ENCLAVE_GETS} busybox wget -> httpd on its loopback one at a time, "
+                         f"{each:.1f} ms each (mean, a process start each included; no vsock)")
     lines.append(f"  {'egress (bulk download)':34} {'size':>9} {'median':>9} {'MB/s':>9} {'rounds':>9}")
     base = next((f for f in egress if f.path.startswith("direct") and not f.error), None)
+    inside = next((f for f in egress if f.path == LOOPBACK_PATH and not f.error), None)
     for f in egress:
         if f.error:
             lines.append(f"  {f.path:34} FAILED: {f.error}")
             continue
         median = statistics.median(f.seconds)
-        extra = f"   ({_ratio(base.mb_per_second, f.mb_per_second)} slower)" if base and f is not base else ""
+        notes = [f"{_ratio(base.mb_per_second, f.mb_per_second)} slower"] if base and f is not base else []
+        if inside is not None and f not in (base, inside):
+            notes.append(f"{f.mb_per_second / inside.mb_per_second:.2f}x the enclave's loopback")
+        extra = f"   ({'; '.join(notes)})" if notes else ""
         lines.append(f"  {f.path:34} {f.mib:6.0f}MiB {median:8.2f}s {f.mb_per_second:9.1f} "
                      f"{len(f.seconds):9d}{extra}")
     lines.append("  ingress: one new connection per GET; p50/p99 and req/s 1 one at a time, req/s C concurrently; "
@@ -256,8 +284,7 @@ def _env() -> dict[str, str]:
 
 def convert(ref: str, registry: str, network: dict[str, object], eif: Path) -> None:
     argv = [_nitroconv(), "convert-local", "--input", ref, "--output", f"{ref}-enclave", "--insecure-registry",
-            registry, "--scratch", str(eif.parent), "--network", json.dumps(network), "--cpu-count", "1",
-            "--eif-out", str(eif)]
+            registry, "--scratch", str(eif.parent), "--network", json.dumps(network), "--eif-out", str(eif)]
     done = subprocess.run(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"convert-local exited {done.returncode}: {done.stderr.strip()[-1500:]}")
@@ -389,7 +416,8 @@ class RunLocal:
     """`nitroconv run-local EIF [--publish …]`, its output (stdout and stderr) read as it comes."""
 
     def __init__(self, eif: Path, publish: list[str]) -> None:
-        argv = [_nitroconv(), "run-local", str(eif), *(x for p in publish for x in ("--publish", p))]
+        argv = [_nitroconv(), "run-local", str(eif), "--cpu-count", str(VCPUS),
+                *(x for p in publish for x in ("--publish", p))]
         self.proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []
@@ -445,22 +473,29 @@ def enclave_ingress(eif: Path, count: int, clients: int) -> IngressFigures:
                     return IngressFigures("enclave (--publish, vsock)", error=f"no answer: {exc}: {run.tail()}")
                 time.sleep(0.2)
         _log(f"enclave httpd answers on 127.0.0.1:{run.port}")
-        return measure_ingress("enclave (--publish, vsock)", run.port, count, clients)
+        figures = measure_ingress("enclave (--publish, vsock)", run.port, count, clients)
+        inside, failures = egress_rounds(run.lines, "inside")
+        figures.inside_seconds = inside[0] if inside and not failures else None
+        return figures
     finally:
         run.stop()
 
 
-def enclave_egress(path: str, eif: Path, mib: float) -> EgressFigures:
-    figures = EgressFigures(path, mib=mib)
+def enclave_egress(path: str, eif: Path, mib: float) -> tuple[EgressFigures, EgressFigures]:
+    """(the downloads inside the enclave, those through its egress) of one boot of the downloader."""
     run = RunLocal(eif, [])
     try:
         code = run.wait(BOOT_SECONDS + 600)
     finally:
         run.stop()  # on Ctrl-C or SIGTERM: the enclave is in a session of its own, the signal did not reach it
-    figures.seconds, failures = egress_rounds(run.lines)
-    if failures or not figures.seconds:
-        figures.error = "; ".join(failures) or f"no download finished (run-local exited {code}): {run.tail()}"
-    return figures
+    found = []
+    for kind, label in (("loopback", LOOPBACK_PATH), ("egress", path)):
+        figures = EgressFigures(label, mib=mib)
+        figures.seconds, failures = egress_rounds(run.lines, kind)
+        if failures or not figures.seconds:
+            figures.error = "; ".join(failures) or f"no download finished (run-local exited {code}): {run.tail()}"
+        found.append(figures)
+    return found[0], found[1]
 
 
 # ---- main -----------------------------------------------------------------------------------------------
@@ -471,10 +506,11 @@ class Eifs:
     egress: dict[str, Path]
 
 
-def build_eifs(registry: str, work: Path, rounds: int, modes: list[str]) -> Eifs:
+def build_eifs(registry: str, work: Path, rounds: int, mib: int, modes: list[str]) -> Eifs:
     tag = secrets.token_hex(4)
-    web = push_image(registry, "bench/network-web", tag, ["/bin/sh", "-c", INGRESS_APP], {})
-    script = (EGRESS_APP % {"addr": BULK_ADDR, "port": BULK_PORT}).encode()
+    web = push_image(registry, "bench/network-web", tag,
+                     ["/bin/sh", "-c", INGRESS_APP % {"gets": IN_ENCLAVE_GETS}], {})
+    script = (EGRESS_APP % {"addr": BULK_ADDR, "port": BULK_PORT, "bytes": mib << 20}).encode()
     dl = push_image(registry, "bench/network-egress", tag, ["/bin/sh", "/app.sh", str(rounds)], {"app.sh": script})
     eifs = Eifs(work / "web.eif", {})
     convert(web, registry, {"ingress": [{"port": APP_PORT}], "egress": {"mode": "none"}}, eifs.ingress)
@@ -517,7 +553,7 @@ def main() -> int:
     try:
         _log("converting the ingress and egress images")
         with loopback_registry(state / "registry", args.registry, _log) as registry:
-            eifs = build_eifs(registry, work, args.egress_rounds, modes)
+            eifs = build_eifs(registry, work, args.egress_rounds, args.egress_mib, modes)
         www = work / "www"
         www.mkdir()
         (www / "index.html").write_bytes(INDEX)
@@ -538,10 +574,16 @@ def main() -> int:
                 url = f"http://{BULK_ADDR}:{BULK_PORT}/bulk"
                 egress.append(EgressFigures("direct (host wget)", mib=args.egress_mib,
                                             seconds=[wget_seconds(url) for _ in range(args.egress_rounds)]))
+                inside = EgressFigures(LOOPBACK_PATH, mib=args.egress_mib)
+                egress.append(inside)
                 for mode in modes:
                     _log(f"egress: {mode}, booting the enclave")
                     path = "enclave proxy (http_proxy)" if mode == "proxy" else "enclave transparent (REDIRECT)"
-                    egress.append(enclave_egress(path, eifs.egress[mode], args.egress_mib))
+                    loopback, through = enclave_egress(path, eifs.egress[mode], args.egress_mib)
+                    egress.append(through)
+                    # Each boot downloads inside the enclave too; one row holds them all.
+                    inside.seconds += loopback.seconds
+                    inside.error = inside.error or loopback.error
     except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
         print(f"network: could not run: {exc}", file=sys.stderr)
         if ingress or egress:
@@ -549,7 +591,7 @@ def main() -> int:
         return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"network, in the emulator (QEMU nitro-enclave machine, TCG, 1 vCPU); {args.requests} GETs, "
+    print(f"network, in the emulator (QEMU nitro-enclave machine, TCG, {VCPUS} vCPUs); {args.requests} GETs, "
           f"{args.egress_rounds} x {args.egress_mib} MiB; load average {load[0]:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs:")
     print(report(ingress, egress), flush=True)
