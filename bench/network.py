@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,19 +210,19 @@ def report(ingress: Sequence[IngressFigures], egress: Sequence[EgressFigures]) -
             lines.append(f"  inside the enclave: {IN_ENCLAVE_GETS} busybox wget -> httpd on its loopback one at a time, "
                          f"{each:.1f} ms each (mean, a process start each included; no vsock)")
     lines.append(f"  {'egress (bulk download)':34} {'size':>9} {'median':>9} {'MB/s':>9} {'rounds':>9}")
-    base = next((f for f in egress if f.path.startswith("direct") and not f.error), None)
-    inside = next((f for f in egress if f.path == LOOPBACK_PATH and not f.error), None)
-    for f in egress:
-        if f.error:
-            lines.append(f"  {f.path:34} FAILED: {f.error}")
+    base = next((e for e in egress if e.path.startswith("direct") and not e.error), None)
+    inside = next((e for e in egress if e.path == LOOPBACK_PATH and not e.error), None)
+    for e in egress:
+        if e.error:
+            lines.append(f"  {e.path:34} FAILED: {e.error}")
             continue
-        median = statistics.median(f.seconds)
-        notes = [f"{_ratio(base.mb_per_second, f.mb_per_second)} slower"] if base and f is not base else []
-        if inside is not None and f not in (base, inside):
-            notes.append(f"{f.mb_per_second / inside.mb_per_second:.2f}x the enclave's loopback")
+        median = statistics.median(e.seconds)
+        notes = [f"{_ratio(base.mb_per_second, e.mb_per_second)} slower"] if base and e is not base else []
+        if inside is not None and e not in (base, inside):
+            notes.append(f"{e.mb_per_second / inside.mb_per_second:.2f}x the enclave's loopback")
         extra = f"   ({'; '.join(notes)})" if notes else ""
-        lines.append(f"  {f.path:34} {f.mib:6.0f}MiB {median:8.2f}s {f.mb_per_second:9.1f} "
-                     f"{len(f.seconds):9d}{extra}")
+        lines.append(f"  {e.path:34} {e.mib:6.0f}MiB {median:8.2f}s {e.mb_per_second:9.1f} "
+                     f"{len(e.seconds):9d}{extra}")
     lines.append("  ingress: one new connection per GET; p50/p99 and req/s 1 one at a time, req/s C concurrently; "
                  "egress: MB/s = 10^6 bytes/s of the median round")
     return "\n".join(lines)
@@ -248,8 +249,9 @@ def push_image(registry: str, repository: str, tag: str, entrypoint: list[str], 
         "config": {"Entrypoint": entrypoint, "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in layers]},
     }, sort_keys=True).encode()
+    media_type = "application/vnd.oci.image.manifest.v1+json"
     manifest = {
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "schemaVersion": 2, "mediaType": media_type,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": str(Digest.of(config)),
                    "size": len(config)},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": str(Digest.of(b)),
@@ -258,8 +260,8 @@ def push_image(registry: str, repository: str, tag: str, entrypoint: list[str], 
     ref = parse_reference(f"{registry}/{repository}:{tag}")
     with RegistryClient.for_reference(ref, insecure=True) as client:
         for blob in (*blobs, config):
-            client.upload_blob(ref.repository, Digest.of(blob), len(blob), lambda b=blob: io.BytesIO(b))
-        client.put_manifest(ref.repository, tag, manifest["mediaType"], json.dumps(manifest).encode())
+            client.upload_blob(ref.repository, Digest.of(blob), len(blob), partial(io.BytesIO, blob))
+        client.put_manifest(ref.repository, tag, media_type, json.dumps(manifest).encode())
     return f"{registry}/{repository}:{tag}"
 
 
