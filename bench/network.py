@@ -4,14 +4,15 @@
                                       [--skip-transparent] [--registry HOST:PORT] [--json FILE]
 
 Two busybox images (deploy/sample_image.py's base layer plus a script) are converted with `convert-local --network`
-and booted with `nitroconv run-local` in QEMU's nitro-enclave machine; everything after the conversions runs in a
+(the downloader once per egress mode) and booted with `nitroconv run-local` in QEMU's nitro-enclave machine; everything after the conversions runs in a
 network namespace of the bench's own (loopback, and one non-loopback address standing for "a host on the
 network"), so nothing it listens on or dials is seen by the rest of the machine.
 
 - **Ingress**: busybox `httpd` in the enclave, published with `run-local --publish 127.0.0.1:0:8080` (the launcher's
   TCP listener, vsock to netd, the app on the enclave's loopback), against the same busybox `httpd` on this host's
   loopback. N small GETs (HTTP/1.0, a new connection each, as a load balancer's health checks and most short
-  clients): one at a time (latency p50/p99, requests/s), then `--concurrency` at once (requests/s).
+  clients): one at a time (latency p50/p99, requests/s), then `--concurrency` at once (requests/s). Before it
+  serves, the enclave also times 50 busybox wgets from an httpd on its own loopback (no vsock).
 - **Egress**: the enclave's busybox `wget` downloads `--egress-mib` from a busybox `httpd` on that address,
   through egressd's HTTP proxy (`http_proxy`, proxy mode) and through the transparent redirect (transparent mode),
   each an EIF of its own (the mode is part of the measured policy); against the same `wget` on this host, and the
