@@ -102,6 +102,14 @@ def test_by_default_a_session_refuses_a_qemu_without_seccomp_before_starting_any
     assert not marker.exists() and not (tmp_path / "ran").exists()
 
 
+def test_a_qemu_that_cannot_be_probed_is_still_asked_for_the_sandbox(tmp_path: Path) -> None:
+    # Not refused (starting it fails and says why), but never started without `-sandbox` either.
+    absent = tmp_path / "absent"
+    assert EmulatorSession.refusal(str(absent)) is None
+    argv = EmulatorSession(qemu=str(absent), eif=tmp_path / "app.eif", memory_mib=512, workdir=tmp_path).argv()
+    assert argv[argv.index("-sandbox") + 1] == SANDBOX
+
+
 def test_run_locals_policy_runs_it_unsandboxed_and_says_why(tmp_path: Path) -> None:
     _, without = _standins(tmp_path)
     session = EmulatorSession(qemu=str(without), eif=tmp_path / "app.eif", memory_mib=512, workdir=tmp_path,

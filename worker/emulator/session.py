@@ -314,8 +314,9 @@ class EmulatorSession:
     @staticmethod
     def refusal(qemu: str, sandbox: str = SANDBOX_REQUIRED) -> str | None:
         """Why a session with this `sandbox` policy will not run `qemu` (None when it will): the one rule on
-        running without seccomp, which callers that would rather choose another QEMU ask first."""
-        if sandbox == SANDBOX_REQUIRED and not has_sandbox(str(qemu)):
+        running without seccomp, which callers that would rather choose another QEMU ask first. A QEMU that
+        cannot be run at all is not refused here: starting it fails, and says so."""
+        if sandbox == SANDBOX_REQUIRED and os.access(qemu, os.X_OK) and not has_sandbox(str(qemu)):
             return f"{qemu} refuses -sandbox (built without seccomp); it is not run unsandboxed"
         return None
 
@@ -325,7 +326,8 @@ class EmulatorSession:
         refused = self.refusal(self.qemu, self.sandbox)
         if refused is not None:
             raise EmulatorNoSandbox(refused, details={"qemu": self.qemu})
-        sandboxed = has_sandbox(self.qemu)
+        # Required, it is asked for whatever the probe said: a QEMU without seccomp then refuses to start.
+        sandboxed = self.sandbox == SANDBOX_REQUIRED or has_sandbox(self.qemu)
         self.unsandboxed = None if sandboxed else f"{self.qemu} has no seccomp sandbox (-sandbox refused)"
         return qemu_argv(qemu=self.qemu, eif=self.eif.resolve(), vhost_socket=self.vhost_socket,
                          memory_mib=self.memory_mib, cpu_count=self.cpu_count, name=self.name, sandbox=sandboxed)
