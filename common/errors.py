@@ -217,6 +217,13 @@ class BootCheckUnavailable(PermanentError):
     code = "boot_check_unavailable"
 
 
+class BootCheckNoSandbox(BootCheckUnavailable):
+    """The emulator's QEMU refuses `-sandbox` (built without seccomp); the images it boots are untrusted, so it is
+    not run at all (`auto` boots plain QEMU instead, which has the sandbox)."""
+
+    code = "boot_check_no_sandbox"
+
+
 class BootCheckFailed(PermanentError):
     """The converted image did not reach its entrypoint under QEMU; `details.boot_check` says how far it got."""
 
@@ -446,3 +453,9 @@ class EmulatorUnavailable(PermanentError):
     """`run-local` cannot run the enclave emulator here (QEMU with the nitro-enclave machine, the vsock back-end)."""
 
     code = "emulator_unavailable"
+
+
+class EmulatorNoSandbox(EmulatorUnavailable):
+    """The emulator's QEMU refuses `-sandbox` (no seccomp built in) and the session requires it."""
+
+    code = "emulator_no_sandbox"

@@ -14,13 +14,14 @@ jobs=${JOBS:-$(nproc)}
 "$here/backports.sh"
 # Build dependencies of the x86_64 nitro build only (meson >= 1.5 is in backports).
 "$here/apt-install.sh" meson/bookworm-backports python3-pycotap/bookworm-backports ninja-build pkgconf python3-venv flex bison \
-  libglib2.0-dev zlib1g-dev libfdt-dev libcbor-dev libgnutls28-dev dpkg-dev qemu-system-data
+  libglib2.0-dev zlib1g-dev libfdt-dev libcbor-dev libgnutls28-dev libseccomp-dev dpkg-dev qemu-system-data
 
 # The version apt's signed Sources index names; the tarball is checked against its sha256.
 version=$(apt-cache showsrc qemu | awk '/^Version:/ {print $2}' | grep 'bpo12' | sort -V | tail -n 1)
 [[ -n "$version" ]] || { echo "emulator: no qemu source in bookworm-backports (apt-get update?)" >&2; exit 1; }
 # Bump when a build step below changes what is built; the device set is hashed as well.
-recipe_rev=1
+# 2: seccomp built in (the boot check runs untrusted images and refuses an emulator without `-sandbox`).
+recipe_rev=2
 recipe=$( (echo "rev $recipe_rev"; cat "$here/nitro.mak") | sha256sum | cut -c1-12)
 key="qemu-${version//[:~+]/_}-$recipe"
 # A cache that is not ours to write (another user's /var/cache) is still used when the build is there.
@@ -61,7 +62,7 @@ if [[ ! -x "$binary" ]]; then
       --firmwarepath="$prefix.tmp/share/qemu:/usr/share/qemu:/usr/share/seabios" \
       --target-list=x86_64-softmmu --without-default-features --without-default-devices \
       --with-devices-x86_64=nitro --enable-tcg --enable-kvm --enable-fdt=system \
-      --enable-libcbor --enable-gnutls --enable-vhost-user --enable-vhost-kernel \
+      --enable-libcbor --enable-gnutls --enable-seccomp --enable-vhost-user --enable-vhost-kernel \
       --disable-docs --disable-tools --disable-guest-agent --disable-werror \
       --disable-download --disable-install-blobs >configure.log 2>&1) \
     || { tail -n 30 "$src/build/configure.log" >&2; exit 1; }
@@ -74,6 +75,9 @@ if [[ ! -x "$binary" ]]; then
   strip --strip-unneeded "$prefix.tmp/bin/qemu-system-x86_64"
   "$prefix.tmp/bin/qemu-system-x86_64" -machine help | grep -q '^nitro-enclave' \
     || { echo "emulator: the build has no nitro-enclave machine" >&2; exit 1; }
+  # The boot check will not run it without its seccomp sandbox (worker/emulator/session.py).
+  "$prefix.tmp/bin/qemu-system-x86_64" -sandbox on -version >/dev/null \
+    || { echo "emulator: the build refuses -sandbox (no seccomp)" >&2; exit 1; }
   # Appears whole or not at all: a failed or interrupted build leaves no half prefix behind.
   mv -T "$prefix.tmp" "$prefix"
 fi

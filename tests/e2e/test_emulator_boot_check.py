@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from tests.fixtures.emulator import emulator_plan
 from tests.fixtures.images import LayerBlob, image_config, make_layer, push_test_image
 from tests.fixtures.registries import RunningRegistry
 from tests.integration.test_convert_signing import _pem_pair
+from worker.emulator.session import SANDBOX, EmulatorSession, has_sandbox
+from worker.pipeline import emulatorboot
 from worker.pipeline.emulatorboot import BootCheckPlan, boot_eif_emulated, run_boot_check
 
 pytestmark = [pytest.mark.e2e, pytest.mark.qemu]
@@ -81,6 +84,44 @@ def test_emulator_boot_check_reports_the_builds_pcrs_heartbeat_and_program(sampl
     assert result.heartbeat is True
     assert result.program_output[:1] == (GREETING,) and result.exit_status == 0
     result.raise_if_failed()
+
+
+def _seccomp_mode(pid: int, wait: float = 30.0) -> str:
+    """The process's `Seccomp:` mode (2: a filter) once QEMU has installed its sandbox, or the last one seen."""
+    mode = "?"
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            break
+        mode = next((line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:")), "?")
+        if mode == "2":
+            break
+        time.sleep(0.05)
+    return mode
+
+
+def test_the_boot_check_runs_the_emulator_under_qemus_seccomp_sandbox(
+        sample: Converted, plan: BootCheckPlan, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The build `make emulator` made has seccomp (the boot check would refuse it otherwise).
+    assert has_sandbox(str(plan.emulator_qemu))
+    seen: list[tuple[list[str], str]] = []
+
+    class Watched(EmulatorSession):
+        """The boot check's own session, the QEMU it started looked at from outside."""
+
+        def start(self) -> subprocess.Popen[bytes]:
+            proc = super().start()
+            seen.append((list(proc.args), _seccomp_mode(proc.pid)))  # type: ignore[arg-type]
+            return proc
+
+    monkeypatch.setattr(emulatorboot, "EmulatorSession", Watched)
+    result = run_boot_check(sample.eif, plan=plan, expected=sample.measurements)
+    assert result.ok and result.mode == "emulator", (result.reason, result.console_tail)
+    [(argv, mode)] = seen
+    assert argv[argv.index("-sandbox") + 1] == SANDBOX
+    assert mode == "2", "QEMU runs under a seccomp filter"
 
 
 def test_a_wrong_expected_pcr_fails_with_the_pcr_mismatch_code(sample: Converted, plan: BootCheckPlan) -> None:

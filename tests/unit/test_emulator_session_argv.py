@@ -1,9 +1,22 @@
-"""QEMU's argv for an emulated enclave (worker/emulator/session.py), the one both run-local and the boot check use."""
+"""QEMU's argv for an emulated enclave (worker/emulator/session.py), the one both run-local and the boot check use,
+and the session's rule on QEMU's seccomp sandbox: required for the boot check, preferred for run-local."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from worker.emulator.session import EmulatorSession, qemu_argv
+import pytest
+
+from common.errors import BootCheckNoSandbox, BootCheckUnavailable, EmulatorNoSandbox, EmulatorUnavailable
+from worker.emulator.session import (
+    SANDBOX,
+    SANDBOX_POLICIES,
+    SANDBOX_PREFERRED,
+    SANDBOX_REQUIRED,
+    EmulatorSession,
+    has_sandbox,
+    qemu_argv,
+)
+from worker.pipeline.emulatorboot import BootCheckPlan, boot_eif_emulated, choose_mode, emulator_missing
 
 
 def test_the_argv_loads_the_eif_in_the_nitro_enclave_machine() -> None:
@@ -30,17 +43,111 @@ def test_without_a_name_or_a_sandbox() -> None:
     assert "-sandbox" not in argv
 
 
-def test_a_session_asks_for_the_sandbox_only_from_a_qemu_that_has_one(tmp_path: Path) -> None:
-    # Two stand-in QEMUs, as `-sandbox on -version` finds them: one built with seccomp, one without.
+def _standins(tmp_path: Path) -> tuple[Path, Path]:
+    """Two stand-in QEMUs, as `-sandbox on -version` finds them: one built with seccomp, one without. Anything
+    but that probe is recorded in `ran`, so a test sees whether QEMU was started for real."""
     with_seccomp, without = tmp_path / "with", tmp_path / "without"
-    with_seccomp.write_text("#!/bin/sh\necho 'QEMU emulator version 10.0.2'\n")
-    without.write_text("#!/bin/sh\necho 'qemu: -sandbox on: There is no option group sandbox' >&2\nexit 1\n")
+    ran = tmp_path / "ran"
+    with_seccomp.write_text(f"#!/bin/sh\n[ \"$*\" = '-sandbox on -version' ] || echo \"$@\" >>{ran}\n"
+                            "echo 'QEMU emulator version 10.0.2'\n")
+    without.write_text(f"#!/bin/sh\ncase \"$1\" in -sandbox) echo 'qemu: -sandbox on: There is no option group "
+                       f"sandbox' >&2; exit 1;; esac\necho \"$@\" >>{ran}\n")
     for path in (with_seccomp, without):
         path.chmod(0o755)
+    return with_seccomp, without
+
+
+def test_the_sandbox_probe_tells_the_two_builds_apart(tmp_path: Path) -> None:
+    with_seccomp, without = _standins(tmp_path)
+    assert has_sandbox(str(with_seccomp)) and not has_sandbox(str(without))
+    assert not has_sandbox(str(tmp_path / "absent"))
+    # The link `make emulator` maintains, re-pointed at another build: the answer follows it.
+    link = tmp_path / "qemu-system-x86_64"
+    link.symlink_to(without)
+    assert not has_sandbox(str(link))
+    link.unlink()
+    link.symlink_to(with_seccomp)
+    assert has_sandbox(str(link))
+
+
+def test_a_session_runs_the_sandboxed_qemu_sandboxed(tmp_path: Path) -> None:
+    with_seccomp, _ = _standins(tmp_path)
     eif = tmp_path / "app.eif"
-    sessions = [EmulatorSession(qemu=str(q), eif=eif, memory_mib=512, workdir=tmp_path) for q in (with_seccomp, without)]
-    argvs = [s.argv() for s in sessions]
-    assert "-sandbox" in argvs[0] and "-sandbox" not in argvs[1]
-    assert argvs[0][argvs[0].index("-chardev") + 1] == f"socket,id=vsock0,path={tmp_path / 'vhost.sock'}"
-    assert "-sandbox" not in EmulatorSession(qemu=str(with_seccomp), eif=eif, memory_mib=512, workdir=tmp_path,
-                                             sandbox=False).argv()
+    for policy in SANDBOX_POLICIES:
+        session = EmulatorSession(qemu=str(with_seccomp), eif=eif, memory_mib=512, workdir=tmp_path, sandbox=policy)
+        argv = session.argv()
+        assert argv[argv.index("-sandbox") + 1] == SANDBOX and session.unsandboxed is None
+        assert argv[argv.index("-chardev") + 1] == f"socket,id=vsock0,path={tmp_path / 'vhost.sock'}"
+        assert EmulatorSession.refusal(str(with_seccomp), policy) is None
+
+
+def test_by_default_a_session_refuses_a_qemu_without_seccomp_before_starting_anything(tmp_path: Path) -> None:
+    _, without = _standins(tmp_path)
+    marker = tmp_path / "backend-started"
+    # A back-end that would leave a mark: the refusal must come before it (and QEMU) start.
+    session = EmulatorSession(qemu=str(without), eif=tmp_path / "app.eif", memory_mib=512, workdir=tmp_path,
+                              backend=("/bin/sh", "-c", f"touch {marker}; sleep 30", "backend"))
+    assert session.sandbox == SANDBOX_REQUIRED
+    reason = EmulatorSession.refusal(str(without))
+    assert reason is not None and "without seccomp" in reason
+    with pytest.raises(EmulatorNoSandbox) as info:
+        session.argv()
+    assert info.value.code == "emulator_no_sandbox" and isinstance(info.value, EmulatorUnavailable)
+    try:
+        with pytest.raises(EmulatorNoSandbox, match="refuses -sandbox"):
+            session.start()
+    finally:
+        session.close()
+    assert session.backend is None and session.process is None
+    assert not marker.exists() and not (tmp_path / "ran").exists()
+
+
+def test_a_qemu_that_cannot_be_probed_is_still_asked_for_the_sandbox(tmp_path: Path) -> None:
+    # Not refused (starting it fails and says why), but never started without `-sandbox` either.
+    absent = tmp_path / "absent"
+    assert EmulatorSession.refusal(str(absent)) is None
+    argv = EmulatorSession(qemu=str(absent), eif=tmp_path / "app.eif", memory_mib=512, workdir=tmp_path).argv()
+    assert argv[argv.index("-sandbox") + 1] == SANDBOX
+
+
+def test_run_locals_policy_runs_it_unsandboxed_and_says_why(tmp_path: Path) -> None:
+    _, without = _standins(tmp_path)
+    session = EmulatorSession(qemu=str(without), eif=tmp_path / "app.eif", memory_mib=512, workdir=tmp_path,
+                              sandbox=SANDBOX_PREFERRED)
+    assert EmulatorSession.refusal(str(without), SANDBOX_PREFERRED) is None
+    assert "-sandbox" not in session.argv()
+    assert session.unsandboxed is not None and "no seccomp sandbox" in session.unsandboxed
+
+
+def test_an_unknown_policy_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sandbox policy"):
+        EmulatorSession(qemu="q", eif=tmp_path / "app.eif", memory_mib=512, workdir=tmp_path, sandbox="off")
+
+
+# --- the boot check: the session's rule decides where it boots -------------------------------------------
+def _plan(qemu: Path, mode: str) -> BootCheckPlan:
+    # A backend that is a plain argv (not `-m worker.emulator`) is taken as installed.
+    return BootCheckPlan(mode=mode, emulator_qemu=qemu, backend=("/bin/false", "backend.py"))
+
+
+def test_the_boot_check_boots_an_emulator_with_seccomp(tmp_path: Path) -> None:
+    with_seccomp, _ = _standins(tmp_path)
+    assert choose_mode(_plan(with_seccomp, "auto")) == ("emulator", None)
+    assert choose_mode(_plan(with_seccomp, "emulator")) == ("emulator", None)
+
+
+def test_without_seccomp_auto_falls_back_to_plain_and_emulator_fails_closed(tmp_path: Path) -> None:
+    _, without = _standins(tmp_path)
+    mode, why = choose_mode(_plan(without, "auto"))
+    assert mode == "plain" and why is not None and "refuses -sandbox" in why
+    assert emulator_missing(_plan(without, "emulator")) == why
+    with pytest.raises(BootCheckNoSandbox, match="boot check mode emulator: .* refuses -sandbox") as info:
+        choose_mode(_plan(without, "emulator"))
+    assert info.value.code == "boot_check_no_sandbox" and isinstance(info.value, BootCheckUnavailable)
+    # Called directly (not through the plan), the emulated boot refuses too, and never starts QEMU.
+    eif = tmp_path / "app.eif"
+    eif.write_bytes(b"stand-in")
+    with pytest.raises(BootCheckNoSandbox) as info:
+        boot_eif_emulated(eif, expected={}, qemu=str(without), backend=("/bin/false",), timeout=5)
+    assert info.value.code == "boot_check_no_sandbox"
+    assert not (tmp_path / "ran").exists()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TextIO
 
 from common.errors import EmulatorUnavailable
-from worker.emulator.session import EmulatorSession
+from worker.emulator.session import SANDBOX_PREFERRED, EmulatorSession
 
 PREFIX = "nitroconv-run-local: "
 INIT_PREFIX = "nitroconv-init: "
@@ -77,7 +77,10 @@ class Attached:
 
         session = EmulatorSession(qemu=a.qemu, eif=Path(a.eif_path), memory_mib=a.memory, cpu_count=a.cpu_count,
                                   guest_cid=a.guest_cid, name=f"nitroconv-{os.getpid()}", workdir=Path(a.workdir),
-                                  uds=Path(a.uds), quiet=not self.show_all, heartbeat_report=self.say)
+                                  uds=Path(a.uds), quiet=not self.show_all, heartbeat_report=self.say,
+                                  # The user's own image on the user's machine: a QEMU without seccomp may run
+                                  # it, said below (the boot check, booting anyone's image, never does).
+                                  sandbox=SANDBOX_PREFERRED)
         try:
             return self._attach(session, wake_r)
         finally:
@@ -90,6 +93,9 @@ class Attached:
         except EmulatorUnavailable as exc:
             self.say(f"{exc.code}: {exc}")
             return 1
+        if session.unsandboxed is not None:
+            self.say(f"warning: the enclave runs WITHOUT QEMU's seccomp sandbox: {session.unsandboxed} "
+                     "(make emulator builds one with it)")
         self.say(f"enclave {session.name} starting: CID {a.guest_cid}, {a.cpu_count} CPU(s), {a.memory} MiB, "
                  f"EIF {a.eif_path}")
         assert qemu.stdout is not None and qemu.stderr is not None

@@ -12,8 +12,10 @@ argv, the sandbox, the back-end's start-up, the heartbeat, the order things stop
     finally:
         code = session.close()        # QEMU, then the back-end; the socket dir removed when it was ours
 
-The guest may be hostile: no network, no disk, no monitor, and QEMU's seccomp sandbox whenever the QEMU
-binary has one (a build without seccomp refuses `-sandbox`; it then runs without, as it must).
+The guest may be hostile: no network, no disk, no monitor, and QEMU's seccomp sandbox. A QEMU built without
+seccomp refuses `-sandbox`; whether the session may then run it anyway is the session's `sandbox` policy:
+SANDBOX_REQUIRED (the default; the boot check, which boots images from anyone) refuses to start it,
+SANDBOX_PREFERRED (run-local: the user's own image on the user's machine) runs it and says so.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from common.errors import EmulatorUnavailable
+from common.errors import EmulatorNoSandbox, EmulatorUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,26 @@ DEFAULT_GUEST_CID = 16
 BACKEND_READY_SECONDS = 20.0
 HEARTBEAT_READ_SECONDS = 10.0
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+SANDBOX_REQUIRED = "required"
+SANDBOX_PREFERRED = "preferred"
+SANDBOX_POLICIES = (SANDBOX_REQUIRED, SANDBOX_PREFERRED)
 _KEEP_LOG = 4000
 
 
-@functools.lru_cache(maxsize=8)
 def has_sandbox(qemu: str) -> bool:
     """Whether this QEMU accepts `-sandbox on` (it needs seccomp built in; -help lists the option either way).
-    Options are parsed in order, so `-sandbox on -version` fails there or prints the version."""
+    Asked once per binary: the link `make emulator` maintains may be pointed at another build meanwhile."""
+    try:
+        real = os.path.realpath(qemu)
+        st = os.stat(real)
+    except OSError:
+        return False
+    return _probe_sandbox(real, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_sandbox(qemu: str, mtime_ns: int, size: int) -> bool:
+    # Options are parsed in order, so `-sandbox on -version` fails there or prints the version.
     try:
         done = subprocess.run([qemu, "-sandbox", "on", "-version"], capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -249,14 +264,18 @@ class EmulatorSession:
     107 bytes, whatever TMPDIR says). `backend_log` sends the back-end's output to `<workdir>/backend.log`
     (see `backend_tail()`) instead of our stderr. `env` is extra environment for the processes the session
     starts; `defer()` registers more clean-up (anything a caller starts beside the enclave) run at close.
+    `sandbox` is the policy for a QEMU without seccomp (the module's docstring); `unsandboxed` says, once
+    argv() ran, why this one runs without.
     """
 
     def __init__(self, *, qemu: str, eif: Path, memory_mib: int, cpu_count: int = 1,
                  guest_cid: int = DEFAULT_GUEST_CID, name: str | None = None, workdir: Path | None = None,
                  uds: Path | None = None, backend: Sequence[str] = (sys.executable, "-m", BACKEND_MODULE),
                  backend_log: bool = False, quiet: bool = False, answer_heartbeat: bool = True,
-                 heartbeat_report: Callable[[str], None] | None = None, sandbox: bool = True,
+                 heartbeat_report: Callable[[str], None] | None = None, sandbox: str = SANDBOX_REQUIRED,
                  env: Mapping[str, str] | None = None) -> None:
+        if sandbox not in SANDBOX_POLICIES:
+            raise ValueError(f"sandbox policy {sandbox!r} is not one of {SANDBOX_POLICIES}")
         self.qemu = qemu
         self.eif = Path(eif)
         self.memory_mib = memory_mib
@@ -269,6 +288,9 @@ class EmulatorSession:
         self.answer_heartbeat = answer_heartbeat
         self.heartbeat_report = heartbeat_report
         self.sandbox = sandbox
+        # Why QEMU runs without the sandbox (SANDBOX_PREFERRED and a QEMU without seccomp); None while it is
+        # sandboxed or not yet decided (argv()).
+        self.unsandboxed: str | None = None
         self.env: dict[str, str] = dict(env or {})
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="ncvs-", dir="/tmp")) if workdir is None else Path(workdir)
@@ -289,11 +311,26 @@ class EmulatorSession:
     def heartbeat_came(self) -> bool:
         return self.heartbeat is not None and self.heartbeat.came
 
+    @staticmethod
+    def refusal(qemu: str, sandbox: str = SANDBOX_REQUIRED) -> str | None:
+        """Why a session with this `sandbox` policy will not run `qemu` (None when it will): the one rule on
+        running without seccomp, which callers that would rather choose another QEMU ask first. A QEMU that
+        cannot be run at all is not refused here: starting it fails, and says so."""
+        if sandbox == SANDBOX_REQUIRED and os.access(qemu, os.X_OK) and not has_sandbox(str(qemu)):
+            return f"{qemu} refuses -sandbox (built without seccomp); it is not run unsandboxed"
+        return None
+
     def argv(self) -> list[str]:
-        """QEMU's argv for this session; the sandbox is asked for whenever this QEMU has one."""
+        """QEMU's argv for this session, with `-sandbox` whenever this QEMU has one. Raises EmulatorNoSandbox
+        when it has none and the policy is SANDBOX_REQUIRED."""
+        refused = self.refusal(self.qemu, self.sandbox)
+        if refused is not None:
+            raise EmulatorNoSandbox(refused, details={"qemu": self.qemu})
+        # Required, it is asked for whatever the probe said: a QEMU without seccomp then refuses to start.
+        sandboxed = self.sandbox == SANDBOX_REQUIRED or has_sandbox(self.qemu)
+        self.unsandboxed = None if sandboxed else f"{self.qemu} has no seccomp sandbox (-sandbox refused)"
         return qemu_argv(qemu=self.qemu, eif=self.eif.resolve(), vhost_socket=self.vhost_socket,
-                         memory_mib=self.memory_mib, cpu_count=self.cpu_count, name=self.name,
-                         sandbox=self.sandbox and has_sandbox(self.qemu))
+                         memory_mib=self.memory_mib, cpu_count=self.cpu_count, name=self.name, sandbox=sandboxed)
 
     def defer(self, cleanup: Callable[[], object]) -> None:
         """Runs `cleanup` at close(), after QEMU and before the back-end stop (last registered, first run)."""
@@ -302,7 +339,9 @@ class EmulatorSession:
     def start(self) -> subprocess.Popen[bytes]:
         """The heartbeat listener (or its port left closed: `answer_heartbeat=False`), the back-end, then QEMU
         with its console on a stdout pipe and its messages on a stderr pipe. Raises EmulatorUnavailable when
-        the back-end or QEMU cannot be started; close() is still the caller's to call."""
+        the back-end or QEMU cannot be started (EmulatorNoSandbox: the policy forbids this QEMU, before
+        anything starts); close() is still the caller's to call."""
+        argv = self.argv()
         self.heartbeat = HeartbeatListener(Path(f"{self.uds}_{HEARTBEAT_PORT}"), self.heartbeat_report)
         if self.answer_heartbeat:
             self.heartbeat.start()
@@ -311,7 +350,6 @@ class EmulatorSession:
         self.backend = BackendProcess.start(self.backend_argv, vhost_socket=self.vhost_socket, uds=self.uds,
                                             guest_cid=self.guest_cid, quiet=self.quiet, env=self.env,
                                             log_path=self.workdir / "backend.log" if self.backend_log else None)
-        argv = self.argv()
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, start_new_session=True, close_fds=True,

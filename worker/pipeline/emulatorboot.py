@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING
 from common.errors import (
     BootCheckFailed,
     BootCheckNoHeartbeat,
+    BootCheckNoSandbox,
     BootCheckPcrMismatch,
     BootCheckUnavailable,
+    EmulatorNoSandbox,
     EmulatorUnavailable,
 )
 from worker.emulator.session import BACKEND_MODULE, HEARTBEAT_PORT, EmulatorSession
@@ -173,25 +175,36 @@ class BootCheckPlan:
 
 
 def emulator_missing(plan: BootCheckPlan) -> str | None:
-    """Why the emulator cannot run here (None when it can)."""
+    """Why the emulator cannot run the boot check here (None when it can)."""
+    problem = _emulator_problem(plan)
+    return problem[1] if problem is not None else None
+
+
+def _emulator_problem(plan: BootCheckPlan) -> tuple[type[BootCheckUnavailable], str] | None:
     if not os.access(plan.emulator_qemu, os.X_OK):
-        return f"no emulator at {plan.emulator_qemu} (make setup builds it)"
+        return BootCheckUnavailable, f"no emulator at {plan.emulator_qemu} (make setup builds it)"
     if plan.backend[1:3] == ("-m", BACKEND_MODULE) and importlib.util.find_spec(BACKEND_MODULE) is None:
-        return f"the vsock backend ({BACKEND_MODULE}) is not installed"
+        return BootCheckUnavailable, f"the vsock backend ({BACKEND_MODULE}) is not installed"
+    # The images booted are anyone's: the session's default policy requires the seccomp sandbox.
+    refused = EmulatorSession.refusal(str(plan.emulator_qemu))
+    if refused is not None:
+        return BootCheckNoSandbox, refused
     return None
 
 
 def choose_mode(plan: BootCheckPlan) -> tuple[str, str | None]:
-    """(mode to boot in, why `auto` fell back to plain or None). `emulator` asked for and missing raises."""
+    """(mode to boot in, why `auto` fell back to plain or None). `emulator` asked for and missing (or
+    without its sandbox: `boot_check_no_sandbox`) raises."""
     if plan.mode not in MODES:
         raise BootCheckUnavailable(f"unknown boot check mode {plan.mode!r}", details={"mode": plan.mode})
     if plan.mode == MODE_PLAIN:
         return MODE_PLAIN, None
-    missing = emulator_missing(plan)
-    if missing is None:
+    problem = _emulator_problem(plan)
+    if problem is None:
         return MODE_EMULATOR, None
+    error, missing = problem
     if plan.mode == MODE_EMULATOR:
-        raise BootCheckUnavailable(f"boot check mode emulator: {missing}", details={"mode": plan.mode})
+        raise error(f"boot check mode emulator: {missing}", details={"mode": plan.mode})
     return MODE_PLAIN, missing
 
 
@@ -226,7 +239,8 @@ def boot_eif_emulated(
 
     `answer_heartbeat=False` leaves the parent's port 9000 closed (how a parent that never answers
     looks to the enclave; the tests' way to see the check fail for it).
-    Raises `BootCheckUnavailable` when the emulator or its backend cannot be started at all.
+    Raises `BootCheckUnavailable` when the emulator or its backend cannot be started at all, and
+    `BootCheckNoSandbox` (before starting anything) when the emulator's QEMU has no seccomp sandbox.
     """
     eif_path = Path(eif_path)
     session = EmulatorSession(qemu=qemu, eif=eif_path, memory_mib=memory_mib or memory_for(eif_path.stat().st_size),
@@ -236,6 +250,8 @@ def boot_eif_emulated(
     try:
         try:
             proc = session.start()
+        except EmulatorNoSandbox as exc:
+            raise BootCheckNoSandbox(exc.message, details=exc.details) from exc
         except EmulatorUnavailable as exc:
             raise BootCheckUnavailable(str(exc), details=exc.details) from exc
         try:
