@@ -119,11 +119,18 @@ class Lab:
                   f'exec "{self.egress}" --listen-uds "{sock}" "$@"')
         proc = subprocess.Popen(["ip", "netns", "exec", self.parent_ns.name, "sh", "-c", script, "egress", *args],
                                 stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-        _wait_for(lambda: sock.exists(), f"the parent's socket {sock}")
+        # Its "listening on" line comes after listen(); the socket file appears at bind(), when a connect is still
+        # refused.
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the parent service exited ({proc.returncode}): {log.read_text()}")
+            return f"listening on unix socket {sock}" in log.read_text(errors="replace")
+
+        _wait_for(ready, f"the parent's socket {sock}")
         return proc
 
 
-def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 20) -> None:
+def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

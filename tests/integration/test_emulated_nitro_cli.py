@@ -82,7 +82,7 @@ def test_run_enclave_answers_the_heartbeat_and_returns_the_programs_status(work:
     assert argv[argv.index("-machine") + 1].startswith("nitro-enclave,vsock=vsock0,id=nitroconv-")
     assert (argv[argv.index("-smp") + 1], argv[argv.index("-m") + 1]) == ("2", "640")
     assert argv[argv.index("-kernel") + 1] == str(eif)
-    assert argv[argv.index("-append") + 1] == "reboot=t"
+    assert argv[argv.index("-append") + 1] == "reboot=t printk.time=1"
     assert argv[argv.index("-sandbox") + 1].startswith("on,"), "a QEMU with seccomp runs sandboxed"
     assert "WITHOUT QEMU's seccomp sandbox" not in done.stderr
     # The back-end stopped with the enclave; the sockets are gone.

@@ -31,8 +31,8 @@ def test_the_argv_loads_the_eif_in_the_nitro_enclave_machine() -> None:
     assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-serial") + 1] == "stdio"
     assert "-nodefaults" in argv and "-no-user-config" in argv
     # The init's reset must end QEMU, not boot the enclave again: a triple fault under -no-reboot. The
-    # EIF's cmdline is otherwise its own.
-    assert "-no-reboot" in argv and argv[argv.index("-append") + 1] == "reboot=t"
+    # EIF's cmdline is otherwise its own, but for timestamps on the kernel's lines.
+    assert "-no-reboot" in argv and argv[argv.index("-append") + 1] == "reboot=t printk.time=1"
     assert argv[argv.index("-sandbox") + 1].startswith("on,") and "spawn=deny" in argv[argv.index("-sandbox") + 1]
 
 

@@ -100,7 +100,9 @@ def qemu_argv(*, qemu: str, eif: Path | str, vhost_socket: Path | str, memory_mi
         # Appended to the EIF's cmdline, not measured. The AWS cmdline's reboot=k needs a keyboard
         # controller this machine lacks, and the kernel then resets in a way -no-reboot does not catch: it
         # boots again (deploy/emulator/README.md). reboot=t makes it a triple fault, which ends QEMU.
-        "-append", "reboot=t",
+        # printk.time=1: kernel lines carry a timestamp even from a kernel built without CONFIG_PRINTK_TIME (the
+        # dev kernel), so a warning printed while the program runs is never read as the program's output.
+        "-append", "reboot=t printk.time=1",
     ]
     if sandbox:
         argv += ["-sandbox", SANDBOX]

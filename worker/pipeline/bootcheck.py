@@ -74,6 +74,11 @@ _READ_SIZE = 1 << 16
 _MIB = 1 << 20
 
 _KERNEL_LINE = re.compile(r"\[\s*\d+\.\d+\]")
+# Appended to the cmdline of the check's boot (not measured, console format only): kernel lines then carry the
+# timestamp `_KERNEL_LINE` recognises even from a kernel built without CONFIG_PRINTK_TIME (the dev kernel). Without
+# it, a warning the kernel prints while the program runs (on a loaded host the clocksource watchdog's "Long readout
+# interval", hrtimer's "interrupt took") is indistinguishable from the program's own output.
+CHECK_CMDLINE = "printk.time=1"
 _KERNEL_PANIC = "Kernel panic - not syncing:"
 _EXIT_STATUS = re.compile(r"(status|signal)=(\d+)")
 # C0 controls and DEL (tab kept): a console line goes into JSON, Postgres (no NUL in jsonb) and terminals.
@@ -318,7 +323,7 @@ def qemu_command(*, kernel: Path, initrd: Path, cmdline: str, memory_mib: int, q
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-kernel", str(kernel),
         "-initrd", str(initrd),
-        "-append", cmdline,
+        "-append", f"{cmdline} {CHECK_CMDLINE}" if cmdline else CHECK_CMDLINE,
     ]
 
 
