@@ -87,6 +87,9 @@ DOCKER_CREATED = {
     "proc": "mount point the engine creates for procfs",
     "sys": "mount point the engine creates for sysfs",
 }
+# The enclave's own name files, written by the converter from the network policy (worker/pipeline/etcfiles.py, tested
+# there); Docker's side has empty placeholders it bind-mounts over at start. Compared on neither side.
+NETWORK_ETC = {"etc/hostname", "etc/hosts", "etc/resolv.conf"}
 # What the converter adds to `rootfs/` when the image lacks it: the mount points the enclave init needs,
 # as nitro-cli's customer yaml creates them (EIF.md §5.1). Only on the converter's side.
 CONVERTER_ADDED = {
@@ -97,9 +100,11 @@ CONVERTER_ADDED = {
     "tmp": "init mounts a tmpfs here",
     "var": "nitro-cli creates it for the init",
 }
-# The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/enclave/shim.py) and
-# the daemons the init starts (attestd; egressd unless the egress mode is `none`, common/enclave/egress.py).
-CONVERTER_OWN = {".nitroconv", ".nitroconv/shim", ".nitroconv/egressd", *(f".nitroconv/{name}" for name in DAEMONS)}
+# The converter's own directory in `rootfs/`: the exec shim the enclave's /cmd starts (common/enclave/shim.py), the
+# daemons it starts (attestd; netd with its netd.conf when ports are published; egressd unless the egress mode is
+# `none`) and the measured network policy (common/enclave/network.py).
+CONVERTER_OWN = {".nitroconv", ".nitroconv/shim", ".nitroconv/egressd", ".nitroconv/netd", ".nitroconv/netd.conf",
+                 ".nitroconv/network.json", *(f".nitroconv/{name}" for name in DAEMONS)}
 # Directory mtimes are compared, except where the engine writes into the directory at `docker create`
 # (its init layer adds etc/hostname and the like, which bumps the mtime), and for the mount points both
 # sides create when the image lacks them (each at its own time; see the comparison).
@@ -352,6 +357,9 @@ def test_convert_docker_rootfs_matches_docker_export(docker_snapshot: Snapshot, 
     # The root: `docker export` has no entry for it, and layers never describe it (no `./` is applied).
     mine = {path: entry for path, entry in ours.entries.items() if path != "" and path not in CONVERTER_OWN}
     assert not set(theirs) & CONVERTER_OWN
+    assert all(mine[path].kind == "file" for path in NETWORK_ETC)
+    mine = {path: entry for path, entry in mine.items() if path not in NETWORK_ETC}
+    theirs = {path: entry for path, entry in theirs.items() if path not in NETWORK_ETC}
 
     only_docker = set(theirs) - set(mine)
     assert only_docker <= set(DOCKER_CREATED), f"missing from the EIF: {sorted(only_docker - set(DOCKER_CREATED))}"
