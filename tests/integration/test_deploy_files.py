@@ -100,7 +100,9 @@ def test_deploy_every_variable_is_documented():
                     "NITROCONV_REGISTRY_PORT"}
     # settings.py builds most names from field names: NITROCONV_ + FIELD.upper().
     fields = {f"NITROCONV_{name.upper()}" for name in Settings.__dataclass_fields__} - {
-        "NITROCONV_TOKEN_ISSUER", "NITROCONV_TOKEN_AUDIENCE"}  # fixed, not read from the environment
+        "NITROCONV_TOKEN_ISSUER", "NITROCONV_TOKEN_AUDIENCE",  # fixed, not read from the environment
+        # read as NITROCONV_INPUT_USER/_PASSWORD and NITROCONV_OUTPUT_USER/_PASSWORD
+        "NITROCONV_INPUT_CREDENTIALS", "NITROCONV_OUTPUT_CREDENTIALS"}
     missing = sorted(v for v in (used | fields) - compose_only if v not in reference
                      and not any(part in reference for part in _spelled_short(v)))
     assert missing == [], missing
@@ -135,7 +137,11 @@ NOT_FOR_WORKERS = {"NITROCONV_API_ADDR", "NITROCONV_ADMIN_EMAIL", "NITROCONV_ADM
                    "NITROCONV_FLOWER_BASIC_AUTH", "NITROCONV_MAX_REQUEST_BYTES", "NITROCONV_MAX_QUEUED_PER_ACCOUNT",
                    "NITROCONV_RATE_LIMIT_PER_MINUTE", "NITROCONV_MAX_WAIT_SECONDS", "NITROCONV_TOKEN_TTL_SECONDS",
                    "NITROCONV_WORKERS", "NITROCONV_REGISTRY_ADDR", "NITROCONV_SESSION_MAX_SECONDS",
-                   "NITROCONV_ATTESTATION_ROOT", "NITROCONV_ATTESTATION_ROOT_SHA256"}
+                   "NITROCONV_ATTESTATION_ROOT", "NITROCONV_ATTESTATION_ROOT_SHA256",
+                   # the CLI's registry credentials (convert-local, fetch-eif, run-local): a worker takes each
+                   # build's sealed credentials from its Build, never from its environment
+                   "NITROCONV_INPUT_USER", "NITROCONV_INPUT_PASSWORD", "NITROCONV_OUTPUT_USER",
+                   "NITROCONV_OUTPUT_PASSWORD"}
 
 
 def test_deploy_systemd_env_file_matches_the_settings():
