@@ -1,4 +1,4 @@
-"""A submission in one statement: `nitroconv_submit_build` (migrations 0006, 0007 and 0011) holds every rule.
+"""A submission in one statement: `nitroconv_submit_build` (migrations 0006, 0007, 0011 and 0012) holds every rule.
 
 The caller's session and role, the app under the account's lock, the quota, the Idempotency-Key and the insert are
 one statement. It normally runs in autocommit, so the submission is one round trip and one transaction. The
@@ -27,7 +27,7 @@ _PARAMS = ("session_id", "user_id", "account_id", "roles", "app_id", "app_settin
            "enable_overlay_filesystem_persistence")
 SUBMIT_SQL = (
     "SELECT outcome, member_role, app_name, app_description, app_settings, unfinished, stamped_created_at, "
-    "stamped_updated_at, stamped_approval_updated_at, session_user_id, session_account_id, app_group_id "
+    "stamped_updated_at, stamped_approval_updated_at, session_user_id, session_account_id, app_group_id, waits_for "
     "FROM nitroconv_submit_build("
     + ", ".join(f"%({name})s" for name in _PARAMS) + ")")
 SUBMIT_FORM = PreparedForm.of("nitroconv_submit", SUBMIT_SQL)
@@ -39,7 +39,7 @@ _PIN_SETTINGS_SQL = ("SELECT default_build_settings::text FROM apps "
 
 @dataclass(frozen=True)
 class Outcome:
-    """What the function answered; see migrations 0006, 0007 and 0011 for the meaning of each `outcome`."""
+    """What the function answered; see migrations 0006, 0007, 0011 and 0012 for the meaning of each `outcome`."""
 
     outcome: str
     role: str | None
@@ -53,6 +53,8 @@ class Outcome:
     session_user_id: uuid.UUID | str | None  # with `moved`: the session's user and account now
     session_account_id: uuid.UUID | str | None
     app_group_id: uuid.UUID | str | None = None  # the app's group: its Build's `group_id`
+    # With `created`: the identical queued build this one waits for (it is then not published).
+    waits_for: uuid.UUID | str | None = None
 
 
 def roles_at_least(role: Role) -> list[str]:

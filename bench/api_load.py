@@ -31,16 +31,12 @@ After the run it prints what a polling client costs the API, one call at a time:
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import json
 import os
-import re
-import resource
 import secrets
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,91 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SUBMIT = "/v1/builds/convert-app/nitro-enclaves"
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
-
-def _request(conn: http.client.HTTPConnection, method: str, path: str, body: object = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    payload = json.dumps(body).encode() if body is not None else None
-    conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    data = resp.read()
-    return resp.status, (json.loads(data) if data else {})
-
-
-@dataclass(frozen=True)
-class Tenant:
-    token: str
-    body_file: Path
-
-
-def _tenants(conn: http.client.HTTPConnection, email: str, password: str, count: int, scratch: Path) -> list[Tenant]:
-    """`count` accounts of the bench user, each with a session (signed in once per account) selecting it, and
-    an app. A session has one selected account (CCM): select_account moves the session that calls it."""
-    basic = base64.b64encode(f"{email}:{password}".encode()).decode()
-    tenants = []
-    for i in range(count):
-        status, auth = _request(conn, "POST", "/v1/sys/auth", headers={"Authorization": f"Basic {basic}"})
-        assert status == 200, auth
-        token = auth["access_token"]
-        base = {"Authorization": f"Bearer {token}"}
-        status, account = _request(conn, "POST", "/v1/accounts", {"name": f"bench-{i}"}, base)
-        assert status == 200, account
-        status, session = _request(conn, "POST", f"/v1/sys/session/select_account/{account['acct_id']}",
-                                   headers=base)
-        assert status == 200, session
-        status, app = _request(conn, "POST", "/v1/apps", {"name": "bench"}, base)
-        assert status == 200, app
-        body = {"request": {"app_id": app["app_id"],
-                            "input_image": {"name": "127.0.0.1:5000/bench/in:1",
-                                            "auth_config": {"username": "u", "password": "p"}},
-                            "output_image": {"name": "127.0.0.1:5000/bench/out:1"},
-                            "converter_options": {"env_vars": ["A=1"]}},
-                "nitro_enclaves_options": {"cpu_count": 2, "mem_size": 1024}}
-        body_file = scratch / f"body-{i}.json"
-        body_file.write_text(json.dumps(body))
-        tenants.append(Tenant(token, body_file))
-    return tenants
-
-
-@dataclass
-class Run:
-    latencies_ms: list[float]
-    failed: int
-    non_2xx: int
-    wall: float
-    client_cpu: float
-
-
-def _ab(port: int, tenants: list[Tenant], clients: int, seconds: float, scratch: Path, tag: str) -> Run:
-    """Run one `ab` per tenant at once, `clients` connections in all; every request's time from -g."""
-    per = [clients // len(tenants) + (1 if i < clients % len(tenants) else 0) for i in range(len(tenants))]
-    procs = []
-    started = time.monotonic()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    for i, (tenant, n) in enumerate(zip(tenants, per, strict=True)):
-        if n == 0:
-            continue
-        gnuplot = scratch / f"{tag}-{i}.tsv"
-        cmd = ["ab", "-q", "-k", "-c", str(n), "-t", str(seconds), "-n", "100000000", "-s", "30",
-               "-g", str(gnuplot), "-p", str(tenant.body_file), "-T", "application/json",
-               "-H", f"Authorization: Bearer {tenant.token}", f"http://127.0.0.1:{port}{SUBMIT}"]
-        procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), gnuplot))
-    latencies: list[float] = []
-    failed = non_2xx = 0
-    for proc, gnuplot in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"ab failed: {out[-2000:]}")
-        failed += int(m.group(1)) if (m := re.search(r"Failed requests:\s+(\d+)", out)) else 0
-        non_2xx += int(m.group(1)) if (m := re.search(r"Non-2xx responses:\s+(\d+)", out)) else 0
-        rows = gnuplot.read_text().splitlines()[1:]
-        latencies.extend(float(row.split("\t")[4]) for row in rows if row)
-    wall = time.monotonic() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return Run(sorted(latencies), failed, non_2xx, wall, cpu)
+from _load import SUBMIT, Tenant, cpu_seconds, make_tenants, percentiles, request, run_ab, run_paced  # noqa: E402
 
 
 @dataclass
@@ -151,82 +65,23 @@ def _poll_cost(conn: http.client.HTTPConnection, tenant: Tenant, api_pids: list[
     """What a polling client costs the API: `GET /v1/builds?app_id=…&limit=1000` over an app with `builds`
     builds (bench/service.py polls so), and `GET /v1/builds/<id>`; API CPU and wall time per call, one at a time."""
     auth = {"Authorization": f"Bearer {tenant.token}"}
-    status, app = _request(conn, "POST", "/v1/apps", {"name": "bench-poll"}, auth)
+    status, app = request(conn, "POST", "/v1/apps", {"name": "bench-poll"}, auth)
     assert status == 200, app
     body = json.loads(tenant.body_file.read_text())
     body["request"]["app_id"] = app["app_id"]
     for _ in range(builds):
-        status, build = _request(conn, "POST", SUBMIT, body, auth)
+        status, build = request(conn, "POST", SUBMIT, body, auth)
         assert status == 200, build
     per_call = []
     for path in (f"/v1/builds?app_id={app['app_id']}&limit=1000", f"/v1/builds/{build['build_id']}"):
         for _ in range(calls // 10):  # warm
-            _request(conn, "GET", path, headers=auth)
-        cpu, started = _cpu_seconds(api_pids), time.perf_counter()
+            request(conn, "GET", path, headers=auth)
+        cpu, started = cpu_seconds(api_pids), time.perf_counter()
         for _ in range(calls):
-            status, answer = _request(conn, "GET", path, headers=auth)
+            status, answer = request(conn, "GET", path, headers=auth)
             assert status == 200, answer
-        per_call += [1000 * (_cpu_seconds(api_pids) - cpu) / calls, 1000 * (time.perf_counter() - started) / calls]
+        per_call += [1000 * (cpu_seconds(api_pids) - cpu) / calls, 1000 * (time.perf_counter() - started) / calls]
     return PollCost(builds, *per_call)
-
-
-@dataclass
-class Paced:
-    latencies_ms: list[float]
-    non_2xx: int
-    offered: float  # requests per second asked for
-    achieved: float  # completed per second over the window
-    missing: int  # requests h2load did not complete (refused, timed out)
-
-
-def _paced(port: int, tenants: list[Tenant], clients: int, rate: float, seconds: float, scratch: Path) -> Paced:
-    """`clients` keep-alive connections that each send one submission every clients/rate seconds (h2load --rps,
-    one process per connection, started evenly spread over one period so arrivals are even, not in bursts)."""
-    per_client = rate / clients
-    count = max(1, round(per_client * seconds))
-    procs = []
-    for i in range(clients):
-        tenant = tenants[i % len(tenants)]
-        log = scratch / f"paced-{i}.tsv"
-        procs.append((subprocess.Popen(
-            ["h2load", "--h1", "-c", "1", "-n", str(count), f"--rps={per_client}", "-T", "30", "--log-file", str(log),
-             "-d", str(tenant.body_file), "-H", "Content-Type: application/json",
-             "-H", f"Authorization: Bearer {tenant.token}", f"http://127.0.0.1:{port}{SUBMIT}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log))
-        time.sleep(1 / rate)
-    rows: list[tuple[int, int, int]] = []
-    for proc, log in procs:
-        out, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"h2load failed: {out[-2000:]}")
-        rows += [(int(a), int(b), int(c)) for a, b, c in (line.split("\t")[:3] for line in log.read_text().splitlines())]
-    if not rows:
-        return Paced([], 0, rate, 0.0, clients * count)
-    window = (max(start + took for start, _, took in rows) - min(start for start, _, _ in rows)) / 1e6
-    return Paced(sorted(took / 1000 for _, _, took in rows), sum(1 for _, status, _ in rows if not 200 <= status < 300),
-                 rate, len(rows) / window if window > 0 else float("nan"), clients * count - len(rows))
-
-
-def _percentiles(latencies: list[float]) -> tuple[float, float, float]:
-    """(p50, p99, mean) of sorted latencies; NaN when there are none."""
-    if not latencies:
-        return float("nan"), float("nan"), float("nan")
-    return (statistics.median(latencies), latencies[max(0, -(-len(latencies) * 99 // 100) - 1)],
-            statistics.fmean(latencies))
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User+system CPU of these processes so far (those that exited meanwhile count as 0)."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def _py_spy(out: Path, pids: list[int], seconds: float) -> list[subprocess.Popen[bytes]]:
@@ -334,23 +189,23 @@ def main() -> int:
         for _ in range(150):
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=5)
-                if _request(conn, "GET", "/healthz")[0] == 200:
+                if request(conn, "GET", "/healthz")[0] == 200:
                     break
             except OSError:
                 time.sleep(0.2)
         assert conn is not None
-        tenants = _tenants(conn, "bench@example.test", password, max(1, min(args.accounts, args.clients)), state)
+        tenants = make_tenants(conn, "bench@example.test", password, max(1, min(args.accounts, args.clients)), state)
         drain = _Drain(db_url)  # before the warm-up, so its backend is among those measured
         if args.warmup > 0:
-            _ab(args.port, tenants, args.clients, args.warmup, state, "warmup")
+            run_ab(args.port, tenants, args.clients, args.warmup, state, "warmup")
         api_pids, pg_pids = _server_pids(gunicorn.pid, db_url)  # the pools are warm after the warm-up
-        api_cpu, pg_cpu = _cpu_seconds(api_pids), _cpu_seconds(pg_pids)
+        api_cpu, pg_cpu = cpu_seconds(api_pids), cpu_seconds(pg_pids)
         spies = _py_spy(args.py_spy, api_pids[1:], args.seconds) if args.py_spy else []
-        run = _ab(args.port, tenants, args.clients, args.seconds, state, "run")
+        run = run_ab(args.port, tenants, args.clients, args.seconds, state, "run")
         for spy in spies:
             spy.wait(timeout=30)
-        api_cpu, pg_cpu = _cpu_seconds(api_pids) - api_cpu, _cpu_seconds(pg_pids) - pg_cpu
-        paced = _paced(args.port, tenants, args.clients, args.rate, args.seconds, state)
+        api_cpu, pg_cpu = cpu_seconds(api_pids) - api_cpu, cpu_seconds(pg_pids) - pg_cpu
+        paced = run_paced(args.port, tenants, args.clients, args.rate, args.seconds, state)
         drain.close()
         poll = _poll_cost(http.client.HTTPConnection("127.0.0.1", args.port, timeout=30), tenants[0], api_pids)
     finally:
@@ -367,8 +222,8 @@ def main() -> int:
     lat = run.latencies_ms
     ok = len(lat) - run.failed - run.non_2xx
     rate = len(lat) / run.wall if run.wall else float("nan")
-    p50, p99, mean = _percentiles(lat)
-    paced_p50, paced_p99, _ = _percentiles(paced.latencies_ms)
+    p50, p99, mean = percentiles(lat)
+    paced_p50, paced_p99, _ = percentiles(paced.latencies_ms)
     print(f"api submissions at {args.clients} keep-alive clients over {len(tenants)} accounts: "
           f"{rate:.0f}/s at most [target >=300/s] {'met' if rate >= 300 else 'NOT MET'}; "
           f"at {paced.offered:.0f}/s p50={paced_p50:.0f}ms p99={paced_p99:.0f}ms [target p99<=150ms] "

@@ -19,10 +19,12 @@ from common.errors import Cancelled, NitroconvError, ResourceLimit
 from common.registry.auth import Credentials
 from common.settings import Settings
 from common.store import builds as buildstore
+from common.store import followers
 from common.store.engine import session_scope
 from common.store.models import Build
 from common.store.sealing import Sealer
 from common.store.status import ConversionState, path_to
+from worker.followers import publish_released, serve_followers
 from worker.scratch import scratch_dir
 
 log = logging.getLogger(__name__)
@@ -119,9 +121,12 @@ def _credentials(sealer: Sealer, sealed: bytes | None, build_id: uuid.UUID) -> C
 def _end(s: Settings, attempt: _Attempt, dst: ConversionState, code: str, message: str,
          values: Mapping[str, object] | None = None) -> None:
     with session_scope(s.database_url) as session:
-        buildstore.end_unsuccessfully(session, attempt.claim.build_id, attempt.state, dst,
-                                      actor=buildstore.worker_actor(attempt.claim.fence), code=code,
-                                      message=message, fence=attempt.claim.fence, values=values)
+        ended = buildstore.end_unsuccessfully(session, attempt.claim.build_id, attempt.state, dst,
+                                              actor=buildstore.worker_actor(attempt.claim.fence), code=code,
+                                              message=message, fence=attempt.claim.fence, values=values)
+        # Builds waiting for this one are converted on their own: its failure need not be theirs.
+        released = followers.release(session, attempt.claim.build_id) if ended else []
+    publish_released(s, released)
 
 
 def _failure_values(exc: NitroconvError) -> dict[str, object]:
@@ -154,11 +159,13 @@ def _not_claimable(s: Settings, build_id: uuid.UUID) -> AttemptResult:
     the claim only missed it because another transaction held its row (SKIP LOCKED)."""
     with session_scope(s.database_url) as session:
         row = session.execute(select(Build.conversion_state, Build.cancel_requested, Build.attempts,
-                                     func.extract("epoch", Build.not_before - func.now()))
+                                     func.extract("epoch", Build.not_before - func.now()), Build.waits_for)
                               .where(Build.id == build_id)).one_or_none()
         if row is None or ConversionState(row[0]) is not ConversionState.QUEUED:
             return AttemptResult("skipped")
-        _, cancel_requested, attempts, backoff_left = row
+        _, cancel_requested, attempts, backoff_left, waits_for = row
+        if waits_for is not None and not cancel_requested:
+            return AttemptResult("skipped")  # its leader serves or releases it (or the sweeper does)
         if cancel_requested:
             buildstore.end_unsuccessfully(session, build_id, ConversionState.QUEUED, ConversionState.CANCELLED,
                                           actor=buildstore.SYSTEM, code="cancelled", message="cancelled by the user")
@@ -212,13 +219,14 @@ def _attempt(build_id: uuid.UUID, s: Settings, engine: Engine, claim: buildstore
             scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
             outcome = engine(build, creds_in, creds_out, scratch=scratch, on_stage=attempt.on_stage,
                              should_cancel=attempt.should_cancel)
-            del creds_in, creds_out
             attempt.on_stage(ConversionState.PUSHING.value, 1.0)
             with session_scope(s.database_url) as session:
                 task_id = buildstore.succeed(session, build_id, claim.fence, outcome)
                 if task_id is None:
                     raise LeaseLost()
                 buildstore.auto_approve_if_enabled(session, build_id, task_id)
+            serve_followers(s, build_id, claim.fence, sealer, (creds_in, creds_out))
+            del creds_in, creds_out
             return AttemptResult("succeeded")
         except LeaseLost:
             log.warning("lease lost build_id=%s; another attempt owns it", build_id)

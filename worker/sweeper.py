@@ -1,4 +1,5 @@
-"""The periodic sweeper: re-sends conversions left QUEUED and requeues those whose worker lost its lease."""
+"""The periodic sweeper: re-sends conversions left QUEUED, requeues those whose worker lost its lease, and releases
+builds left waiting for an identical one that ended without serving them."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from common.errors import QueueUnavailable
 from common.queue.publish import UNACKED_MUTEX_KEY, enqueue_conversion, heal_unacked_mutex
 from common.settings import Settings
 from common.store import builds as buildstore
+from common.store import followers
 from common.store.engine import session_scope
 from common.store.models import Build
 from common.store.status import RUNNING, ConversionState
@@ -27,6 +29,7 @@ class SweepReport:
     requeued: list[uuid.UUID] = field(default_factory=list)
     cancelled: list[uuid.UUID] = field(default_factory=list)
     failed: list[uuid.UUID] = field(default_factory=list)
+    released: list[uuid.UUID] = field(default_factory=list)  # followers whose leader ended without serving them
     reaped: int = 0
     mutex_healed: int = 0
 
@@ -38,7 +41,7 @@ def sweep(s: Settings) -> SweepReport:
     with session_scope(s.database_url) as session:
         queued = session.execute(
             select(Build.id, Build.cancel_requested, Build.enqueued_at)
-            .where(Build.conversion_state == ConversionState.QUEUED.value,
+            .where(Build.conversion_state == ConversionState.QUEUED.value, Build.waits_for.is_(None),
                    (Build.enqueued_at.is_(None)) | (Build.enqueued_at < stale_queue))
             .order_by(Build.enqueued_at).limit(BATCH)).all()
         for build_id, cancel_requested, enqueued_at in queued:
@@ -82,8 +85,9 @@ def sweep(s: Settings) -> SweepReport:
                     report.failed.append(build_id)
             elif buildstore.requeue(session, build_id, src, actor="sweeper", reason="lease expired"):
                 report.requeued.append(build_id)
+        report.released = followers.release_orphans(session, BATCH)
     # After the commit: a worker must never receive an id whose row it cannot yet see.
-    for build_id in [*report.resent, *report.requeued]:
+    for build_id in [*report.resent, *report.requeued, *report.released]:
         try:
             enqueue_conversion(s.redis_url, s.visibility_timeout, str(build_id))
         except QueueUnavailable:

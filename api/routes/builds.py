@@ -163,7 +163,7 @@ class Build(MethodView):
     def delete(self, build_id: uuid.UUID) -> None:
         """Delete the build (CCM); a conversion still running is cancelled first."""
         me = principal()
-        builds.delete(db(), me.require(Role.WRITER), build_id, me.user_id)
+        builds.delete(settings(), db(), me.require(Role.WRITER), build_id, me.user_id)
 
 
 @blp.route("/<uuid:build_id>/cancel")
@@ -174,5 +174,5 @@ class BuildCancel(MethodView):
         """Cancel the build's conversion and keep the Build (ours; CCM's DELETE removes it)."""
         me = principal()
         account = me.require(Role.WRITER)
-        done = builds.cancel(db(), account, build_id, me.user_id)
+        done = builds.cancel(settings(), db(), account, build_id, me.user_id)
         return jsonify(_view(builds.get(db(), account, build_id))), 200 if done else 202

@@ -30,6 +30,7 @@ from common.queue.publish import enqueue_conversion
 from common.registry.hostpolicy import check_registry_host
 from common.registry.reference import parse_reference
 from common.settings import Settings
+from common.store import followers
 from common.store.accounts import Role
 from common.store.builds import (
     NewBuild,
@@ -244,7 +245,8 @@ def submit(db: Callable[[], Session], s: Settings, d: Draft, *, account_id: uuid
                          got.app_group_id)
     assert got.outcome == "created", got.outcome
     build = stamped_build(row, got.created_at, got.updated_at, got.approval_updated_at)
-    _enqueue(s, build.id)
+    if got.waits_for is None:
+        _enqueue(s, build.id)
     return Submitted(account_id, build, app_name, app_description, True, got.app_group_id)
 
 
@@ -264,7 +266,7 @@ def _enqueue(s: Settings, build_id: uuid.UUID) -> None:
 # a poller lists many builds many times a second).
 _BUILDS: Table = Build.__table__  # type: ignore[assignment]
 _UNSHOWN = {"account_id", "created_by", "idempotency_key", "request_fingerprint", "approval_reason", "lease_owner",
-            "lease_expires_at", "enqueued_at", "not_before", "claimed_at"}
+            "lease_expires_at", "enqueued_at", "not_before", "claimed_at", "waits_for"}
 _VIEW = select(*(c for c in _BUILDS.c if c.key not in _UNSHOWN), App.name.label("app_name"),
                App.description.label("app_description"), App.group_id.label("app_group_id")).join(App, App.id == _BUILDS.c.app_id)
 GET_STATEMENT = _VIEW.where(_BUILDS.c.id == bindparam("build_id"), _BUILDS.c.account_id == bindparam("account_id"))
@@ -341,7 +343,7 @@ def list_builds(session: Session, account_id: uuid.UUID, q: Mapping[str, object]
     return rows, total, filtered
 
 
-def cancel(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+def cancel(s: Settings, session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id: uuid.UUID) -> bool:
     """Cancel the conversion. True when it is already CANCELLED, False when a worker will honour it."""
     build = get(session, account_id, build_id)
     state = ConversionState(build.conversion_state)
@@ -351,7 +353,10 @@ def cancel(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id
     if state is ConversionState.QUEUED and end_unsuccessfully(
             session, build_id, state, ConversionState.CANCELLED, actor=actor, code="cancelled",
             message="cancelled by the user"):
+        released = followers.release(session, build_id)  # builds that waited for it convert on their own
         session.commit()
+        for follower in released:
+            _enqueue(s, follower)
         return True
     # Running (or claimed meanwhile): the worker checks this flag between steps and at each heartbeat.
     session.execute(update(Build).where(Build.id == build_id).values(cancel_requested=True, updated_at=func.now())
@@ -360,12 +365,12 @@ def cancel(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id
     return False
 
 
-def delete(session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id: uuid.UUID) -> None:
+def delete(s: Settings, session: Session, account_id: uuid.UUID, build_id: uuid.UUID, user_id: uuid.UUID) -> None:
     """Delete the build (its task and events go with it). A conversion not yet ended is cancelled first, so a
     worker running it stops at its next step (its compare-and-set writes then find no row and change nothing)."""
     state = ConversionState(get(session, account_id, build_id).conversion_state)
     if state not in CONVERSION_TERMINAL:
-        cancel(session, account_id, build_id, user_id)
+        cancel(s, session, account_id, build_id, user_id)
     session.execute(delete_rows(Build).where(Build.id == build_id, Build.account_id == account_id)
                     .execution_options(synchronize_session=False))
     session.commit()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from common.enclave.network import DEFAULT_EGRESS_MODE
 from common.enclave.shim import SHIM_DIR
 
 # Next to the exec shim, in the converter's own directory of the rootfs; the exec shim starts it (worker/runtime/netup.h).
@@ -14,8 +15,6 @@ EGRESSD_PATH = f"/{SHIM_DIR}/{EGRESSD_NAME}"
 EGRESS_SERVICE_NAME = "egress"
 PROXY_URL = "http://127.0.0.1:3128"
 NO_PROXY = "localhost,127.0.0.1"
-# The default when a request says nothing about the network (CCM: the app has network).
-DEFAULT_MODE = "transparent"
 
 
 def egress_mode(network: Mapping[str, Any] | None) -> str:
@@ -23,7 +22,7 @@ def egress_mode(network: Mapping[str, Any] | None) -> str:
     when there is none."""
     egress = (network or {}).get("egress")
     mode = egress.get("mode") if isinstance(egress, Mapping) else None
-    return mode if isinstance(mode, str) else DEFAULT_MODE
+    return mode if isinstance(mode, str) else DEFAULT_EGRESS_MODE
 
 
 def ships_egressd(network: Mapping[str, Any] | None) -> bool:

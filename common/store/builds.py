@@ -1,4 +1,5 @@
-"""Persistence of builds and tasks; the only module that writes their status columns.
+"""Persistence of builds and tasks; with common/store/followers.py (builds served by an identical one), the only
+module that writes their status columns.
 
 Every status write is a compare-and-set UPDATE whose WHERE clause is the edge of the table in
 `common.store.status` (and, for a worker, its lease token): the row count decides the winner, and the
@@ -196,7 +197,7 @@ def claim(session: Session, build_id: uuid.UUID, *, lease_seconds: int) -> Claim
                 "attempts": Build.attempts + 1, "started_at": func.coalesce(Build.started_at, func.now()),
                 "claimed_at": func.now(), "not_before": None,
                 "progress": 0.0, "error_code": None, "error_message": None},
-        where=(Build.cancel_requested.is_(False),))
+        where=(Build.cancel_requested.is_(False), Build.waits_for.is_(None)))
     if not ok:
         return None
     attempt = session.execute(select(Build.attempts).where(Build.id == build_id)).scalar_one()
@@ -204,9 +205,11 @@ def claim(session: Session, build_id: uuid.UUID, *, lease_seconds: int) -> Claim
 
 
 def _claimable(max_attempts: int) -> ColumnElement[bool]:
-    """A QUEUED build a worker may start now: not cancelled, attempts left, past its retry backoff."""
+    """A QUEUED build a worker may start now: not cancelled, attempts left, past its retry backoff, not waiting
+    for an identical build (common/store/followers.py)."""
     return and_(Build.conversion_state == ConversionState.QUEUED.value, Build.cancel_requested.is_(False),
-                Build.attempts < max_attempts, or_(Build.not_before.is_(None), Build.not_before <= func.now()))
+                Build.attempts < max_attempts, or_(Build.not_before.is_(None), Build.not_before <= func.now()),
+                Build.waits_for.is_(None))
 
 
 def fair_accounts(session: Session, *, max_attempts: int, limit: int = 32) -> list[uuid.UUID]:

@@ -134,6 +134,9 @@ class Build(Base):
         Index("ix_builds_unfinished", "account_id", "conversion_state", "created_at",
               postgresql_where=text("conversion_state IN ('QUEUED', 'PULLING', 'BUILDING', 'MEASURING', 'PUSHING')")),
         Index("ix_builds_configs", "configs", postgresql_using="gin"),
+        Index("ix_builds_queued_request", "app_id", "request_fingerprint",
+              postgresql_where=text("conversion_state = 'QUEUED' AND waits_for IS NULL")),
+        Index("ix_builds_waits_for", "waits_for", postgresql_where=text("waits_for IS NOT NULL")),
     )
     id: Mapped[uuid.UUID] = _uuid_pk()
     account_id: Mapped[uuid.UUID] = mapped_column(
@@ -177,6 +180,8 @@ class Build(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # The identical, not yet claimed build this one waits to be served by (migration 0012); it has no broker message.
+    waits_for: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     # A requeued conversion's retry backoff, and when a worker last claimed it (fair claim, migration 0005).
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

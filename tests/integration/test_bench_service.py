@@ -77,6 +77,26 @@ def test_figure_5_runs_through_the_service_and_cleans_up(tmp_path: Path) -> None
         s.bind(("127.0.0.1", int(started.group(1))))
 
 
+def test_the_whole_system_bench_runs_with_real_workers_and_ends_every_build() -> None:
+    """bench/system_load.py, briefly: real workers convert what 8 clients submit; every build ends SUCCEEDED, and
+    identical submissions in flight were served by one conversion (what keeps the workers up with the API)."""
+    port = _free_port()
+    proc = subprocess.run([sys.executable, "bench/system_load.py", "--workers", "1", "--clients", "8", "--accounts",
+                           "2", "--seconds", "3", "--warmup", "1", "--rate", "40", "--drain-timeout", "120",
+                           "--redis-url", REDIS_URL, "--port", str(port)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "whole system (1 workers converting) at 8 keep-alive clients over 2 accounts" in proc.stdout, proc.stdout
+    builds = re.search(r"builds: SUCCEEDED (\d+); of the SUCCEEDED, (\d+) name the conversion they reused, (\d+) of "
+                       r"them served by an identical build in flight", proc.stdout)
+    assert builds is not None, proc.stdout  # no other end state: nothing failed, nothing left unfinished
+    succeeded, reused, served = (int(g) for g in builds.groups())
+    assert succeeded > 40 and reused == succeeded - 1, proc.stdout  # only the first was converted afresh
+    assert 0 < served < reused, proc.stdout
+    assert Redis.from_url(REDIS_URL).dbsize() == 0
+    assert _ours() == []
+
+
 def _ours() -> list[str]:
     """Processes still running with the bench's Redis DB in their environment (its API and workers)."""
     found = []

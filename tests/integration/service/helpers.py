@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 from marshmallow import Schema
+from sqlalchemy import update
 
 from api.schemas.builds import BuildSchema
 from api.schemas.common import ErrorSchema
@@ -19,7 +20,7 @@ from common.queue.publish import broker_transport_options
 from common.settings import Settings
 from common.store import builds as buildstore
 from common.store.engine import session_scope
-from common.store.models import Account, App
+from common.store.models import Account, App, Build
 from common.store.status import ConversionState
 
 PCRS = {"pcr0": "a" * 96, "pcr1": "b" * 96, "pcr2": "c" * 96}
@@ -78,9 +79,11 @@ def wait_ended(client, headers: dict[str, str], build_id: str, timeout: float = 
 
 
 def drive_to_success(s: Settings, build_id: str) -> None:
-    """What a worker records, through the real store: claim, every stage, success and task."""
+    """What a worker records, through the real store: claim, every stage, success and task. A build waiting for an
+    identical one (common/store/followers.py) is released first, as a leader's worker releases one it does not serve."""
     bid = uuid.UUID(build_id)
     with session_scope(s.database_url) as session:
+        session.execute(update(Build).where(Build.id == bid).values(waits_for=None))
         claim = buildstore.claim(session, bid, lease_seconds=60)
         assert claim is not None
         state = ConversionState.PULLING
