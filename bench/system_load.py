@@ -134,7 +134,8 @@ def main() -> int:
         saturated_end = _wait_ended(service.database_url, args.drain_timeout)
         paced = run_paced(args.port, tenants, args.clients, args.rate, args.seconds, root)
         paced_end = _wait_ended(service.database_url, args.drain_timeout)
-    shutil.rmtree(root, ignore_errors=True)  # kept only when the run broke off (the logs are in it)
+    if not os.environ.get("NITROCONV_BENCH_KEEP"):
+        shutil.rmtree(root, ignore_errors=True)  # kept only when the run broke off (the logs are in it)
 
     lat = run.latencies_ms
     rate = len(lat) / run.wall if run.wall else float("nan")

@@ -84,7 +84,12 @@ class Waiting:
 
 def waiting(session: Session, leader: uuid.UUID) -> list[Waiting]:
     """The leader's followers still waiting, oldest first, locked until the transaction ends (others are skipped)."""
-    return [Waiting(row[0], row[1], row[2]) for row in session.execute(_WAITING, {"leader": leader})]
+    return [Waiting(row[0], _bytes(row[1]), _bytes(row[2])) for row in session.execute(_WAITING, {"leader": leader})]
+
+
+def _bytes(value: object) -> bytes | None:
+    # A textual query's bytea comes back as the driver's buffer (psycopg2: memoryview), not as bytes.
+    return None if value is None else bytes(value)  # type: ignore[call-overload]
 
 
 def serve(session: Session, leader: uuid.UUID, build_ids: Sequence[uuid.UUID], *, actor: str

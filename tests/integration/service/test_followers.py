@@ -132,6 +132,9 @@ def test_a_follower_with_other_credentials_converts_on_its_own(mod: Mod):
     leader, stranger, twin = _converted(mod, tenant, ids)
     assert leader["conversion"]["state"] == "SUCCEEDED", leader["conversion"]
     assert twin["conversion"]["state"] == "SUCCEEDED" and twin["conversion"]["reused_from"] == ids[0]
+    # Served by the leader, not converted on its own (which the conversion cache would also name the leader for).
+    assert {e[4] for e in _events(s, ids[2]) if e[0] == "conversion"} == {f"served by the identical build {ids[0]}"}
+    assert {e[4] for e in _events(s, ids[1]) if e[0] == "conversion" and e[2] == "PULLING"} == {None}
     # Released, it pulled with its own (wrong) password, as it would have without a leader.
     assert stranger["conversion"]["state"] == "FAILED", stranger["conversion"]
     assert stranger["conversion"]["error"]["code"] == "unauthorized"
