@@ -2,18 +2,22 @@
 and the session's rule on QEMU's seccomp sandbox: required for the boot check, preferred for run-local."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+import worker.emulator.session as session_module
 from common.errors import BootCheckNoSandbox, BootCheckUnavailable, EmulatorNoSandbox, EmulatorUnavailable
 from worker.emulator.session import (
+    CPU,
     SANDBOX,
     SANDBOX_POLICIES,
     SANDBOX_PREFERRED,
     SANDBOX_REQUIRED,
     EmulatorSession,
     has_sandbox,
+    loader_tmpdir,
     qemu_argv,
 )
 from worker.pipeline.emulatorboot import BootCheckPlan, boot_eif_emulated, choose_mode, emulator_missing
@@ -29,6 +33,8 @@ def test_the_argv_loads_the_eif_in_the_nitro_enclave_machine() -> None:
     assert "-initrd" not in argv  # the EIF's own ramdisks
     assert (argv[argv.index("-smp") + 1], argv[argv.index("-m") + 1]) == ("2", "768")
     assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-serial") + 1] == "stdio"
+    # Every CPU feature TCG has, but the fast-string hints that make the guest copy memory a byte at a time.
+    assert argv[argv.index("-cpu") + 1] == CPU == "max,erms=off,fsrm=off"
     assert "-nodefaults" in argv and "-no-user-config" in argv
     # The init's reset must end QEMU, not boot the enclave again: a triple fault under -no-reboot. The
     # EIF's cmdline is otherwise its own, but for timestamps on the kernel's lines.
@@ -117,6 +123,64 @@ def test_run_locals_policy_runs_it_unsandboxed_and_says_why(tmp_path: Path) -> N
     assert EmulatorSession.refusal(str(without), SANDBOX_PREFERRED) is None
     assert "-sandbox" not in session.argv()
     assert session.unsandboxed is not None and "no seccomp sandbox" in session.unsandboxed
+
+
+def test_the_loaders_tmpdir_is_a_private_dir_on_the_tmpfs_only_when_it_has_room(tmp_path: Path) -> None:
+    made = loader_tmpdir(1 << 20, tmpfs=tmp_path)
+    assert made is not None and made.parent == tmp_path and made.is_dir()
+    assert made.stat().st_mode & 0o777 == 0o700
+    # No room for twice the EIF (a container's 64 MiB /dev/shm, say), or no such tmpfs: QEMU's own $TMPDIR.
+    assert loader_tmpdir(1 << 62, tmpfs=tmp_path) is None
+    assert loader_tmpdir(1 << 20, tmpfs=tmp_path / "absent") is None
+
+
+# A stand-in back-end: listens on its vhost-user socket (what the session waits for), then idles.
+_BACKEND = (sys.executable, "-c", "import socket, sys, time; a = sys.argv; s = socket.socket(socket.AF_UNIX); "
+            "s.bind(a[a.index('--vhost-socket') + 1]); s.listen(); time.sleep(30)")
+
+
+def _env_recording_qemu(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in QEMU with seccomp that records its $TMPDIR (and whether it was a directory then)."""
+    qemu, seen = tmp_path / "qemu", tmp_path / "seen"
+    qemu.write_text(f"#!/bin/sh\n[ \"$1\" = -sandbox ] && [ \"$3\" = -version ] && exit 0\n"
+                    f"[ -d \"$TMPDIR\" ] && d=dir || d=missing\necho \"$TMPDIR $d\" >{seen}\n")
+    qemu.chmod(0o755)
+    return qemu, seen
+
+
+def test_qemus_loader_writes_into_a_tmpfs_dir_of_the_session_removed_at_close(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    tmpfs = tmp_path / "shm"
+    tmpfs.mkdir()
+    monkeypatch.setattr(session_module, "LOADER_TMPFS", tmpfs)
+    qemu, seen = _env_recording_qemu(tmp_path)
+    eif = tmp_path / "app.eif"
+    eif.write_bytes(b"stand-in")
+    session = EmulatorSession(qemu=str(qemu), eif=eif, memory_mib=512, workdir=tmp_path / "w", backend=_BACKEND)
+    (tmp_path / "w").mkdir()
+    try:
+        session.start().wait(10)
+        assert session.loader_dir is not None and session.loader_dir.parent == tmpfs
+        assert seen.read_text().split() == [str(session.loader_dir), "dir"]
+    finally:
+        session.close()
+    assert list(tmpfs.iterdir()) == []
+
+
+def test_a_tmpdir_the_caller_gives_is_qemus(tmp_path: Path) -> None:
+    qemu, seen = _env_recording_qemu(tmp_path)
+    eif = tmp_path / "app.eif"
+    eif.write_bytes(b"stand-in")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (tmp_path / "w").mkdir()
+    session = EmulatorSession(qemu=str(qemu), eif=eif, memory_mib=512, workdir=tmp_path / "w", backend=_BACKEND,
+                              env={"TMPDIR": str(mine)})
+    try:
+        session.start().wait(10)
+        assert session.loader_dir is None and seen.read_text().split() == [str(mine), "dir"]
+    finally:
+        session.close()
 
 
 def test_an_unknown_policy_is_refused(tmp_path: Path) -> None:

@@ -50,10 +50,33 @@ DEFAULT_GUEST_CID = 16
 BACKEND_READY_SECONDS = 20.0
 HEARTBEAT_READ_SECONDS = 10.0
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# The emulated CPU: everything TCG offers (a program built for a recent x86-64 level runs, as on a Nitro host),
+# but without the "fast string" hints. With them the kernel and libc copy and clear memory with `rep movsb` /
+# `rep stosb`, which TCG runs a byte at a time; without them they use word-sized loops. No instruction goes
+# away (the hints only steer a choice between equivalent routines), and unpacking a large initramfs is the
+# boot's longest step (bench/README.md, emulator_boot.py).
+CPU = "max,erms=off,fsrm=off"
+# QEMU's EIF loader copies the kernel and the ramdisks into temporary files ($TMPDIR) before loading them; on a
+# tmpfs that is a memory copy rather than a disk file's writeback. Used when it has room for twice the EIF
+# (a container's /dev/shm is often 64 MiB); QEMU unlinks the files once loaded.
+LOADER_TMPFS = Path("/dev/shm")
 SANDBOX_REQUIRED = "required"
 SANDBOX_PREFERRED = "preferred"
 SANDBOX_POLICIES = (SANDBOX_REQUIRED, SANDBOX_PREFERRED)
 _KEEP_LOG = 4000
+
+
+def loader_tmpdir(eif_size: int, tmpfs: Path | None = None) -> Path | None:
+    """A new private directory on `tmpfs` for QEMU's loader to write the EIF's sections into, or None when
+    the tmpfs is absent, not writable, or has no room for twice `eif_size` bytes (QEMU then uses $TMPDIR)."""
+    tmpfs = LOADER_TMPFS if tmpfs is None else tmpfs
+    try:
+        st = os.statvfs(tmpfs)
+        if st.f_bavail * st.f_frsize < 2 * eif_size or not os.access(tmpfs, os.W_OK | os.X_OK):
+            return None
+        return Path(tempfile.mkdtemp(prefix="ncvs-loader-", dir=tmpfs))
+    except OSError:
+        return None
 
 
 def has_sandbox(qemu: str) -> bool:
@@ -87,7 +110,7 @@ def qemu_argv(*, qemu: str, eif: Path | str, vhost_socket: Path | str, memory_mi
         qemu,
         "-machine", "nitro-enclave,vsock=vsock0" + (f",id={name}" if name else ""),
         "-accel", "tcg",
-        "-cpu", "max",
+        "-cpu", CPU,
         "-smp", str(cpu_count),
         "-m", str(memory_mib),
         "-nodefaults",
@@ -304,6 +327,8 @@ class EmulatorSession:
         self._deferred: list[Callable[[], object]] = []
         self._closed = False
         self._backend_tail = ""
+        # Where QEMU's loader writes the EIF's sections (loader_tmpdir()), when the session made one.
+        self.loader_dir: Path | None = None
 
     @property
     def heartbeats(self) -> int:
@@ -352,10 +377,18 @@ class EmulatorSession:
         self.backend = BackendProcess.start(self.backend_argv, vhost_socket=self.vhost_socket, uds=self.uds,
                                             guest_cid=self.guest_cid, quiet=self.quiet, env=self.env,
                                             log_path=self.workdir / "backend.log" if self.backend_log else None)
+        qemu_env = dict(self.env)
+        if "TMPDIR" not in qemu_env:
+            try:
+                self.loader_dir = loader_tmpdir(self.eif.stat().st_size)
+            except OSError:  # no EIF: QEMU says so
+                self.loader_dir = None
+            if self.loader_dir is not None:
+                qemu_env["TMPDIR"] = str(self.loader_dir)
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                            env=_child_env(self.env))
+                                            env=_child_env(qemu_env))
         except OSError as exc:
             raise EmulatorUnavailable(f"cannot start {self.qemu}: {exc.strerror or exc}",
                                       details={"qemu": self.qemu}) from exc
@@ -394,6 +427,8 @@ class EmulatorSession:
                 self.backend.stop(grace=max(grace, 1.0))
                 self._backend_tail = self.backend.tail()
         finally:
+            if self.loader_dir is not None:  # what a QEMU killed while loading left there
+                shutil.rmtree(self.loader_dir, ignore_errors=True)
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         return code
