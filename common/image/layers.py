@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
+from isal.isal_zlib import crc32
+
 from common.errors import (
     EntryCountExceeded,
     InvalidLayer,
@@ -522,15 +524,17 @@ class _LayerApplier:
         spool, spool_path = self._spool_file()
         offset = self.spool_offset
         reader = tar.open_member(member)
-        remaining = size
+        remaining, crc = size, 0
         while remaining:
             chunk = tar.read(reader, min(_CHUNK, remaining))
             if not chunk:
                 raise _invalid("truncated", raw, "file data ends before its declared size")
             spool.write(chunk)
+            # Kept so the EIF's CRC can be known before its ramdisk is streamed (a few ms per image here).
+            crc = crc32(chunk, crc)
             remaining -= len(chunk)
         self.spool_offset += size
-        return SpoolContent(spool_path, offset, size)
+        return SpoolContent(spool_path, offset, size, crc)
 
     # --- spool -------------------------------------------------------------------------------
     def _spool_file(self) -> tuple[IO[bytes], Path]:

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from common.enclave.launch import LaunchSpec
 from common.enclave.measure import Measurements
 from common.enclave.metadata import build_metadata, kernel_info_from_config
 from common.enclave.ramdisk import app_archive, bootstrap_archive
 from common.enclave.signing import EifSigner
-from common.enclave.writer import Section, WrittenEif, eif_size, write_eif
+from common.enclave.writer import KnownSpan, Section, WrittenEif, eif_size, eif_spans, write_eif
 from common.image.filetree import Tree
 from common.util.memo import file_identity
 from worker.pipeline.memory import default_mem_mib
@@ -41,6 +42,32 @@ class BuiltEif:
     mem_size_mib: int = 0
     # What the writer wrote (header, size, CRC), to check the file without measuring it again.
     written: WrittenEif | None = None
+    # Every byte went to the `consumer` too, in order, as it was written.
+    streamed: bool = False
+
+
+# Given the EIF's size and keyed spans before its first byte is written, returns what receives every byte in order.
+Consumer = Callable[[int, Sequence[KnownSpan]], Callable[[bytes], None]]
+
+
+class _Tee:
+    """The EIF file, each piece also handed to a consumer; written strictly in order (the header first)."""
+
+    def __init__(self, out: BinaryIO, consumer: Callable[[bytes], None]) -> None:
+        self._out, self._consumer = out, consumer
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._out.write(data)  # a buffered file: all of it, or it raises
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        if isinstance(data, memoryview):
+            # The writer passes a view of the whole piece: hand on the piece itself rather than a copy.
+            whole = data.obj
+            data = whole if isinstance(whole, bytes) and len(whole) == data.nbytes else data.tobytes()
+        self._consumer(data)
+        return size
+
+    def seekable(self) -> bool:
+        return False
 
 
 def tool_version() -> str:
@@ -64,12 +91,18 @@ def build_eif(
     shim: Path | None = None,
     signer: EifSigner | None = None,
     extras: Mapping[str, bytes | Path] | None = None,
+    consumer: Consumer | None = None,
 ) -> BuiltEif:
     """Write the EIF to `out_path` in one pass; PCRs are computed while the sections stream out.
 
     `mem_size_mib=None` writes the smallest valid size for this EIF into the header's default_mem:
     the file's length is known from its sections before any byte is written, so the header stays
     a deterministic function of the input.
+
+    `consumer`, for an unsigned EIF: the header is written first (its CRC from the content's CRCs, which the
+    pull recorded) and every byte goes to what `consumer` returns as well, in order (`BuiltEif.streamed`); so
+    the output layer is made in the same pass. A signed EIF's header is final only after its signature: then
+    `consumer` is not called and the caller reads the file back.
     """
     kernel = blobs_dir / "bzImage"
     config = blobs_dir / "bzImage.config"
@@ -92,18 +125,21 @@ def build_eif(
         mem_size_mib = default_mem_mib(eif_size(kernel=kernel.stat().st_size, cmdline=len(cmdline),
                                                 metadata=len(metadata), ramdisks=[boot.size, app.size],
                                                 signature=signer.max_section_size() if signer else None))
+    kernel_section = Section.of_file(kernel)
+    ramdisks = [Section(boot.size, boot.chunks, bootstrap_key(blobs_dir), boot.crc32),
+                Section(app.size, app.chunks, crc=app.crc32)]
+    streamed = consumer is not None and signer is None
     with out_path.open("wb") as out:
-        written = write_eif(
-            out,
-            kernel=Section.of_file(kernel),
-            cmdline=cmdline,
-            metadata=metadata,
-            ramdisks=[Section(boot.size, boot.chunks, bootstrap_key(blobs_dir)), Section(app.size, app.chunks)],
-            default_mem=mem_size_mib * MIB,
-            default_cpus=cpu_count,
-            signer=signer,
-        )
-    return BuiltEif(out_path, out_path.stat().st_size, written.measurements, mem_size_mib, written)
+        target: BinaryIO = out
+        if consumer is not None and streamed:
+            size = eif_size(kernel=kernel_section.size, cmdline=len(cmdline), metadata=len(metadata),
+                            ramdisks=[boot.size, app.size])
+            spans = eif_spans(kernel=kernel_section, cmdline=cmdline, metadata=metadata, ramdisks=ramdisks)
+            target = cast(BinaryIO, _Tee(out, consumer(size, spans)))
+        written = write_eif(target, kernel=kernel_section, cmdline=cmdline, metadata=metadata, ramdisks=ramdisks,
+                            default_mem=mem_size_mib * MIB, default_cpus=cpu_count, signer=signer,
+                            header_first=streamed)
+    return BuiltEif(out_path, out_path.stat().st_size, written.measurements, mem_size_mib, written, streamed)
 
 
 def bootstrap_key(blobs_dir: Path) -> Hashable:
