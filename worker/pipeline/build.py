@@ -1,6 +1,7 @@
 """Build step: an applied image tree plus converter options become a reproducible EIF and its measurements."""
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class EifIdentity:
 
 @dataclass(frozen=True)
 class BuiltEif:
-    path: Path
+    path: Path | None  # None: no file was asked for, the bytes went to the consumer only
     size: int
     measurements: Measurements
     # The enclave memory written into the header: the requested size, or the computed default.
@@ -53,11 +54,12 @@ Consumer = Callable[[int, Sequence[KnownSpan]], Callable[[bytes], None]]
 class _Tee:
     """The EIF file, each piece also handed to a consumer; written strictly in order (the header first)."""
 
-    def __init__(self, out: BinaryIO, consumer: Callable[[bytes], None]) -> None:
+    def __init__(self, out: BinaryIO | None, consumer: Callable[[bytes], None]) -> None:
         self._out, self._consumer = out, consumer
 
     def write(self, data: bytes | memoryview) -> int:
-        self._out.write(data)  # a buffered file: all of it, or it raises
+        if self._out is not None:
+            self._out.write(data)  # a buffered file: all of it, or it raises
         size = len(data) if isinstance(data, bytes) else data.nbytes
         if isinstance(data, memoryview):
             # The writer passes a view of the whole piece: hand on the piece itself rather than a copy.
@@ -85,7 +87,7 @@ def build_eif(
     identity: EifIdentity,
     *,
     blobs_dir: Path,
-    out_path: Path,
+    out_path: Path | None,
     cpu_count: int,
     mem_size_mib: int | None,
     shim: Path | None = None,
@@ -103,7 +105,11 @@ def build_eif(
     pull recorded) and every byte goes to what `consumer` returns as well, in order (`BuiltEif.streamed`); so
     the output layer is made in the same pass. A signed EIF's header is final only after its signature: then
     `consumer` is not called and the caller reads the file back.
+
+    `out_path=None` (with a `consumer`, unsigned): no file is written, the consumer gets the only copy.
     """
+    if out_path is None and (consumer is None or signer is not None):
+        raise ValueError("an EIF without a file needs a consumer and no signer")
     kernel = blobs_dir / "bzImage"
     config = blobs_dir / "bzImage.config"
     os_name, kernel_version = kernel_info_from_config(config) if config.exists() else ("Linux", "unknown")
@@ -129,17 +135,19 @@ def build_eif(
     ramdisks = [Section(boot.size, boot.chunks, bootstrap_key(blobs_dir), boot.crc32),
                 Section(app.size, app.chunks, crc=app.crc32)]
     streamed = consumer is not None and signer is None
-    with out_path.open("wb") as out:
-        target: BinaryIO = out
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(out_path.open("wb")) if out_path is not None else None
+        target: BinaryIO | None = out
         if consumer is not None and streamed:
             size = eif_size(kernel=kernel_section.size, cmdline=len(cmdline), metadata=len(metadata),
                             ramdisks=[boot.size, app.size])
             spans = eif_spans(kernel=kernel_section, cmdline=cmdline, metadata=metadata, ramdisks=ramdisks)
             target = cast(BinaryIO, _Tee(out, consumer(size, spans)))
+        assert target is not None
         written = write_eif(target, kernel=kernel_section, cmdline=cmdline, metadata=metadata, ramdisks=ramdisks,
                             default_mem=mem_size_mib * MIB, default_cpus=cpu_count, signer=signer,
                             header_first=streamed)
-    return BuiltEif(out_path, out_path.stat().st_size, written.measurements, mem_size_mib, written, streamed)
+    return BuiltEif(out_path, written.size, written.measurements, mem_size_mib, written, streamed)
 
 
 def bootstrap_key(blobs_dir: Path) -> Hashable:

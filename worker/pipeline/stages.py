@@ -199,8 +199,11 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
                                  spans=spans, sink=sink.write if sink is not None else None))
         return layer[0].write
 
+    # The EIF's file is written only for what reads it: the boot check, --eif-out, and a signed EIF's layer.
+    wants_file = plan.work.eif_out is not None or host.boot_check is not None or plan.signer is not None
     try:
-        eif = build_eif(tree, launch, identity, blobs_dir=host.blobs_dir, out_path=plan.work.scratch / "app.eif",
+        eif = build_eif(tree, launch, identity, blobs_dir=host.blobs_dir,
+                        out_path=plan.work.scratch / "app.eif" if wants_file else None,
                         cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, extras=extras,
                         signer=plan.signer, consumer=consumer)
     except BaseException:
@@ -253,17 +256,22 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
                 details={"mem_size": eif.mem_size_mib, "minimum": need, "eif_size": eif.size},
             )
         assert eif.written is not None
-        check_written(eif.path, eif.written)
+        if eif.path is not None:
+            check_written(eif.path, eif.written)
         files = {**enclave_files(spec, eif.measurements, eif.mem_size_mib, built.network), "run": plan.launcher,
                  EGRESS_SERVICE_NAME: plan.egress_service}
         if built.layer is not None:
             layer = built.layer.finish(files, eif.written)
         else:
+            assert eif.path is not None  # build_eif writes the file of an EIF it did not stream
             stream = _open_stream(spec, host, progress, plan)
             layer = write_layer(eif.path, files, plan.work.scratch / "layer.blob",
                                 compression=host.output_compression, written=eif.written,
                                 sink=stream.write if stream is not None else None)
-        boot = _boot_check(eif.path, host, plan.work.scratch, eif.measurements)
+        boot = None
+        if host.boot_check is not None:
+            assert eif.path is not None  # build writes the file for the boot check
+            boot = _boot_check(eif.path, host, plan.work.scratch, eif.measurements)
     except BaseException:
         _abandon(built.layer, stream)
         raise
@@ -286,7 +294,7 @@ def push(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan
 
 def keep(plan: Plan, built: Built, packaged: Packaged) -> None:
     """What the caller asked to keep of scratch: the EIF, the compressed layer."""
-    if plan.work.eif_out is not None:
+    if plan.work.eif_out is not None and built.eif.path is not None:
         shutil.copyfile(built.eif.path, plan.work.eif_out)
     if plan.work.keep_layer is not None:
         _move(packaged.layer.path, plan.work.keep_layer)
