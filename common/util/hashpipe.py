@@ -15,7 +15,7 @@ class Hasher(Protocol):
 
 _STOP = object()
 # Chunks queued ahead of the hashing thread; with 1 MiB chunks this bounds what a pipe holds to a few MiB.
-DEFAULT_DEPTH = 8
+DEFAULT_DEPTH = 4
 
 
 class HashPipe:
