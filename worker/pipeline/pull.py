@@ -221,17 +221,17 @@ class _Prefetch:
     def _fetch(self, descriptor: Descriptor, following: _Following) -> Path:
         # The cache holds only verified blobs; the registry has just authorised this caller for the
         # manifest that names them, so a hit never lends one tenant's private layer to another.
-        found = self._cache.get(descriptor)
-        if found is not None:
-            with found.open("rb") as f:  # a reader that asked before this hit was known follows the file
-                following.wrote(f.fileno(), descriptor.size)
-            following.ended(failed=False)
-            return found
         try:
+            found = self._cache.get(descriptor)
+            if found is not None:
+                with found.open("rb") as f:  # a reader that asked before this hit was known follows the file
+                    following.wrote(f.fileno(), descriptor.size)
+                following.ended(failed=False)
+                return found
             path = self._client.fetch_blob(self._repository, descriptor, self._cache.path(descriptor.digest),
                                            on_write=following.wrote)
         except BaseException:
-            following.ended(failed=True)
+            following.ended(failed=True)  # a follower never waits for bytes that will not come
             raise
         following.ended(failed=False)
         # Older blobs make room now, not after the conversion: this image's are in use, so never evicted.
