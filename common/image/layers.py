@@ -35,7 +35,7 @@ from common.image.filetree import (
     printable,
 )
 from common.image.tarstream import CountingSource, ReadAhead, TarStream
-from common.util.hashpipe import HashPipe
+from common.util.hashpipe import HashPipe, Writes
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_WHITEOUT = b".wh..wh..opq"
@@ -150,16 +150,6 @@ def _as_bytes(name: str, raw_for_error: bytes = b"") -> bytes:
         return name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError as exc:
         raise _invalid("bad_name", raw_for_error, "entry name cannot be represented as bytes") from exc
-
-
-class _Writes:
-    """A file as a `HashPipe` hasher: each update is a write."""
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
-
-    def update(self, data: bytes, /) -> None:
-        self._out.write(data)
 
 
 class _LayerApplier:
@@ -562,7 +552,7 @@ class _LayerApplier:
             fd, name = tempfile.mkstemp(prefix=f"layer-{self.index:04d}-", suffix=".spool", dir=self.spool_dir)
             self.spool = os.fdopen(fd, "wb")
             self.spool_path = Path(name)
-            self.spool_pipe = HashPipe(_Writes(self.spool), name="nitroconv-spool", depth=_SPOOL_DEPTH)
+            self.spool_pipe = HashPipe(Writes(self.spool), name="nitroconv-spool", depth=_SPOOL_DEPTH)
         return self.spool_pipe, self.spool_path
 
     def _close_spool(self) -> None:

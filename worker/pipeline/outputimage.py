@@ -28,7 +28,7 @@ from common.registry.hostpolicy import HostPolicy
 from common.registry.reference import parse_reference
 from common.util.atomicfile import atomic_file
 from common.util.compression import Compression
-from common.util.hashpipe import HashPipe
+from common.util.hashpipe import HashPipe, Writes
 from worker.pipeline.outputbase import BaseImage
 
 LAYER_MEDIA_TYPE = MEDIA_TYPES[Compression.GZIP]
@@ -103,6 +103,17 @@ class _PlainTar:
         self._sha.abort()
 
 
+class _PipeWriter:
+    """A file object whose writes are queued to a `HashPipe` over `Writes`."""
+
+    def __init__(self, pipe: HashPipe) -> None:
+        self._pipe = pipe
+
+    def write(self, data: bytes) -> int:
+        self._pipe.update(data)
+        return len(data)
+
+
 class _Tee:
     """The layer file, whose every compressed byte is also handed to a sink (a streamed upload) in file order."""
 
@@ -137,11 +148,14 @@ class LayerWriter:
         # deflated blocks are reused (common.image.compress.KnownRange); the CRC check covers the bytes.
         known = [KnownRange(len(heads) + span.offset, span.size, span.key) for span in spans]
         self._raw = out_path.open("wb")
+        # The layer file's writes run in a thread of their own, off the thread that produces the EIF.
+        self._file = HashPipe(Writes(self._raw), name="nitroconv-layerfile")
         self._eif_sha: HashPipe | None = None
         self._plain: _PlainTar | None = None
         self._compressor: StreamCompressor | None = None
         try:
-            target = self._raw if sink is None else cast(BinaryIO, _Tee(self._raw, sink))
+            piped = cast(BinaryIO, _PipeWriter(self._file))
+            target = piped if sink is None else cast(BinaryIO, _Tee(piped, sink))
             self._compressor = open_compressor(compression, target, threads=threads, known=known)
             self._plain = _PlainTar(self._compressor)
             self._eif_sha = HashPipe(hashlib.sha256(), name="nitroconv-eifsha")
@@ -177,6 +191,7 @@ class LayerWriter:
                 plain.member(f"enclave/{name}", files[name], 0o755 if name in EXECUTABLES else 0o644)
             diff_id = plain.finish()
             blob = compressor.close()
+            self._file.finish()  # raises what a write raised (ENOSPC)
             self._raw.close()
             eif_sha256 = eif_sha.finish().hexdigest()
         except BaseException:
@@ -193,6 +208,7 @@ class LayerWriter:
         for part in (self._plain, self._compressor, self._eif_sha):
             if part is not None:
                 part.abort()
+        self._file.abort()
         self._raw.close()
 
 
