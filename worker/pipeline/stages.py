@@ -192,6 +192,8 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
     stream: list[LayerStream] = []
 
     def consumer(size: int, spans: Sequence[KnownSpan]) -> Callable[[bytes], None]:
+        if spec.mem_size_mib is not None:
+            _check_memory(spec.mem_size_mib, size)  # before the work, not after it: the size is known now
         sink = _open_stream(spec, host, progress, plan)
         if sink is not None:
             stream.append(sink)
@@ -222,6 +224,15 @@ def _open_stream(spec: ConvertSpec, host: ConversionHost, progress: Progress, pl
                              insecure_registries=host.insecure_registries, should_cancel=progress.should_cancel)
 
 
+def _check_memory(mem_size_mib: int, eif_size: int) -> None:
+    need = minimum_mem_mib(eif_size)
+    if mem_size_mib < need:
+        raise MemoryTooSmall(
+            f"mem_size {mem_size_mib} MiB is below {MEMORY_FACTOR}x the EIF size; use at least {need} MiB",
+            details={"mem_size": mem_size_mib, "minimum": need, "eif_size": eif_size},
+        )
+
+
 def _abandon(layer: LayerWriter | None, stream: LayerStream | None) -> None:
     try:
         if layer is not None:
@@ -236,7 +247,6 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
     against what its writer hashed, and the boot check when the host runs one."""
     progress.enter(Stage.MEASURING)
     eif = built.eif
-    need = minimum_mem_mib(eif.size)
     # A torn write or a writer bug must not be pushed and trusted. The strict reader would measure the whole
     # file again (two SHA-384s of it); instead the file is held to what the writer reports having written, whose
     # PCRs were hashed from the very chunks it wrote:
@@ -250,11 +260,7 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
     #    pushed is what was checked. The strict reader stays the conformance oracle (tests, `verify`).
     stream = built.stream
     try:
-        if eif.mem_size_mib < need:
-            raise MemoryTooSmall(
-                f"mem_size {eif.mem_size_mib} MiB is below {MEMORY_FACTOR}x the EIF size; use at least {need} MiB",
-                details={"mem_size": eif.mem_size_mib, "minimum": need, "eif_size": eif.size},
-            )
+        _check_memory(eif.mem_size_mib, eif.size)
         assert eif.written is not None
         if eif.path is not None:
             check_written(eif.path, eif.written)
