@@ -296,9 +296,9 @@ class DockerBench:
 # The pipeline's top-level steps, as (label, file suffix, function) for the profile breakdown.
 _STEPS = (
     ("pull: fetch + verify + apply layers", "worker/pipeline/pull.py", "pull"),
-    ("build: cpio ramdisks + EIF + PCRs", "worker/pipeline/build.py", "build_eif"),
+    ("build: ramdisks + EIF + PCRs (+ the layer)", "worker/pipeline/build.py", "build_eif"),
     ("measure: the EIF's layout as written", "common/enclave/", "check_written"),
-    ("output layer: one read, tar + compress + digests", "worker/pipeline/outputimage.py", "write_layer"),
+    ("output layer read back (a signed EIF)", "worker/pipeline/outputimage.py", "write_layer"),
     ("push: upload", "worker/pipeline/push.py", "push"),
 )
 
