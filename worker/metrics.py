@@ -161,8 +161,8 @@ def instrument_registry() -> None:
     fetch, upload = RegistryClient.fetch_blob, RegistryClient.upload_blob
 
     @functools.wraps(fetch)
-    def fetch_blob(self: RegistryClient, repository: str, descriptor: Any, dest: Path) -> Path:
-        path = fetch(self, repository, descriptor, dest)
+    def fetch_blob(self: RegistryClient, repository: str, descriptor: Any, dest: Path, **kwargs: Any) -> Path:
+        path = fetch(self, repository, descriptor, dest, **kwargs)
         _metrics()["pulled"].inc(int(descriptor.size))
         return path
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from isal.isal_zlib import crc32, crc32_combine
+
 from common.errors import InvalidCpio
 from common.util.exactread import ExactReader
 
@@ -41,7 +43,8 @@ class CpioEntry:
     `name` is the archive path (bytes, no leading "/", any encoding); `mode` is the full st_mode (type bits
     and permission bits); `size` is the data length (file size, or symlink target length); `data` is the
     symlink target or small file content as bytes, or an opener returning a binary reader for streamed
-    file content. Regular-file entries sharing a non-None `link_key` are hard links of one inode.
+    file content. Regular-file entries sharing a non-None `link_key` are hard links of one inode. `crc`, when
+    known, is the CRC-32 of an opener's content: `CpioArchive.crc32` then takes it instead of reading the content.
     """
 
     name: bytes
@@ -54,6 +57,7 @@ class CpioEntry:
     rdevminor: int = 0
     data: bytes | Opener | None = None
     link_key: object | None = None
+    crc: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class _Member:
     nlink: int
     data_size: int  # bytes actually stored: 0 for the later links of a hard-link group
     source: bytes | Opener | None
+    crc: int | None = None  # of `source`'s bytes, when an opener's entry said it
 
 
 def _pad4(n: int) -> int:
@@ -187,17 +192,19 @@ def _plan(entries: Iterable[CpioEntry]) -> tuple[_Member, ...]:
         group = groups.get(key) if key is not None else None
         if group is None or len(group) == 1:
             nlink = 2 if stat.S_ISDIR(entry.mode) else 1
-            members.append(_Member(entry, next_ino, nlink, entry.size, entry.data))
+            members.append(_Member(entry, next_ino, nlink, entry.size, entry.data, entry.crc))
             next_ino += 1
         elif key in group_ino:
             # Later links carry no data; the kernel links them to the inode the first one created.
             members.append(_Member(entry, group_ino[key], len(group), 0, None))
         else:
             group_ino[key] = next_ino
-            source = next((link.data for link in group if link.data is not None), None)
+            provider = next((link for link in group if link.data is not None), None)
+            source = provider.data if provider is not None else None
             if source is None and entry.size:
                 raise _invalid("no link of this inode provides its data", "size_mismatch", entry.name)
-            members.append(_Member(entry, next_ino, len(group), entry.size, source))
+            members.append(_Member(entry, next_ino, len(group), entry.size, source,
+                                   provider.crc if provider is not None else None))
             next_ino += 1
     if next_ino > _U32_MAX:
         raise _invalid("too many inodes for 32-bit inode numbers", "field_overflow")
@@ -324,6 +331,30 @@ class CpioArchive:
                 yield from out.push(piece)
             if reader.read(1):
                 raise _invalid(f"content is longer than size {size}", "size_mismatch", name)
+
+    def crc32(self) -> int:
+        """The CRC-32 of the bytes `chunks()` yields, computed without reading content whose entry gave its `crc`
+        (the rest is read here). `chunks()` does not check content against it: a writer that needs the CRC
+        before the bytes checks the CRC of what it wrote after (common.enclave.writer)."""
+        crc = 0
+        for member in self._members:
+            crc = crc32(_entry_header(member), crc)
+            source, size = member.source, member.data_size
+            if size == 0:
+                continue
+            if isinstance(source, bytes):
+                crc = crc32(source, crc)
+            elif member.crc is not None:
+                crc = crc32_combine(crc, member.crc, size)
+            else:
+                assert source is not None
+                out = _Chunker()
+                for piece in self._stream(out, member.entry.name, source, size):
+                    crc = crc32(piece, crc)
+                for piece in out.flush():
+                    crc = crc32(piece, crc)
+            crc = crc32(b"\0" * _pad4(size), crc)
+        return crc32(self._trailer + b"\0" * self._padding, crc)
 
     def write_to(self, out: BinaryIO) -> int:
         """Write the whole archive to `out`; returns the number of bytes written (always `size`)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from common.enclave.cpio import CpioArchive, CpioEntry
 from common.enclave.launch import LaunchSpec, cmd_file, env_file
 from common.enclave.shim import SHIM_DIR, SHIM_NAME
-from common.image.filetree import Node, NodeKind, Tree
+from common.image.filetree import Node, NodeKind, SpoolContent, Tree
 
 # Entries we create (not taken from the image) get linuxkit's fixed time, as nitro-cli's ramdisks do.
 GENERATED_MTIME = 1492533000
@@ -55,7 +55,8 @@ def _node_entry(name: bytes, node: Node) -> CpioEntry:
         # Identity of the Node is the inode: several paths to one Node are hard links (data stored once).
         opener = content.open if content is not None and size else None
         return CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime, size=size,
-                         data=opener, link_key=id(node))
+                         data=opener, link_key=id(node),
+                         crc=content.crc if isinstance(content, SpoolContent) else None)
     if kind is NodeKind.SYMLINK:
         return CpioEntry(name=name, mode=node.st_mode, uid=node.uid, gid=node.gid, mtime=node.mtime,
                          size=len(node.target), data=node.target)

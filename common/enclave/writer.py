@@ -55,27 +55,39 @@ def _file_chunks(path: str | os.PathLike[str], chunk_size: int) -> Callable[[], 
 class Section:
     """Section content for the writer: its exact size up front, and a callable giving its bytes when written.
 
-    A `CpioArchive` adapts as `Section(archive.size, archive.chunks)`.
+    A `CpioArchive` adapts as `Section(archive.size, archive.chunks, crc=archive.crc32)`.
 
     `key`, when given, names the content: equal keys promise equal bytes (a blob file's identity, say). When
     the kernel, the cmdline and ramdisk 0 all have one, the writer measures them once per process and then
     reuses that (common.enclave.prefix), and `WrittenEif.spans` tells later passes where such content lies.
+    `crc`, when given, returns the CRC-32 the bytes will have, without necessarily reading them: with it on
+    every section the header can be written first (`write_eif(header_first=True)`).
     """
 
     size: int
     chunks: Callable[[], Iterable[bytes]]
     key: Hashable | None = None
+    crc: Callable[[], int] | None = None
 
     @classmethod
     def of_bytes(cls, data: bytes, *, key: Hashable | None = None) -> Section:
-        return cls(len(data), _bytes_chunks(bytes(data)), key)
+        data = bytes(data)
+        return cls(len(data), _bytes_chunks(data), key, lambda: crc32(data))
 
     @classmethod
     def of_file(cls, path: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> Section:
         """The file's current size; the writer fails if the file has changed size when it is read. Keyed by the
         file's identity (device, inode, size, change times), which any rewrite of the file changes."""
         identity = file_identity(path)
-        return cls(identity[2], _file_chunks(path, chunk_size), ("file", identity))
+        chunks = _file_chunks(path, chunk_size)
+
+        def crc() -> int:
+            value = 0
+            for piece in chunks():
+                value = crc32(piece, value)
+            return value
+
+        return cls(identity[2], chunks, ("file", identity), crc)
 
 
 def eif_size(*, kernel: int, cmdline: int, metadata: int, ramdisks: Sequence[int],
@@ -130,6 +142,24 @@ class WrittenEif:
     spans: tuple[KnownSpan, ...] = ()
 
 
+def _plan(kernel: Section, cmdline: bytes, metadata: bytes, ramdisks: Sequence[Section]
+          ) -> list[tuple[SectionType, Section]]:
+    return [(SectionType.KERNEL, kernel), (SectionType.CMDLINE, Section.of_bytes(cmdline, key=("bytes", cmdline))),
+            (SectionType.METADATA, Section.of_bytes(metadata)),
+            *((SectionType.RAMDISK, ramdisk) for ramdisk in ramdisks)]
+
+
+def eif_spans(*, kernel: Section, cmdline: bytes, metadata: bytes, ramdisks: Sequence[Section]
+              ) -> tuple[KnownSpan, ...]:
+    """The `WrittenEif.spans` that `write_eif` will report for these sections, known before it writes a byte."""
+    spans, offset = [], HEADER_SIZE
+    for _, section in _plan(kernel, cmdline, metadata, ramdisks):
+        if section.key is not None:
+            spans.append(KnownSpan(offset + SECTION_HEADER_SIZE, section.size, section.key))
+        offset += SECTION_HEADER_SIZE + section.size
+    return tuple(spans)
+
+
 def write_eif(
     out: BinaryIO,
     *,
@@ -141,6 +171,7 @@ def write_eif(
     default_mem: int = DEFAULT_MEM,
     default_cpus: int = DEFAULT_CPUS,
     signer: EifSigner | None = None,
+    header_first: bool = False,
 ) -> WrittenEif:
     """Write an EIF v4 exactly as nitro-cli's EifBuilder lays it out; return its PCRs, header, size and CRC.
 
@@ -150,6 +181,11 @@ def write_eif(
     hashed into the PCRs and added to the CRC in the same pass; the CRC is then written into the header,
     so `out` must be seekable. A section whose chunks do not add up to its declared size raises
     `InvalidEif` (the output is then incomplete and must be discarded).
+
+    `header_first` (unsigned EIFs whose every section gives its `crc`): the final header is written first and
+    `out` is written strictly in order, once, so it need not be seekable (a consumer can take the EIF as it is
+    made: the output layer). The CRC of the bytes written must then equal the one announced, else `InvalidEif`
+    (reason `crc_mismatch`) after the last byte: whatever `out` received must be discarded.
     """
     if not ramdisks:
         raise _writer_error("an EIF needs at least one ramdisk", "missing_section")
@@ -159,15 +195,29 @@ def write_eif(
     if len(cmdline) > CMDLINE_MAX_SIZE:
         raise _writer_error(f"kernel command line longer than {CMDLINE_MAX_SIZE} bytes", "section_too_large")
     parse_metadata(metadata, stage="write")  # never write what the strict reader would refuse
-    planned = [(SectionType.KERNEL, kernel), (SectionType.CMDLINE, Section.of_bytes(cmdline, key=("bytes", cmdline))),
-               (SectionType.METADATA, Section.of_bytes(metadata)),
-               *((SectionType.RAMDISK, ramdisk) for ramdisk in ramdisks)]
+    planned = _plan(kernel, cmdline, metadata, ramdisks)
     return _write_sections(out, planned, flags=flags, default_mem=default_mem, default_cpus=default_cpus,
-                           signer=signer)
+                           signer=signer, header_first=header_first)
+
+
+def _announced_crc(planned: Sequence[tuple[SectionType, Section]], known: dict[int, int]) -> int:
+    """The CRC-32 of everything after the header, from the sections' own CRCs (the prefix's when memoised)."""
+    crc = 0
+    for index, (kind, section) in enumerate(planned):
+        crc = crc32(SECTION_HEADER_STRUCT.pack(kind, 0, section.size), crc)
+        value = known.get(index)
+        if value is None:
+            if section.crc is None:
+                raise _writer_error(f"section {index} ({kind.label}) has no CRC to write the header first",
+                                    "no_crc")
+            value = section.crc()
+        crc = crc32_combine(crc, value, section.size)
+    return crc
 
 
 def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]], *, flags: int,
-                    default_mem: int, default_cpus: int, signer: EifSigner | None = None) -> WrittenEif:
+                    default_mem: int, default_cpus: int, signer: EifSigner | None = None,
+                    header_first: bool = False) -> WrittenEif:
     count = len(planned) + (signer is not None)
     if count > MAX_SECTIONS:
         raise _writer_error(f"{count} sections; an EIF holds at most {MAX_SECTIONS}", "too_many_sections")
@@ -179,17 +229,29 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
     for kind, section in planned:
         if not 0 <= section.size <= U64_MAX:
             raise _writer_error(f"{kind.label} size {section.size} does not fit in 64 bits", "field_overflow")
-    if not out.seekable():
+    if header_first and signer is not None:
+        raise _writer_error("a signed EIF's header is final only after its signature", "signed_header_first")
+    if not header_first and not out.seekable():
         raise _writer_error("the EIF CRC is written last into the header, so the output must be seekable",
                             "unseekable_output")
 
-    start = out.tell()
-    _write_all(out, b"\0" * HEADER_SIZE)  # the real header once every size, and so the CRC, is known
-    crc, length = 0, 0  # CRC and length of everything after the header
     prefix_key = _prefix_key(planned)
     prefix = PREFIXES.get(prefix_key) if prefix_key is not None else None
-    measurer = Measurer(prefix)
     known_crcs = dict(zip(_PREFIX_INDEXES, prefix.crcs, strict=True)) if prefix is not None else {}
+    announced: bytes | None = None
+    if header_first:
+        body_crc = _announced_crc(planned, known_crcs)
+        body = sum(SECTION_HEADER_SIZE + section.size for _, section in planned)
+        unsealed = _pack_header(flags=flags, default_mem=default_mem, default_cpus=default_cpus,
+                                sizes=[section.size for _, section in planned], crc=0)
+        announced = unsealed[:CRC_OFFSET] + struct.pack(
+            ">I", crc32_combine(crc32(unsealed[:CRC_OFFSET]), body_crc, body))
+        _write_all(out, announced)
+    else:
+        start = out.tell()
+        _write_all(out, b"\0" * HEADER_SIZE)  # the real header once every size, and so the CRC, is known
+    crc, length = 0, 0  # CRC and length of everything after the header
+    measurer = Measurer(prefix)
     prefix_crcs: list[int] = []  # measured here, for the memo
     sizes: list[int] = []
     spans: list[KnownSpan] = []
@@ -246,10 +308,15 @@ def _write_sections(out: BinaryIO, planned: Sequence[tuple[SectionType, Section]
             PREFIXES.put(prefix_key, MeasuredPrefix(state.copy(), tuple(prefix_crcs)))
     finally:
         measurer.close()
-    end = out.tell()
     header = _pack_header(flags=flags, default_mem=default_mem, default_cpus=default_cpus, sizes=sizes, crc=0)
     crc = crc32_combine(crc32(header[:CRC_OFFSET]), crc, length)
     header = header[:CRC_OFFSET] + struct.pack(">I", crc)
+    if announced is not None:
+        if header != announced:
+            raise _writer_error("the sections' bytes do not have the CRC announced in the header written first "
+                                "(content changed while it was read?)", "crc_mismatch")
+        return WrittenEif(measurements, header, HEADER_SIZE + length, crc, tuple(spans))
+    end = out.tell()
     out.seek(start)
     _write_all(out, header)
     out.seek(end)

@@ -139,7 +139,8 @@ class GzipBlocks:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nitroconv-gzip")
         self._limit = 2 * max(1, threads)
         self._pending: collections.deque[tuple[Future[tuple[bytes, int]], int]] = collections.deque()
-        self._buffer = bytearray()
+        self._parts: list[memoryview] = []  # held pieces of the next block
+        self._held = 0
         self._previous = b""
         self._crc = 0
         self._length = 0
@@ -147,13 +148,24 @@ class GzipBlocks:
         self._submitted = 0  # stream offset of the next block
 
     def write(self, data: bytes) -> None:
-        if not self._buffer and len(data) == GZIP_BLOCK:
+        if not self._held and len(data) == GZIP_BLOCK:
             self._submit(bytes(data))  # the common case: whole blocks pass without a copy through the buffer
             return
-        self._buffer += data
-        while len(self._buffer) >= GZIP_BLOCK:
-            self._submit(bytes(self._buffer[:GZIP_BLOCK]))
-            del self._buffer[:GZIP_BLOCK]
+        # Pieces that do not fall on block boundaries are held as views and joined once per block: one copy.
+        view = memoryview(data if isinstance(data, bytes) else bytes(data))
+        while view:
+            take = view[:GZIP_BLOCK - self._held]
+            self._parts.append(take)
+            self._held += len(take)
+            view = view[len(take):]
+            if self._held == GZIP_BLOCK:
+                self._submit_held()
+
+    def _submit_held(self) -> None:
+        block = b"".join(self._parts)
+        self._parts.clear()
+        self._held = 0
+        self._submit(block)
 
     def _memo_key(self, offset: int, length: int, window: int) -> Hashable | None:
         for known in self._known:
@@ -180,9 +192,8 @@ class GzipBlocks:
 
     def close(self) -> Compressed:
         try:
-            if self._buffer:
-                self._submit(bytes(self._buffer))
-                self._buffer.clear()
+            if self._held:
+                self._submit_held()
             while self._pending:
                 self._drain_one()
         finally:

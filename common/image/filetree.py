@@ -66,11 +66,13 @@ class BytesContent:
 
 @dataclass(frozen=True)
 class SpoolContent:
-    """A region of a spool file in the scratch dir."""
+    """A region of a spool file in the scratch dir; `crc`, the CRC-32 of its bytes when the spooler computed it
+    (an EIF's CRC is then known before its ramdisk is read: common.enclave.cpio.CpioArchive.crc32)."""
 
     spool_path: Path
     offset: int
     size: int
+    crc: int | None = None
 
     def open(self) -> BinaryIO:
         fd = os.open(self.spool_path, os.O_RDONLY | os.O_CLOEXEC)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
+from isal.isal_zlib import crc32
+
 from common.errors import (
     EntryCountExceeded,
     InvalidLayer,
@@ -33,12 +35,15 @@ from common.image.filetree import (
     printable,
 )
 from common.image.tarstream import CountingSource, ReadAhead, TarStream
+from common.util.hashpipe import HashPipe, Writes
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_WHITEOUT = b".wh..wh..opq"
 AUFS_META_PREFIX = b".wh..wh."
 
 _U32 = 1 << 32
+# Pieces (of at most _CHUNK) queued ahead of the spool's writing thread.
+_SPOOL_DEPTH = 4
 _CHUNK = 1 << 20
 _EMPTY = BytesContent(b"")
 
@@ -160,6 +165,8 @@ class _LayerApplier:
         # Directories whose lower content is already hidden in this layer: each is purged once.
         self.purged: dict[int, Node] = {}
         self.spool: IO[bytes] | None = None
+        # The spool's writes run in a thread of their own (the kernel's copy releases the GIL) while this one parses.
+        self.spool_pipe: HashPipe | None = None
         self.spool_path: Path | None = None
         self.spool_offset = 0
         self.members = self.files = self.content_bytes = 0
@@ -184,7 +191,11 @@ class _LayerApplier:
         except BaseException:
             self._discard_spool()
             raise
-        self._close_spool()
+        try:
+            self._close_spool()
+        except BaseException:
+            self._discard_spool()
+            raise
         return LayerStats(
             index=self.index,
             members=self.members,
@@ -522,30 +533,39 @@ class _LayerApplier:
         spool, spool_path = self._spool_file()
         offset = self.spool_offset
         reader = tar.open_member(member)
-        remaining = size
+        remaining, crc = size, 0
         while remaining:
             chunk = tar.read(reader, min(_CHUNK, remaining))
             if not chunk:
                 raise _invalid("truncated", raw, "file data ends before its declared size")
-            spool.write(chunk)
+            spool.update(chunk)
+            # Kept so the EIF's CRC can be known before its ramdisk is streamed (a few ms per image here).
+            crc = crc32(chunk, crc)
             remaining -= len(chunk)
         self.spool_offset += size
-        return SpoolContent(spool_path, offset, size)
+        return SpoolContent(spool_path, offset, size, crc)
 
     # --- spool -------------------------------------------------------------------------------
-    def _spool_file(self) -> tuple[IO[bytes], Path]:
-        if self.spool is None or self.spool_path is None:
+    def _spool_file(self) -> tuple[HashPipe, Path]:
+        if self.spool_pipe is None or self.spool_path is None:
             # mkstemp: O_EXCL, mode 0600, a fresh name; the only thing this module creates on disk.
             fd, name = tempfile.mkstemp(prefix=f"layer-{self.index:04d}-", suffix=".spool", dir=self.spool_dir)
             self.spool = os.fdopen(fd, "wb")
             self.spool_path = Path(name)
-        return self.spool, self.spool_path
+            self.spool_pipe = HashPipe(Writes(self.spool), name="nitroconv-spool", depth=_SPOOL_DEPTH)
+        return self.spool_pipe, self.spool_path
 
     def _close_spool(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
+        try:
+            if self.spool_pipe is not None:
+                self.spool_pipe.finish()  # raises what a write raised (ENOSPC)
+        finally:
+            if self.spool is not None:
+                self.spool.close()
 
     def _discard_spool(self) -> None:
+        if self.spool_pipe is not None:
+            self.spool_pipe.abort()
         if self.spool is not None:
             self.spool.close()
         if self.spool_path is not None:

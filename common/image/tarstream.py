@@ -8,7 +8,7 @@ import tarfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from typing import IO, Any, BinaryIO, Self
+from typing import IO, Any, BinaryIO, Self, cast
 
 import zstandard
 
@@ -291,6 +291,11 @@ class TarStream:
             yield member
 
     def open_member(self, member: tarfile.TarInfo) -> IO[bytes]:
+        stream = self._tar.fileobj
+        if (member.isreg() and member.sparse is None and isinstance(stream, _TARFILE_STREAM)
+                and getattr(stream, "comptype", None) == "tar" and isinstance(getattr(stream, "buf", None), bytes)
+                and getattr(stream, "pos", None) == member.offset_data):
+            return cast(IO[bytes], _DirectMember(stream, self._source, member.size))
         reader = _guard(lambda: self._tar.extractfile(member))
         if reader is None:
             raise _corrupt("not_a_file")
@@ -302,6 +307,46 @@ class TarStream:
 
     def close(self) -> None:
         self._tar.close()
+
+
+# tarfile's stream-mode reader. Its private `buf` (bytes read ahead of `pos`) and `pos` are all a member's
+# data read needs; when they are not what 3.11's tarfile has, members are read through `extractfile`.
+_TARFILE_STREAM: type = getattr(tarfile, "_Stream", type(None))
+
+
+class _DirectMember:
+    """A regular member's data read straight from the source below tarfile's stream, once: tarfile's own reader
+    passes every byte through its 10 KiB record buffer in several copies. The stream's read-ahead and position
+    are kept as tarfile keeps them, so its next header is read from where this member's data ends."""
+
+    def __init__(self, stream: Any, source: CountingSource, size: int) -> None:
+        self._stream, self._source, self._left = stream, source, size
+
+    def read(self, size: int = -1) -> bytes:
+        want = self._left if size is None or size < 0 else min(size, self._left)
+        if want <= 0:
+            return b""
+        stream = self._stream
+        buffered: bytes = stream.buf
+        pieces: list[bytes] = []
+        got = 0
+        if buffered:
+            pieces.append(buffered[:want])
+            stream.buf = buffered[want:]
+            got = len(pieces[0])
+        while got < want:  # the source hands out what its current piece holds
+            piece = self._source.read(want - got)
+            if not piece:  # what tarfile's own reader says of data cut short
+                raise _corrupt("unreadable", error="unexpected end of data")
+            pieces.append(piece)
+            got += len(piece)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        stream.pos += len(data)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        pass
 
 
 def _guard(call: Callable[[], Any]) -> Any:

@@ -227,14 +227,14 @@ class LayerReader:
     them are part of the DiffID too.
     """
 
-    def __init__(self, path: Path, compression: Compression, diff_id: Digest, *, max_bytes: int | None = None
-                 ) -> None:
+    def __init__(self, path: Path | BinaryIO, compression: Compression, diff_id: Digest, *,
+                 max_bytes: int | None = None) -> None:
         self.diff_id = diff_id
         self.max_bytes = max_bytes
         self.count = 0
         self._hasher = new_hasher(diff_id.algorithm)
         self._verified = False
-        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file: BinaryIO = open(path, "rb") if isinstance(path, Path) else path  # noqa: SIM115 - closed by close()
         self._stream: IO[bytes]
         try:
             if compression is Compression.GZIP:
@@ -320,9 +320,10 @@ class LayerReader:
             self.close()
 
 
-def open_layer(path: Path, media_type: str | Compression, diff_id: Digest, *, max_bytes: int | None = None
+def open_layer(path: Path | BinaryIO, media_type: str | Compression, diff_id: Digest, *, max_bytes: int | None = None
                ) -> LayerReader:
-    """Open a verified layer blob as its uncompressed tar stream (gzip, zstd or none by media type).
+    """Open a verified layer blob (a path, or a file object the reader then owns) as its uncompressed tar stream
+    (gzip, zstd or none by media type).
 
     Use as `with open_layer(...) as f: tarfile.open(fileobj=f, mode="r|")`: leaving the block
     normally drains and checks the DiffID; `max_bytes` bounds the uncompressed size (a bomb guard).
@@ -335,7 +336,8 @@ def open_layer(path: Path, media_type: str | Compression, diff_id: Digest, *, ma
             raise UnsupportedMediaType(f"unsupported layer media type {media_type!r}",
                                        details={"media_type": media_type})
         compression = found
-    return LayerReader(Path(path), compression, diff_id, max_bytes=max_bytes)
+    return LayerReader(path if not isinstance(path, str | os.PathLike) else Path(path), compression, diff_id,
+                       max_bytes=max_bytes)
 
 
 def _hex_digest(path: Path, algorithm: str) -> str:

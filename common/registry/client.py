@@ -360,15 +360,18 @@ class RegistryClient:
         document = parse_manifest_document(raw, content_type, expected_media_type=expected_media_type)
         return FetchedManifest(digest, document.media_type, raw, document)
 
-    def fetch_blob(self, repository: str, descriptor: Descriptor, dest: Path) -> Path:
+    def fetch_blob(self, repository: str, descriptor: Descriptor, dest: Path, *,
+                   on_write: Callable[[int, int], None] | None = None) -> Path:
         """Download a blob to `dest`, verified (size while reading, digest at EOF), renamed into place atomically.
 
         The temporary file lives next to `dest` so the final rename cannot cross filesystems; a
-        failure leaves nothing at `dest`.
+        failure leaves nothing at `dest`. `on_write(fd, size)` is called whenever the temporary file's
+        descriptor holds `size` bytes of the blob (less than before when a download starts over), so a
+        reader can follow the download with `pread`; those bytes are verified only once this returns.
         """
         with atomic_file(Path(dest)) as sink:
             writer = VerifyingWriter(sink, descriptor.digest, descriptor.size)
-            self._download(repository, descriptor, writer, sink)
+            self._download(repository, descriptor, writer, sink, on_write)
             writer.verify()
         return Path(dest)
 
@@ -383,7 +386,8 @@ class RegistryClient:
         writer.verify()
         return sink.getvalue()
 
-    def _download(self, repository: str, descriptor: Descriptor, writer: VerifyingWriter, sink: IO[bytes]) -> None:
+    def _download(self, repository: str, descriptor: Descriptor, writer: VerifyingWriter, sink: IO[bytes],
+                  on_write: Callable[[int, int], None] | None = None) -> None:
         """Stream a blob into `writer`, resuming with Range after a broken connection where the server allows."""
         repo = check_repository(repository)
         url = f"{self.base_url}/v2/{repo}/blobs/{descriptor.digest}"
@@ -399,6 +403,8 @@ class RegistryClient:
                         sink.seek(0)
                         sink.truncate()
                         writer.reset()
+                        if on_write is not None:
+                            on_write(sink.fileno(), 0)
                     length = resp.headers.get("Content-Length")
                     if length is not None and length.isdigit() and int(length) != descriptor.size:
                         raise SizeMismatch(
@@ -416,6 +422,9 @@ class RegistryClient:
                         if not chunk:
                             return
                         writer.write(chunk)
+                        if on_write is not None:
+                            sink.flush()
+                            on_write(sink.fileno(), writer.written)
                 except _TRANSPORT_ERRORS as exc:
                     if isinstance(exc, OSError) and exc.errno in _LOCAL_DISK_ERRNOS:
                         raise  # our disk is full, not the connection broken: resuming would fail the same way

@@ -15,7 +15,7 @@ class Hasher(Protocol):
 
 _STOP = object()
 # Chunks queued ahead of the hashing thread; with 1 MiB chunks this bounds what a pipe holds to a few MiB.
-DEFAULT_DEPTH = 8
+DEFAULT_DEPTH = 4
 
 
 class HashPipe:
@@ -84,3 +84,18 @@ class HashPipe:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._stop()
+
+
+class Writes:
+    """A file as a `HashPipe` hasher: each update is a write, so the pipe's thread does the file's writes (the
+    kernel's copy releases the GIL) while the producer goes on."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+
+    def update(self, data: bytes, /) -> None:
+        self._out.write(data)
+
+    def write(self, data: bytes, /) -> int:
+        self._out.write(data)
+        return len(data)

@@ -123,3 +123,72 @@ def test_pull_evicts_older_blobs_as_it_adds_layers(registry: RunningRegistry, re
     assert all(cache.get(Descriptor(layer.media_type, Digest.parse(layer.digest), len(layer.blob))) is not None
                for layer in pushed.layers)
     assert cache.usage() <= 64 * 1024 and sum(p.exists() for p in old) < len(old)
+
+
+def _spooled(work: Path) -> bool:
+    return any(p.stat().st_size for p in (work / "spool").glob("layer-0000-*.spool"))
+
+
+def test_pull_applies_a_layer_while_it_downloads(registry: RunningRegistry, hostile_front, repo_name: str,
+                                                 tmp_path: Path) -> None:
+    """The registry holds back the second half of the only layer until some of its first file is spooled: a pull
+    that waited for the whole blob before applying it would never spool anything while the body is held. (The
+    download hands on its bytes a MiB at a time: the layer is incompressible and several MiB.)"""
+    import random
+
+    from tests.fixtures.hostile import Reply
+
+    first, second = random.Random(4).randbytes(8 << 20), b"2" * 100_000
+    pushed = push_test_image(registry, repo_name, "v1",
+                             [make_layer(LayerTar().file("a", first).file("b", second).bytes())])
+    front = hostile_front(registry.host)
+    seen_while_held: list[bool] = []
+
+    def held(seen, forward) -> Reply:  # type: ignore[no-untyped-def]
+        reply = forward()
+        body = reply.body
+        assert isinstance(body, bytes)
+
+        def halves():  # type: ignore[no-untyped-def]
+            yield body[:len(body) // 2]
+            deadline = time.monotonic() + 10
+            while not _spooled(tmp_path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_while_held.append(_spooled(tmp_path))
+            yield body[len(body) // 2:]
+
+        reply.body, reply.length = halves(), len(body)
+        return reply
+
+    front.on("GET", f"/blobs/{pushed.layers[0].digest}", held)
+    tree = Tree()
+    pull(f"{front.host}/{repo_name}:v1", tree, credentials=None, insecure_registries=frozenset({front.host}),
+         cache=BlobStore(tmp_path / "cache"), spool_dir=tmp_path / "spool", limits=DEFAULT_LIMITS,
+         progress=lambda done: None)
+    assert seen_while_held == [True]
+    node = tree.lookup(b"b")
+    assert node is not None and node.content is not None
+    with node.content.open() as f:
+        assert f.read() == second
+    assert BlobStore(tmp_path / "cache").path(pushed.layers[0].digest).is_file()
+
+
+def test_pull_following_a_download_with_wrong_bytes_is_digest_mismatch(registry: RunningRegistry, hostile_front,
+                                                                       repo_name: str, tmp_path: Path) -> None:
+    """Bytes of the right size that are not the blob: the apply stumbles on them first, and the pull reports
+    what the download found (the digest), not a corrupt layer; nothing reaches the cache."""
+    pushed = push_test_image(registry, repo_name, "v1", [make_layer(LayerTar().file("a", b"a" * 300_000).bytes())])
+    front = hostile_front(registry.host)
+
+    def zeros(seen, forward):  # type: ignore[no-untyped-def]
+        reply = forward()
+        reply.body = bytes(len(reply.body))
+        return reply
+
+    front.on("GET", f"/blobs/{pushed.layers[0].digest}", zeros)
+    with pytest.raises(DigestMismatch):
+        pull(f"{front.host}/{repo_name}:v1", Tree(), credentials=None, insecure_registries=frozenset({front.host}),
+             cache=BlobStore(tmp_path / "cache"), spool_dir=tmp_path / "spool", limits=DEFAULT_LIMITS,
+             progress=lambda done: None)
+    assert not BlobStore(tmp_path / "cache").path(pushed.layers[0].digest).exists()
+    assert prefetch_threads(within=ABORT_GRACE_SECONDS) == []

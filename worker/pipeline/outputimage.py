@@ -12,7 +12,7 @@ from typing import BinaryIO, cast
 
 from common.enclave.measure import Measurements
 from common.enclave.reader import CrcOfStream
-from common.enclave.writer import WrittenEif
+from common.enclave.writer import KnownSpan, WrittenEif
 from common.errors import InvalidEif, InvalidManifest
 from common.image.compress import (
     GZIP_BLOCK,
@@ -28,7 +28,7 @@ from common.registry.hostpolicy import HostPolicy
 from common.registry.reference import parse_reference
 from common.util.atomicfile import atomic_file
 from common.util.compression import Compression
-from common.util.hashpipe import HashPipe
+from common.util.hashpipe import HashPipe, Writes
 from worker.pipeline.outputbase import BaseImage
 
 LAYER_MEDIA_TYPE = MEDIA_TYPES[Compression.GZIP]
@@ -103,6 +103,17 @@ class _PlainTar:
         self._sha.abort()
 
 
+class _PipeWriter:
+    """A file object whose writes are queued to a `HashPipe` over `Writes`."""
+
+    def __init__(self, pipe: HashPipe) -> None:
+        self._pipe = pipe
+
+    def write(self, data: bytes) -> int:
+        self._pipe.update(data)
+        return len(data)
+
+
 class _Tee:
     """The layer file, whose every compressed byte is also handed to a sink (a streamed upload) in file order."""
 
@@ -115,72 +126,129 @@ class _Tee:
         return written
 
 
+class LayerWriter:
+    """The output layer made from an EIF's bytes as they come, in file order: `write()` each piece, then `finish()`.
+
+    Each piece feeds the EIF's sha256, the tar's (the diff_id), the parallel compressor and its output's
+    sha256 (each hash in a thread of its own), and the CRC that `finish()` holds to the writer's. The bytes
+    come from a read of the written file (`write_layer`) or straight from the EIF writer (`tee`, when it wrote
+    its header first): either way the layer holds exactly the bytes whose CRC passed.
+
+    `sink` receives the compressed bytes as they are written to `out_path`, in order (a streamed upload, which
+    commits nothing: the caller decides after every check whether what it received is pushed).
+    """
+
+    def __init__(self, out_path: Path, size: int, *, compression: Compression = Compression.GZIP,
+                 spans: Sequence[KnownSpan] = (), threads: int | None = None,
+                 sink: Callable[[bytes], None] | None = None) -> None:
+        self.path, self.size, self._compression = out_path, size, compression
+        self._crc = CrcOfStream()
+        heads = _tar_header("enclave", 0, 0o755, tarfile.DIRTYPE) + _tar_header("enclave/app.eif", size, 0o644)
+        # The EIF's keyed sections (its kernel above all) sit at the same stream offsets in every layer: their
+        # deflated blocks are reused (common.image.compress.KnownRange); the CRC check covers the bytes.
+        known = [KnownRange(len(heads) + span.offset, span.size, span.key) for span in spans]
+        self._raw = out_path.open("wb")
+        # The layer file's writes run in a thread of their own, off the thread that produces the EIF.
+        self._file = HashPipe(Writes(self._raw), name="nitroconv-layerfile")
+        self._eif_sha: HashPipe | None = None
+        self._plain: _PlainTar | None = None
+        self._compressor: StreamCompressor | None = None
+        try:
+            piped = cast(BinaryIO, _PipeWriter(self._file))
+            target = piped if sink is None else cast(BinaryIO, _Tee(piped, sink))
+            self._compressor = open_compressor(compression, target, threads=threads, known=known)
+            self._plain = _PlainTar(self._compressor)
+            self._eif_sha = HashPipe(hashlib.sha256(), name="nitroconv-eifsha")
+            self._plain.write(heads)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, chunk: bytes) -> None:
+        assert self._plain is not None and self._eif_sha is not None
+        self._eif_sha.update(chunk)
+        self._crc.update(chunk)
+        self._plain.write(chunk)
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the uncompressed layer so far (the tar headers included)."""
+        return self._plain.offset if self._plain is not None else 0
+
+    def finish(self, files: Mapping[str, bytes], written: WrittenEif | None = None) -> OutputLayer:
+        """The small files after the EIF, then the digests; with `written`, the EIF received must be the size and
+        CRC its writer reported, else `InvalidEif` (a short, torn or since-changed file)."""
+        plain, compressor, eif_sha = self._plain, self._compressor, self._eif_sha
+        assert plain is not None and compressor is not None and eif_sha is not None
+        try:
+            received = self._crc.offset
+            if received != self.size:
+                raise InvalidEif(f"the layer received {received} bytes of an EIF of {self.size}",
+                                 details={"reason": "truncated" if received < self.size else "trailing_bytes",
+                                          "offset": received})
+            plain.write(_pad(self.size))
+            for name in sorted(files):
+                plain.member(f"enclave/{name}", files[name], 0o755 if name in EXECUTABLES else 0o644)
+            diff_id = plain.finish()
+            blob = compressor.close()
+            self._file.finish()  # raises what a write raised (ENOSPC)
+            self._raw.close()
+            eif_sha256 = eif_sha.finish().hexdigest()
+        except BaseException:
+            self.abort()
+            raise
+        if written is not None and self._crc.value != written.crc:
+            raise InvalidEif("the EIF read back does not have the CRC its writer computed: the file changed or was "
+                             "torn after it was written", details={"reason": "crc_mismatch"})
+        return OutputLayer(self.path, Blob(f"sha256:{blob.sha256}", blob.size, MEDIA_TYPES[self._compression]),
+                           diff_id, eif_sha256)
+
+    def abort(self) -> None:
+        """Stop the threads and close the file (on an error path; the caller removes the file)."""
+        for part in (self._plain, self._compressor, self._eif_sha):
+            if part is not None:
+                part.abort()
+        self._file.abort()
+        self._raw.close()
+
+
 def write_layer(eif: Path, files: Mapping[str, bytes], out_path: Path, *,
                 compression: Compression = Compression.GZIP, written: WrittenEif | None = None,
                 threads: int | None = None, sink: Callable[[bytes], None] | None = None) -> OutputLayer:
     """Write `enclave/` with the EIF and the small files, compressed (gzip with no name or time, or zstd) so that
     equal inputs give equal digests whatever the thread count.
 
-    One sequential read of the EIF feeds everything at once: the EIF's sha256, the tar's (the diff_id), the
-    parallel compressor and its output's sha256, each hash in a thread of its own. The EIF is read back
-    rather than teed from its writer because its header (CRC, and with a signer the signature section) is
-    final only after the last section, while every digest here needs the bytes in file order; the read
-    comes from the page cache, and it is what makes the pushed layer exactly the file that was checked.
+    One sequential read of the EIF feeds a `LayerWriter`. The EIF is read back rather than teed from its writer
+    when its header (CRC, and with a signer the signature section) was final only after the last section, while
+    every digest here needs the bytes in file order; the read comes from the page cache, and it is what makes
+    the pushed layer exactly the file that was checked.
 
     With `written` (what `write_eif` reported), the file's size must be the writer's and its CRC,
     recomputed from the bytes read here, the writer's: a torn, short or since-changed file fails with
     `InvalidEif` before anything is pushed (see `common.enclave.reader.check_written` for the rest of that check).
-
-    `sink` receives the compressed bytes as they are written to `out_path`, in order (a streamed upload, which
-    commits nothing: the caller decides after every check whether what it received is pushed).
     """
     size = eif.stat().st_size
     if written is not None and size != written.size:
         raise InvalidEif(f"the EIF is {size} bytes, its writer wrote {written.size}",
                          details={"reason": "truncated" if size < written.size else "trailing_bytes"})
-    crc = CrcOfStream()
-    eif_sha = HashPipe(hashlib.sha256(), name="nitroconv-eifsha")
-    heads = _tar_header("enclave", 0, 0o755, tarfile.DIRTYPE) + _tar_header("enclave/app.eif", size, 0o644)
-    # The EIF's keyed sections (its kernel above all) sit at the same stream offsets in every layer: their
-    # deflated blocks are reused (common.image.compress.KnownRange); the CRC check below covers the bytes.
-    known = [KnownRange(len(heads) + span.offset, span.size, span.key) for span in written.spans] if written else []
+    layer = LayerWriter(out_path, size, compression=compression, spans=written.spans if written else (),
+                        threads=threads, sink=sink)
     try:
-        with out_path.open("wb") as raw:
-            target = raw if sink is None else cast(BinaryIO, _Tee(raw, sink))
-            compressor = open_compressor(compression, target, threads=threads, known=known)
-            plain = _PlainTar(compressor)
-            try:
-                plain.write(heads)
-                with eif.open("rb") as src:
-                    remaining = size
-                    while remaining:
-                        # Pieces end on the compressor's block boundaries (the tar headers come first), so
-                        # whole blocks reach it without being copied through its buffer.
-                        chunk = src.read(min(_CHUNK - plain.offset % _CHUNK, remaining))
-                        if not chunk:
-                            raise InvalidEif("the EIF ended while it was read into the layer",
-                                             details={"reason": "truncated", "offset": size - remaining})
-                        remaining -= len(chunk)
-                        eif_sha.update(chunk)
-                        crc.update(chunk)
-                        plain.write(chunk)
-                plain.write(_pad(size))
-                for name in sorted(files):
-                    plain.member(f"enclave/{name}", files[name], 0o755 if name in EXECUTABLES else 0o644)
-                diff_id = plain.finish()
-                blob = compressor.close()
-            except BaseException:
-                plain.abort()
-                compressor.abort()
-                raise
-        eif_sha256 = eif_sha.finish().hexdigest()
-    finally:
-        eif_sha.abort()  # a no-op once finished
-    if written is not None and crc.value != written.crc:
-        raise InvalidEif("the EIF read back does not have the CRC its writer computed: the file changed or was "
-                         "torn after it was written", details={"reason": "crc_mismatch"})
-    return OutputLayer(out_path, Blob(f"sha256:{blob.sha256}", blob.size, MEDIA_TYPES[compression]), diff_id,
-                       eif_sha256)
+        with eif.open("rb") as src:
+            remaining = size
+            while remaining:
+                # Pieces end on the compressor's block boundaries (the tar headers come first), so
+                # whole blocks reach it without being copied through its buffer.
+                chunk = src.read(min(_CHUNK - layer.offset % _CHUNK, remaining))
+                if not chunk:
+                    raise InvalidEif("the EIF ended while it was read into the layer",
+                                     details={"reason": "truncated", "offset": size - remaining})
+                remaining -= len(chunk)
+                layer.write(chunk)
+    except BaseException:
+        layer.abort()
+        raise
+    return layer.finish(files, written)
 
 
 def labels(measurements: Measurements, input_digest: str) -> dict[str, str]:

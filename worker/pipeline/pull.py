@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import tarfile
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -90,9 +91,20 @@ def _pull_registry(
         with _Prefetch(client, image.repository, cache, image.layers) as prefetch:
             for index, (descriptor, diff_id) in enumerate(zip(image.layers, image.diff_ids, strict=True)):
                 # Downloads run ahead; applying stays strictly in order (a later layer's deletions must win).
-                path = prefetch.wait(index)
-                with open_layer(path, descriptor.media_type, diff_id, max_bytes=limits.max_total_bytes) as layer:
-                    apply_layer(tree, cast(BinaryIO, layer), spool_dir=spool_dir, limits=limits, state=state)
+                # A layer still downloading is applied as its bytes arrive; its end is read only once the
+                # whole blob is verified, so the DiffID check at that end covers verified bytes alone.
+                source = prefetch.source(index)
+                try:
+                    with open_layer(source, descriptor.media_type, diff_id,
+                                    max_bytes=limits.max_total_bytes) as layer:
+                        apply_layer(tree, cast(BinaryIO, layer), spool_dir=spool_dir, limits=limits, state=state)
+                except BaseException as exc:
+                    # Bytes that fail to apply may be the download's fault (wrong or cut bytes): then its error,
+                    # which says so, is raised instead, if it comes within the grace an aborted pull gives.
+                    if not isinstance(source, Path):
+                        prefetch.raise_download_error(index, exc)
+                    raise
+                prefetch.wait(index)
                 done += descriptor.size
                 progress(done / total)
     config = load_json_object(image.config_bytes, what="image config")
@@ -104,6 +116,68 @@ def _pull_registry(
         size=image.compressed_size,
         layers=len(image.layers),
     )
+
+
+class DownloadFailed(Exception):
+    """Raised to a reader following a download that failed; the download's own error is its future's."""
+
+
+class _Following:
+    """A blob read while it downloads: `read()` returns what the download has written (pread on a duplicate of
+    its temporary file's descriptor), waits while it has no more, and gives the end only once the blob is
+    verified. Owned by one reader, which closes it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._fd: int | None = None
+        self._size = 0
+        self._end = False
+        self._failed = False
+        self._pos = 0
+        self.closed = False
+        self.claimed = False
+
+    # --- the download's side
+    def wrote(self, fd: int, size: int) -> None:
+        with self._changed:
+            if self._fd is None and not self.closed:
+                self._fd = os.dup(fd)
+            self._size = size
+            self._changed.notify_all()
+
+    def ended(self, *, failed: bool) -> None:
+        with self._changed:
+            self._end, self._failed = True, failed
+            self._changed.notify_all()
+
+    # --- the reader's side (enough of a file for the layer's decompressor)
+    def read(self, size: int = -1) -> bytes:
+        with self._changed:
+            while self._pos >= self._size and not self._end and not self._failed:
+                self._changed.wait()
+            if self._failed:
+                raise DownloadFailed("the layer's download failed")
+            fd, available = self._fd, self._size - self._pos
+        if available <= 0 or fd is None:
+            return b""
+        data = os.pread(fd, available if size is None or size < 0 else min(size, available), self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer)[:len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class _Prefetch:
@@ -124,29 +198,42 @@ class _Prefetch:
         self._layers = layers
         self._pool = ThreadPoolExecutor(max_workers=PREFETCH_THREADS, thread_name_prefix="nitroconv-prefetch")
         self._futures: list[Future[Path]] = []
+        self._following: list[_Following] = []
 
     def __enter__(self) -> _Prefetch:
         # One download per digest: an image may list the same blob twice, and two writers of one
         # cache path would only race to the same verified bytes.
         by_digest: dict[str, Future[Path]] = {}
         try:
+            follow: dict[str, _Following] = {}
             for descriptor in self._layers:
                 key = str(descriptor.digest)
                 if key not in by_digest:
-                    by_digest[key] = self._pool.submit(self._fetch, descriptor)
+                    follow[key] = _Following()
+                    by_digest[key] = self._pool.submit(self._fetch, descriptor, follow[key])
                 self._futures.append(by_digest[key])
+                self._following.append(follow[key])
         except BaseException:
             self._pool.shutdown(wait=True, cancel_futures=True)
             raise
         return self
 
-    def _fetch(self, descriptor: Descriptor) -> Path:
+    def _fetch(self, descriptor: Descriptor, following: _Following) -> Path:
         # The cache holds only verified blobs; the registry has just authorised this caller for the
         # manifest that names them, so a hit never lends one tenant's private layer to another.
-        found = self._cache.get(descriptor)
-        if found is not None:
-            return found
-        path = self._client.fetch_blob(self._repository, descriptor, self._cache.path(descriptor.digest))
+        try:
+            found = self._cache.get(descriptor)
+            if found is not None:
+                with found.open("rb") as f:  # a reader that asked before this hit was known follows the file
+                    following.wrote(f.fileno(), descriptor.size)
+                following.ended(failed=False)
+                return found
+            path = self._client.fetch_blob(self._repository, descriptor, self._cache.path(descriptor.digest),
+                                           on_write=following.wrote)
+        except BaseException:
+            following.ended(failed=True)  # a follower never waits for bytes that will not come
+            raise
+        following.ended(failed=False)
         # Older blobs make room now, not after the conversion: this image's are in use, so never evicted.
         try:
             self._cache.trim()
@@ -157,8 +244,27 @@ class _Prefetch:
     def wait(self, index: int) -> Path:
         return self._futures[index].result()
 
+    def raise_download_error(self, index: int, cause: BaseException) -> None:
+        """Raise layer `index`'s download error, if its download fails within ABORT_GRACE_SECONDS (or fails
+        already, for `DownloadFailed`); return if it succeeds or is still running."""
+        future = self._futures[index]
+        wait_futures([future], timeout=None if isinstance(cause, DownloadFailed) else ABORT_GRACE_SECONDS)
+        if future.done() and future.exception() is not None:
+            raise cast(BaseException, future.exception()) from cause
+
+    def source(self, index: int) -> Path | BinaryIO:
+        """Layer `index`'s verified file when its download is over, else a reader following the download
+        (once per blob: a blob listed again is read from the file its first download made)."""
+        future, following = self._futures[index], self._following[index]
+        if future.done() or following.claimed:
+            return future.result()
+        following.claimed = True
+        return cast(BinaryIO, following)
+
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        for following in self._following:
+            following.close()  # a reader that left early (an error) leaves its duplicate descriptor here
         if exc_type is None:
             self._pool.shutdown(wait=True)
             return

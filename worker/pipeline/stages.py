@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from common.enclave.network import (
 from common.enclave.reader import check_written
 from common.enclave.shim import DAEMONS, SHIM_DIR, through_shim
 from common.enclave.signing import EifSigner
+from common.enclave.writer import KnownSpan
 from common.errors import InvalidOptions, MemoryTooSmall
 from common.image.filetree import NodeKind, Tree
 from common.options import check_java_mode
@@ -34,7 +36,7 @@ from worker.pipeline.etcfiles import write_etc_files
 from worker.pipeline.host import ConversionHost
 from worker.pipeline.memory import MEMORY_FACTOR, minimum_mem_mib
 from worker.pipeline.outputbase import BaseImage, base_reference, resolve_base
-from worker.pipeline.outputimage import ENTRYPOINT, OutputLayer, config_json, labels, write_layer
+from worker.pipeline.outputimage import ENTRYPOINT, LayerWriter, OutputLayer, config_json, labels, write_layer
 from worker.pipeline.pull import PulledImage
 from worker.pipeline.pull import pull as pull_image
 from worker.pipeline.push import Pushed, output_reference
@@ -81,6 +83,9 @@ class Built:
     warnings: tuple[str, ...]
     # The network policy measured into the EIF and written to launch.json (common.enclave.network.resolve).
     network: dict[str, object]
+    # The output layer, fed the EIF's bytes as they were written (an unsigned EIF); `package` finishes it.
+    layer: LayerWriter | None = None
+    stream: LayerStream | None = None
 
 
 @dataclass(frozen=True)
@@ -181,10 +186,60 @@ def build(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Pla
                                 f"{image.name}@{image.input_digest}" if image.input_digest else None),
         custom={"nitroconv": {"debug": spec.options.debug}},
     )
-    eif = build_eif(tree, launch, identity, blobs_dir=host.blobs_dir, out_path=plan.work.scratch / "app.eif",
-                    cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, extras=extras,
-                    signer=plan.signer)
-    return Built(eif, image, pulled.base, warnings, network)
+    # The output layer is made in the same pass as the EIF (its compression and digests on the other core
+    # while the ramdisk is produced and measured), from the very bytes that are hashed into the PCRs.
+    layer: list[LayerWriter] = []
+    stream: list[LayerStream] = []
+
+    def consumer(size: int, spans: Sequence[KnownSpan]) -> Callable[[bytes], None]:
+        if spec.mem_size_mib is not None:
+            _check_memory(spec.mem_size_mib, size)  # before the work, not after it: the size is known now
+        sink = _open_stream(spec, host, progress, plan)
+        if sink is not None:
+            stream.append(sink)
+        layer.append(LayerWriter(plan.work.scratch / "layer.blob", size, compression=host.output_compression,
+                                 spans=spans, sink=sink.write if sink is not None else None))
+        return layer[0].write
+
+    # The EIF's file is written only for what reads it: the boot check, --eif-out, and a signed EIF's layer.
+    wants_file = plan.work.eif_out is not None or host.boot_check is not None or plan.signer is not None
+    try:
+        eif = build_eif(tree, launch, identity, blobs_dir=host.blobs_dir,
+                        out_path=plan.work.scratch / "app.eif" if wants_file else None,
+                        cpu_count=spec.cpu_count, mem_size_mib=spec.mem_size_mib, shim=plan.shim, extras=extras,
+                        signer=plan.signer, consumer=consumer)
+    except BaseException:
+        _abandon(layer[0] if layer else None, stream[0] if stream else None)
+        raise
+    return Built(eif, image, pulled.base, warnings, network, layer[0] if layer else None,
+                 stream[0] if stream else None)
+
+
+def _open_stream(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan) -> LayerStream | None:
+    """The streamed upload of the output layer, when the host pushes while it compresses. With a boot check
+    nothing may reach the registry before the boot passed."""
+    if not host.stream_push or host.boot_check is not None:
+        return None
+    return open_layer_stream(plan.output, credentials=spec.output_credentials,
+                             insecure_registries=host.insecure_registries, should_cancel=progress.should_cancel)
+
+
+def _check_memory(mem_size_mib: int, eif_size: int) -> None:
+    need = minimum_mem_mib(eif_size)
+    if mem_size_mib < need:
+        raise MemoryTooSmall(
+            f"mem_size {mem_size_mib} MiB is below {MEMORY_FACTOR}x the EIF size; use at least {need} MiB",
+            details={"mem_size": mem_size_mib, "minimum": need, "eif_size": eif_size},
+        )
+
+
+def _abandon(layer: LayerWriter | None, stream: LayerStream | None) -> None:
+    try:
+        if layer is not None:
+            layer.abort()
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan, built: Built) -> Packaged:
@@ -192,40 +247,39 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
     against what its writer hashed, and the boot check when the host runs one."""
     progress.enter(Stage.MEASURING)
     eif = built.eif
-    need = minimum_mem_mib(eif.size)
-    if eif.mem_size_mib < need:
-        raise MemoryTooSmall(
-            f"mem_size {eif.mem_size_mib} MiB is below {MEMORY_FACTOR}x the EIF size; use at least {need} MiB",
-            details={"mem_size": eif.mem_size_mib, "minimum": need, "eif_size": eif.size},
-        )
     # A torn write or a writer bug must not be pushed and trusted. The strict reader would measure the whole
     # file again (two SHA-384s of it); instead the file is held to what the writer reports having written, whose
     # PCRs were hashed from the very chunks it wrote:
     #  - check_written: the size, the 548 header bytes (table, memory, CPUs, CRC) exactly as written,
     #    every section header, the section order, the metadata and the signature (verified on PCR0);
-    #  - write_layer, which reads every byte anyway to make the output layer: their CRC-32 equals the
-    #    CRC the writer computed over the chunks it hashed. A short, torn or since-changed file breaks
-    #    the size or the CRC; a writer that wrote other bytes than it hashed breaks the CRC; and the
-    #    layer holds exactly the bytes that passed, so what is pushed is what was checked.
-    # The layer is made from this read rather than teed from the writer: the EIF's header (its CRC, and
-    # a signature section) is final only after the last section, and the layer's digests need the bytes
-    # in file order, header first. The strict reader stays the conformance oracle (tests, `verify`).
-    assert eif.written is not None
-    check_written(eif.path, eif.written)
-    files = {**enclave_files(spec, eif.measurements, eif.mem_size_mib, built.network), "run": plan.launcher,
-             EGRESS_SERVICE_NAME: plan.egress_service}
-    stream = None
-    if host.stream_push and host.boot_check is None:
-        # With a boot check nothing may reach the registry before the boot passed.
-        stream = open_layer_stream(plan.output, credentials=spec.output_credentials,
-                                   insecure_registries=host.insecure_registries, should_cancel=progress.should_cancel)
+    #  - the layer's own CRC-32 of the EIF bytes it took in equals the CRC the writer computed over the chunks
+    #    it hashed. An unsigned EIF's layer took them from the writer itself, as they were hashed (its header,
+    #    CRC included, is written first: `build_eif(consumer=)`); a signed EIF's header is final only after its
+    #    signature section, so its layer reads the file back (`write_layer`), and a short, torn or since-changed
+    #    file breaks the size or the CRC. Either way the layer holds exactly the bytes that passed, so what is
+    #    pushed is what was checked. The strict reader stays the conformance oracle (tests, `verify`).
+    stream = built.stream
     try:
-        layer = write_layer(eif.path, files, plan.work.scratch / "layer.blob", compression=host.output_compression,
-                            written=eif.written, sink=stream.write if stream is not None else None)
-        boot = _boot_check(eif.path, host, plan.work.scratch, eif.measurements)
+        _check_memory(eif.mem_size_mib, eif.size)
+        assert eif.written is not None
+        if eif.path is not None:
+            check_written(eif.path, eif.written)
+        files = {**enclave_files(spec, eif.measurements, eif.mem_size_mib, built.network), "run": plan.launcher,
+                 EGRESS_SERVICE_NAME: plan.egress_service}
+        if built.layer is not None:
+            layer = built.layer.finish(files, eif.written)
+        else:
+            assert eif.path is not None  # build_eif writes the file of an EIF it did not stream
+            stream = _open_stream(spec, host, progress, plan)
+            layer = write_layer(eif.path, files, plan.work.scratch / "layer.blob",
+                                compression=host.output_compression, written=eif.written,
+                                sink=stream.write if stream is not None else None)
+        boot = None
+        if host.boot_check is not None:
+            assert eif.path is not None  # build writes the file for the boot check
+            boot = _boot_check(eif.path, host, plan.work.scratch, eif.measurements)
     except BaseException:
-        if stream is not None:
-            stream.close()
+        _abandon(built.layer, stream)
         raise
     input_digest = built.image.input_digest or built.image.config_digest
     return Packaged(layer, eif.measurements, input_digest, built.base, built.network, stream, boot)
@@ -246,7 +300,7 @@ def push(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: Plan
 
 def keep(plan: Plan, built: Built, packaged: Packaged) -> None:
     """What the caller asked to keep of scratch: the EIF, the compressed layer."""
-    if plan.work.eif_out is not None:
+    if plan.work.eif_out is not None and built.eif.path is not None:
         shutil.copyfile(built.eif.path, plan.work.eif_out)
     if plan.work.keep_layer is not None:
         _move(packaged.layer.path, plan.work.keep_layer)

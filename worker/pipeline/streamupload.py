@@ -27,7 +27,7 @@ THREAD_NAME = "nitroconv-layerupload"
 # Chunks of this size keep the request count low (~24 for a 190 MB layer) while the memory held stays
 # a few tens of MiB: the queue (pieces of at most a compressor block each) plus one chunk being built.
 CHUNK_BYTES = 8 << 20
-QUEUE_PIECES = 16
+QUEUE_PIECES = 8
 # How often a producer blocked on a full queue looks whether the stream has stopped meanwhile.
 _POLL_SECONDS = 0.1
 

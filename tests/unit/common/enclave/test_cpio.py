@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from isal.isal_zlib import crc32
 
 from common.enclave.cpio import (
     CHUNK_SIZE,
@@ -344,3 +345,45 @@ def test_cpio_archive_is_listed_and_extracted_by_gnu_cpio(tmp_path: Path) -> Non
     tool = os.stat(root / "bin/tool")
     assert (stat.S_IMODE(tool.st_mode), int(tool.st_mtime)) == (0o750, MTIME)
     assert (root / "bin/tool").read_bytes() == b"tool"
+
+
+# --- the CRC known before the bytes -------------------------------------------------------------------------
+
+
+def _crc_entries(with_crcs: bool) -> list[CpioEntry]:
+    rng = random.Random(11)
+    big, small, linked = rng.randbytes((1 << 20) + 5), b"hello\n", rng.randbytes(999)
+
+    def opener(data: bytes):  # type: ignore[no-untyped-def]
+        return lambda: io.BytesIO(data)
+
+    def crc(data: bytes) -> int | None:
+        return crc32(data) if with_crcs else None
+
+    return [
+        CpioEntry(name=b"dir", mode=stat.S_IFDIR | 0o755),
+        CpioEntry(name=b"dir/big", mode=stat.S_IFREG | 0o644, size=len(big), data=opener(big), crc=crc(big)),
+        CpioEntry(name=b"dir/small", mode=stat.S_IFREG | 0o600, size=len(small), data=small),
+        CpioEntry(name=b"dir/streamed", mode=stat.S_IFREG | 0o600, size=len(small), data=opener(small),
+                  crc=crc(small)),
+        CpioEntry(name=b"link", mode=stat.S_IFLNK | 0o777, size=3, data=b"dir"),
+        # Hard links: the second carries the data and its CRC; the archive stores them on the first.
+        CpioEntry(name=b"a", mode=stat.S_IFREG | 0o644, size=len(linked), data=None, link_key="x"),
+        CpioEntry(name=b"b", mode=stat.S_IFREG | 0o644, size=len(linked), data=opener(linked), link_key="x",
+                  crc=crc(linked)),
+        CpioEntry(name=b"empty", mode=stat.S_IFREG | 0o644),
+    ]
+
+
+@pytest.mark.parametrize("with_crcs", [True, False], ids=["entry-crcs", "read"])
+def test_cpio_crc32_equals_the_crc_of_its_bytes(with_crcs: bool) -> None:
+    archive = CpioArchive(_crc_entries(with_crcs))
+    assert archive.crc32() == crc32(b"".join(archive.chunks()))
+
+
+def test_cpio_crc32_takes_the_entrys_crc_without_reading() -> None:
+    def unreadable():  # type: ignore[no-untyped-def]
+        raise AssertionError("content read for its CRC although the entry gave it")
+
+    archive = CpioArchive([CpioEntry(name=b"f", mode=stat.S_IFREG | 0o644, size=4, data=unreadable, crc=123)])
+    archive.crc32()
