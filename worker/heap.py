@@ -55,7 +55,10 @@ def freeze_before_fork() -> None:
     """Move every object tracked so far to the collector's permanent generation (never scanned again).
 
     Called once in the main process just before the pool forks. Garbage made before it is never collected, so a
-    collection runs first; what the process allocates afterwards is collected as usual."""
+    collection runs first; the free pages that leaves in the heap are then given back, rather than shared with
+    the children and copied by whichever process allocates in them first. What the process allocates afterwards
+    is collected as usual."""
     gc.collect()
+    release()
     gc.freeze()
     log.debug("froze %d objects before the pool forks", gc.get_freeze_count())
