@@ -10,8 +10,9 @@ from collections import Counter
 
 import psutil
 
-# First match wins: a Celery worker's command line also names the repository, like the bench's own.
-_ROLES = (("celery", "worker"), ("docker-registry", "registry"), ("gunicorn", "api"), ("postgres", "postgres"),
+# First match wins: a Celery worker's command line (`python -m worker` or `celery … worker`) also names the
+# repository, like the bench's own.
+_ROLES = (("celery", "worker"), ("-m worker", "worker"), ("docker-registry", "registry"), ("gunicorn", "api"), ("postgres", "postgres"),
           ("redis-server", "redis"), ("bench/", "bench client"))
 
 

@@ -1,7 +1,7 @@
 """A scratch nitroconv service for one benchmark run: its own Postgres database, Redis DB, API and Celery workers.
 
 Everything is started from this repository the way `deploy/up.sh` starts it (gunicorn with
-deploy/gunicorn.conf.py, `celery -A worker.celery_app worker` with up.sh's flags), on a database created
+deploy/gunicorn.conf.py, `python -m worker` (Celery's worker command) with up.sh's flags), on a database created
 for the run and dropped after it, and a Redis DB flushed before and after. Every child runs in a session of
 its own (a Ctrl-C at the terminal reaches the bench, which then stops them in order) and gets SIGTERM from
 the kernel if the bench dies without cleaning up (PR_SET_PDEATHSIG).
@@ -138,9 +138,9 @@ class Stack:
         }
 
     def start_worker(self, name: str, state_dir: Path, concurrency: int = 1) -> Child:
-        """`celery worker` with deploy/up.sh's flags and its own state dir (so its own blob cache); waits until ready."""
+        """`python -m worker` with deploy/up.sh's flags and its own state dir (so its own blob cache); waits until ready."""
         state_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", worker_queues(),
+        argv = [sys.executable, "-m", "worker", "-Q", worker_queues(),
                 "-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip", "-l", "info"]
         child = Child(name, argv, self.env(state_dir), self.root / f"{name}.log")
         self.children.append(child)

@@ -39,7 +39,7 @@ import _image  # noqa: E402
 
 MIB = 1 << 20
 RATIO_TARGET = 0.25
-RSS_TARGET_MIB = 300
+RSS_TARGET_MIB = 150
 # Cold conversion against the cost of reading its input once (`read_floor`).
 FLOOR_TARGET = 2.0
 OUTPUT_REPOSITORY = "bench/python-enclave"

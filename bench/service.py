@@ -57,9 +57,9 @@ from _figures import Figure  # noqa: E402
 from _memory import TreePeak, TreeSampler, sample_tree  # noqa: E402
 
 MIB = 1 << 20
-RATIO_TARGET = 0.5
-AGAIN_TARGET_S = 1.0
-RSS_TARGET_MIB = 300.0
+RATIO_TARGET = 0.25
+AGAIN_TARGET_S = 0.5
+RSS_TARGET_MIB = 150.0
 SPEEDUP_TARGET = 1.7
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 

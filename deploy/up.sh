@@ -40,7 +40,7 @@ fi
 for i in $(seq 1 "$workers"); do
   name=worker$i
   running "$name" && continue
-  nohup "$py" -m celery -A worker.celery_app worker -Q "$worker_queues" -c 1 -n "$name@%h" \
+  nohup "$py" -m worker -Q "$worker_queues" -c 1 -n "$name@%h" \
     --without-gossip -l info >"$state/logs/$name.log" 2>&1 &
   echo $! >"$state/pids/$name.pid"
 done

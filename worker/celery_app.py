@@ -1,6 +1,7 @@
 """The Celery application of the workers and beat, configured from Settings per DESIGN.md §7 / RELIABILITY.md §3."""
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import pkgutil
@@ -9,6 +10,7 @@ from celery import Celery
 from celery.signals import (
     celeryd_after_setup,
     setup_logging,
+    task_postrun,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -20,6 +22,7 @@ from common.queue.publish import broker_transport_options
 from common.queue.tasknames import MAINTENANCE, QUEUE, SWEEP
 from common.settings import Settings, get_settings
 from common.store import engine as db
+from worker import heap
 
 MAINTENANCE_QUEUE = MAINTENANCE
 
@@ -74,6 +77,12 @@ app = Celery("nitroconv", include=["worker.tasks", "worker.lifecycle"])
 app.add_defaults(lambda: celery_config(get_settings()))
 
 
+@worker_init.connect
+def _one_malloc_arena(**_: object) -> None:
+    # First of the worker_init handlers, before Celery or a conversion starts a thread; pool children inherit it.
+    heap.limit_arenas(1)
+
+
 @worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
     # A forked pool child must never reuse a connection pool the parent may have opened.
@@ -99,6 +108,9 @@ def _preload_pipeline(**_: object) -> None:
 
     for module in pkgutil.iter_modules(worker.pipeline.__path__, "worker.pipeline."):
         importlib.import_module(module.name)
+    # The database driver too: SQLAlchemy imports it at the first connection, which the main process makes only
+    # once the pool has forked (reaping at start), so each process would hold a copy of its own.
+    import psycopg2.extras  # noqa: F401
 
 
 @celeryd_after_setup.connect
@@ -111,6 +123,16 @@ def _warm_memos(instance: object = None, **_: object) -> None:
         from worker.pipeline.warm import warm
 
         warm(get_settings().blobs_dir)
+    # The last thing before the fork: what the main process holds now stays shared with its children.
+    heap.freeze_before_fork()
+
+
+@task_postrun.connect
+def _release_heap(**_: object) -> None:
+    # In the pool child after each task: its cyclic garbage and free heap pages go, so an idle child does not
+    # keep the last conversion's peak resident until the next one.
+    gc.collect()
+    heap.release()
 
 
 @worker_init.connect

@@ -14,8 +14,9 @@ class Hasher(Protocol):
 
 
 _STOP = object()
-# Chunks queued ahead of the hashing thread; with 1 MiB chunks this bounds what a pipe holds to a few MiB.
-DEFAULT_DEPTH = 4
+# Chunks queued ahead of the hashing thread: enough to ride out a slow update, and every chunk held here is
+# memory the worker holds at its peak (a layer's write passes each 1 MiB block through three pipes).
+DEFAULT_DEPTH = 2
 
 
 class HashPipe:

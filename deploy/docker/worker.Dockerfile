@@ -47,5 +47,5 @@ RUN pip install --no-deps . \
  && install -d -o nitroconv -g nitroconv /var/lib/nitroconv
 USER nitroconv
 EXPOSE 9108
-CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "convert,maintenance", "-c", "1", \
+CMD ["python", "-m", "worker", "-Q", "convert,maintenance", "-c", "1", \
      "-n", "conv@%h", "--without-gossip", "-l", "info"]

@@ -60,7 +60,7 @@ def test_deploy_compose_file_is_complete_and_its_settings_parse():
     assert Settings.from_env({k: str(v) for k, v in services["worker"]["environment"].items()}
                              ).worker_metrics_port == 9108
     assert "--conf=deploy/flowerconfig.py" in services["flower"]["command"]
-    assert services["worker"]["command"][:5] == ["celery", "-A", "worker.celery_app", "worker", "-Q"]
+    assert services["worker"]["command"][:4] == ["python", "-m", "worker", "-Q"]
 
 
 def test_deploy_dockerfiles_copy_only_what_exists():

@@ -24,10 +24,12 @@ from common.registry.reference import Reference
 log = logging.getLogger(__name__)
 
 THREAD_NAME = "nitroconv-layerupload"
-# Chunks of this size keep the request count low (~24 for a 190 MB layer) while the memory held stays
-# a few tens of MiB: the queue (pieces of at most a compressor block each) plus one chunk being built.
-CHUNK_BYTES = 8 << 20
-QUEUE_PIECES = 8
+# Chunks of this size keep the request count moderate (~95 for a 190 MB layer) while the memory held stays
+# about 6 MiB: the queue (pieces of at most a compressor block each), one chunk being built and its joined
+# copy on the wire. The queue only has to cover one chunk's PATCH, not to run ahead of it: every MiB held
+# here is held at the worker's peak (bench/README.md, figure 3).
+CHUNK_BYTES = 2 << 20
+QUEUE_PIECES = 2
 # How often a producer blocked on a full queue looks whether the stream has stopped meanwhile.
 _POLL_SECONDS = 0.1
 

@@ -156,7 +156,10 @@ class Stack:
     def celery_process(self, name: str, args: list[str], ready: str, env: dict[str, str] | None = None) -> Proc:
         log = self.s.state_dir.parent / f"{name}.log"
         out = log.open("wb")
-        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", *args], cwd=REPO,
+        # A worker starts as the deploy files start it (`python -m worker`: Celery's worker command alone).
+        argv = ([sys.executable, "-m", "worker", *args[1:]] if args[:1] == ["worker"]
+                else [sys.executable, "-m", "celery", "-A", "worker.celery_app", *args])
+        proc = subprocess.Popen(argv, cwd=REPO,
                                 env={**worker_env(self.s), "NITROCONV_RUNTIME_DIR": str(self.s.runtime_dir), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         p = Proc(proc, log)

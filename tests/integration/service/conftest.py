@@ -115,7 +115,9 @@ def start_celery(s: Settings, name: str, *extra: str, ready_marker: str = "ready
                  env: Mapping[str, str] | None = None) -> CeleryProcess:
     """A `celery` process with `worker_env(s)`, plus `env` for settings Settings does not carry."""
     log = s.state_dir / f"{name}.log"
-    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *extra]
+    # A worker starts as the deploy files start it (`python -m worker`: Celery's worker command alone).
+    cmd = ([sys.executable, "-m", "worker", *extra[1:]] if extra[:1] == ("worker",)
+           else [sys.executable, "-m", "celery", "-A", "worker.celery_app", *extra])
     out = log.open("wb")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**worker_env(s), **(env or {})}, stdout=out,
                             stderr=subprocess.STDOUT)

@@ -66,3 +66,17 @@ def test_tasks_worker_preloads_the_pipeline_before_forking():
             "'worker.pipeline.push', 'worker.pipeline.build')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_tasks_python_m_worker_is_the_worker_command_without_the_celery_group():
+    import subprocess
+    import sys
+
+    # The deploy files' entry point: Celery's own `worker` command (its options), and none of the modules the
+    # `celery` group imports for its other subcommands and plugins.
+    out = subprocess.run([sys.executable, "-m", "worker", "--help"], capture_output=True, text=True, check=True)
+    assert "--without-gossip" in out.stdout and "--concurrency" in out.stdout
+    code = ("import sys; import worker.__main__; print(sorted(m for m in ('celery.bin.celery', 'prompt_toolkit', "
+            "'flower', 'tornado', 'click_repl') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
