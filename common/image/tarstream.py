@@ -6,6 +6,7 @@ import lzma
 import queue
 import tarfile
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO, Self, cast
@@ -57,6 +58,8 @@ _BAD_HEADER_ERRORS: tuple[type[Exception], ...] = (
 # tarfile's stream mode asks for 10 KiB at a time; the layer below (decompressor, DiffID hash) is read in
 # pieces this large instead, so its per-call cost is paid ~100 times less often.
 READAHEAD = 1 << 20
+# How long leaving a ReadAhead on an error waits for its thread's current read before leaving it behind.
+ABANDON_SECONDS = 1.0
 
 
 class CountingSource:
@@ -157,9 +160,14 @@ class ReadAhead:
             self._done = True
         return item
 
-    def close(self) -> None:
+    def close(self, abandon_after: float | None = None) -> None:
+        """Stop the thread and join it; with `abandon_after`, give up waiting after that many seconds (the thread
+        is a daemon, stopped, and ends when its blocked read returns)."""
         self._stop.set()
+        deadline = None if abandon_after is None else time.monotonic() + abandon_after
         while self._thread.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                return
             try:
                 self._queue.get(timeout=0.1)
             except queue.Empty:
@@ -169,8 +177,10 @@ class ReadAhead:
     def __enter__(self) -> ReadAhead:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        # Leaving on an error (a time limit, a cancel) must not wait for a read blocked on a stalled source: the
+        # caller is done with the stream, and whoever owns the source unblocks that read when it closes it.
+        self.close(abandon_after=ABANDON_SECONDS if exc_type is not None else None)
 
 
 class _BudgetReader:

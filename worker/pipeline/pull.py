@@ -6,6 +6,7 @@ import logging
 import os
 import tarfile
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -14,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import BinaryIO, cast
 
-from common.errors import DigestMismatch, InvalidManifest, RegistryError
+from common.errors import DigestMismatch, InvalidLayer, InvalidManifest, LimitExceeded, RegistryError
 from common.image.filetree import Tree
 from common.image.layers import ApplyState, Limits, apply_layer
 from common.registry.blobcache import BlobStore, open_layer
@@ -33,6 +34,14 @@ PREFETCH_THREADS = 3
 ABORT_GRACE_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
+
+
+class DownloadFailed(Exception):
+    """Raised to a reader following a download that failed; the download's own error is its future's."""
+
+
+# What unpacking raises on bytes that are wrong or cut short: possibly the download's doing.
+_BAD_BYTES = (DownloadFailed, InvalidLayer, LimitExceeded, tarfile.TarError, EOFError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -97,10 +106,19 @@ def _pull_registry(
                 try:
                     with open_layer(source, descriptor.media_type, diff_id,
                                     max_bytes=limits.max_total_bytes) as layer:
-                        apply_layer(tree, cast(BinaryIO, layer), spool_dir=spool_dir, limits=limits, state=state)
-                except BaseException as exc:
+                        try:
+                            apply_layer(tree, cast(BinaryIO, layer), spool_dir=spool_dir, limits=limits,
+                                        state=state)
+                        except BaseException:
+                            # Before the layer's reader closes: a read left blocked on bytes not yet downloaded
+                            # (a time limit, a cancel) holds the decompressor's lock until this wakes it.
+                            if not isinstance(source, Path):
+                                source.close()
+                            raise
+                except _BAD_BYTES as exc:
                     # Bytes that fail to apply may be the download's fault (wrong or cut bytes): then its error,
                     # which says so, is raised instead, if it comes within the grace an aborted pull gives.
+                    # Anything else (a time limit, a cancel) leaves at once: only _Prefetch's exit waits.
                     if not isinstance(source, Path):
                         prefetch.raise_download_error(index, exc)
                     raise
@@ -116,10 +134,6 @@ def _pull_registry(
         size=image.compressed_size,
         layers=len(image.layers),
     )
-
-
-class DownloadFailed(Exception):
-    """Raised to a reader following a download that failed; the download's own error is its future's."""
 
 
 class _Following:
@@ -153,10 +167,10 @@ class _Following:
     # --- the reader's side (enough of a file for the layer's decompressor)
     def read(self, size: int = -1) -> bytes:
         with self._changed:
-            while self._pos >= self._size and not self._end and not self._failed:
+            while self._pos >= self._size and not self._end and not self._failed and not self.closed:
                 self._changed.wait()
-            if self._failed:
-                raise DownloadFailed("the layer's download failed")
+            if self._failed or self.closed:
+                raise DownloadFailed("the layer's download failed" if self._failed else "the pull was abandoned")
             fd, available = self._fd, self._size - self._pos
         if available <= 0 or fd is None:
             return b""
@@ -176,6 +190,7 @@ class _Following:
         with self._changed:
             self.closed = True
             fd, self._fd = self._fd, None
+            self._changed.notify_all()  # a reader the pull left behind (ReadAhead) stops waiting for bytes
         if fd is not None:
             os.close(fd)
 
