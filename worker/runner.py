@@ -119,7 +119,9 @@ def _credentials(sealer: Sealer, sealed: bytes | None, build_id: uuid.UUID) -> C
 
 
 def _end(s: Settings, attempt: _Attempt, dst: ConversionState, code: str, message: str,
-         values: Mapping[str, object] | None = None) -> None:
+         values: Mapping[str, object] | None = None) -> bool:
+    """Record the attempt's unsuccessful end. False when the build is no longer this attempt's (its lease was
+    taken over): whatever went wrong here is then a stale attempt's, not the build's."""
     with session_scope(s.database_url) as session:
         ended = buildstore.end_unsuccessfully(session, attempt.claim.build_id, attempt.state, dst,
                                               actor=buildstore.worker_actor(attempt.claim.fence), code=code,
@@ -127,6 +129,13 @@ def _end(s: Settings, attempt: _Attempt, dst: ConversionState, code: str, messag
         # Builds waiting for this one are converted on their own: its failure need not be theirs.
         released = followers.release(session, attempt.claim.build_id) if ended else []
     publish_released(s, released)
+    return ended
+
+
+def _ended(recorded: bool, outcome: str) -> AttemptResult:
+    if not recorded:
+        log.warning("the attempt's end was not recorded: another attempt owns the build now")
+    return AttemptResult(outcome if recorded else "lease_lost")
 
 
 def _failure_values(exc: NitroconvError) -> dict[str, object]:
@@ -234,12 +243,10 @@ def _attempt(build_id: uuid.UUID, s: Settings, engine: Engine, claim: buildstore
         except Cancelled as exc:
             if attempt.lost.is_set():
                 return AttemptResult("lease_lost")
-            _end(s, attempt, ConversionState.CANCELLED, exc.code, exc.message)
-            return AttemptResult("cancelled")
+            return _ended(_end(s, attempt, ConversionState.CANCELLED, exc.code, exc.message), "cancelled")
         except SoftTimeLimitExceeded:
-            _end(s, attempt, ConversionState.FAILED, "timeout",
-                 f"the conversion exceeded {s.soft_time_limit} seconds")
-            return AttemptResult("failed")
+            return _ended(_end(s, attempt, ConversionState.FAILED, "timeout",
+                               f"the conversion exceeded {s.soft_time_limit} seconds"), "failed")
         except NitroconvError as exc:
             exc = _host_exhausted(exc) or exc
             if exc.retryable and claim.attempt < s.max_attempts:
@@ -249,16 +256,15 @@ def _attempt(build_id: uuid.UUID, s: Settings, engine: Engine, claim: buildstore
                                        actor=buildstore.worker_actor(claim.fence), reason=f"{exc.code}: {exc.message}",
                                        backoff_seconds=backoff)
                 return AttemptResult("requeued", retry_in=backoff)
-            _end(s, attempt, ConversionState.FAILED, exc.code, exc.message, _failure_values(exc))
-            return AttemptResult("failed")
+            return _ended(_end(s, attempt, ConversionState.FAILED, exc.code, exc.message, _failure_values(exc)),
+                          "failed")
         except Exception as exc:
             if (full := _host_exhausted(exc)) is not None:
                 # Scratch is removed below; the same image would exhaust the host again, so no retry.
                 log.warning("resource limit build_id=%s: %s", build_id, full.message)
-                _end(s, attempt, ConversionState.FAILED, full.code, full.message)
-                return AttemptResult("failed")
+                return _ended(_end(s, attempt, ConversionState.FAILED, full.code, full.message), "failed")
             log.exception("conversion crashed build_id=%s", build_id)
-            _end(s, attempt, ConversionState.FAILED, "internal_error", "internal error; see the worker log")
-            return AttemptResult("failed")
+            return _ended(_end(s, attempt, ConversionState.FAILED, "internal_error",
+                               "internal error; see the worker log"), "failed")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
