@@ -7,6 +7,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,15 @@ def small_disk(rel_settings: Settings) -> Iterator[Path]:
     pytest.param(lambda: make_tar({"big/noise.bin": os.urandom(32 << 20)}), id="download"),
     # Zeros: a few KiB of gzip in the blob cache, many MiB once applied.
     pytest.param(lambda: make_tar({"big/zeros.bin": bytes(64 << 20), "hello.txt": b"hi"}), id="apply"),  # the file
-    pytest.param(lambda: make_tar({"big/zeros.bin": bytes(9 << 20), "hello.txt": b"hi"}), id="ramdisk"),  # the EIF
+    # The EIF file: written only when something reads it, here the boot check (which never starts: it does not fit).
+    pytest.param(lambda: make_tar({"big/zeros.bin": bytes(9 << 20), "hello.txt": b"hi"}), id="eif-file"),
 ])
 def test_worker_disk_full_fails_resource_limit_once_and_cleans_scratch(
-        registry, rel_settings, small_disk, stack, layer: Callable[[], bytes]):
+        registry, rel_settings, small_disk, stack, layer: Callable[[], bytes], request: pytest.FixtureRequest):
     image = push_test_image(registry, f"rel/full-{uuid.uuid4().hex[:6]}", "1", layers=[layer()])
     s = with_hosts(rel_settings, registry.host)
+    if request.node.callspec.id == "eif-file":
+        s = replace(s, boot_check=True, boot_check_mode="plain")
     api = api_for(s)
     procs = stack(s)
     worker = procs.worker()
