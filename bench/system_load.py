@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import secrets
 import shutil
@@ -78,8 +79,6 @@ def _wait_ended(database_url: str, timeout: float) -> Ending:
 
 def _prime(conn: http.client.HTTPConnection, tenant: Tenant, timeout: float = 300) -> str:
     """One submission converted to the end: the workers' cache then holds the request every client sends."""
-    import json
-
     auth = {"Authorization": f"Bearer {tenant.token}"}
     status, build = request(conn, "POST", SUBMIT, json.loads(tenant.body_file.read_text()), auth)
     assert status == 200, build

@@ -69,12 +69,17 @@ def _converted(mod: Mod, tenant, ids: list[str]) -> list[dict]:  # noqa: ANN001
         worker.stop()
 
 
+def _scene(mod: Mod, name: str) -> tuple[str, str, Any, str]:
+    """A fresh image on the anonymous registry, an output name for it, a tenant and its app."""
+    image = push_test_image(mod.registry, f"follow/{name}-{_hex()}", "1")
+    tenant = new_tenant(mod.s, mod.client)
+    return (f"{mod.registry.host}/{image.repo}:1", f"{mod.registry.host}/follow/{name}-out-{_hex()}:1", tenant,
+            tenant.create_app())
+
+
 def test_identical_submissions_in_flight_are_converted_once(mod: Mod):
-    s, client, registry = mod.s, mod.client, mod.registry
-    image = push_test_image(registry, f"follow/app-{_hex()}", "1")
-    src, dst = f"{registry.host}/{image.repo}:1", f"{registry.host}/follow/out-{_hex()}:1"
-    tenant = new_tenant(s, client)
-    app_id = tenant.create_app()
+    s, client = mod.s, mod.client
+    src, dst, tenant, app_id = _scene(mod, "app")
     redis = Redis.from_url(s.redis_url)
     queued = redis.llen(QUEUE)
 
@@ -157,11 +162,8 @@ def test_when_the_leader_fails_its_followers_convert_on_their_own(mod: Mod):
 
 
 def test_cancelling_a_queued_leader_releases_its_followers(mod: Mod):
-    s, client, registry = mod.s, mod.client, mod.registry
-    image = push_test_image(registry, f"follow/cancel-{_hex()}", "1")
-    src, dst = f"{registry.host}/{image.repo}:1", f"{registry.host}/follow/c-{_hex()}:1"
-    tenant = new_tenant(s, client)
-    app_id = tenant.create_app()
+    s, client = mod.s, mod.client
+    src, dst, tenant, app_id = _scene(mod, "cancel")
     redis = Redis.from_url(s.redis_url)
     ids = [submit(client, tenant.headers("WRITER"), convert_request(app_id, src, dst)) for _ in range(3)]
     queued = redis.llen(QUEUE)
