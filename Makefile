@@ -7,6 +7,8 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# The suite waits on QEMU boots, sweeps and time limits more than it computes: two processes share the cores.
+TEST_WORKERS ?= 2
 
 .PHONY: setup apt venv blobs emulator test demo bench lint clean
 
@@ -48,7 +50,7 @@ runtime: apt venv
 
 test: setup
 	@deploy/services.sh --docker
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check api worker common tests bench

@@ -19,10 +19,12 @@ import pytest
 from redis import Redis
 from sqlalchemy import create_engine, text
 
+from tests.fixtures.parallel import redis_db
+
 REPO = Path(__file__).resolve().parents[2]
 # Not the service tests' DB: the bench flushes its DB before and after, which would drop the Celery queue
-# bindings of a session-scoped worker sharing it.
-REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('NITROCONV_TEST_BENCH_REDIS_DB', '15')}"
+# bindings of a session-scoped worker sharing it; counted down from the top, away from theirs.
+REDIS_URL = f"redis://127.0.0.1:6379/{redis_db(int(os.environ.get('NITROCONV_TEST_BENCH_REDIS_DB', '15')), -1)}"
 pytestmark = pytest.mark.integration
 
 
