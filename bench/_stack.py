@@ -132,6 +132,8 @@ class Stack:
             "NITROCONV_REGISTRY_ADDR": self.registry,
             "NITROCONV_INSECURE_REGISTRIES": self.registry,
             "NITROCONV_WORKER_QUEUES": worker_queues(),
+            # The figures compare conversions with `docker pull`+`create`+`export`, which boots nothing.
+            "NITROCONV_BOOT_CHECK": "0",
             # The kernel blobs and the runtime are the host's, whichever state dir a worker has.
             "NITROCONV_BLOBS_DIR": os.environ.get("NITROCONV_BLOBS_DIR") or str(state / "blobs"),
             "NITROCONV_RUNTIME_DIR": os.environ.get("NITROCONV_RUNTIME_DIR") or str(state / "runtime"),

@@ -71,6 +71,11 @@ def parse_boot_check_mode(value: str) -> str:
     return mode
 
 
+def emulator_installed(qemu: Path) -> bool:
+    """The emulator's QEMU (`make setup` links it into the state dir) is there to run."""
+    return os.access(qemu, os.X_OK) and qemu.is_file()
+
+
 @dataclass(frozen=True)
 class Settings:
     api_addr: str = "127.0.0.1:8080"
@@ -108,8 +113,10 @@ class Settings:
     # Uncompressed bytes one image may inflate to (all layers): a gzip bomb stops here, not at a full disk.
     max_image_bytes: int = 8 << 30
     flower_basic_auth: str = field(default="", repr=False)
-    # Boot every converted EIF under QEMU before pushing it; off by default, since a software-emulated boot
-    # costs several seconds of worker CPU per conversion.
+    # Boot every converted EIF under QEMU before pushing it. `from_env` turns it on where the emulator is
+    # installed (`emulator_installed`) unless NITROCONV_BOOT_CHECK says otherwise: there the check verifies
+    # the PCRs too, for ~5 s of CPU a conversion; plain QEMU alone checks less and costs more, so it is
+    # never the default.
     boot_check: bool = False
     boot_check_timeout: int = 120
     # Where the boot check boots: `emulator` loads the EIF with QEMU's nitro-enclave machine (its own
@@ -177,6 +184,7 @@ class Settings:
         registry_addr = get("REGISTRY_ADDR") or cls.registry_addr
         parse_addr(registry_addr)
         insecure = get("INSECURE_REGISTRIES")
+        emulator_qemu = Path(get("EMULATOR_QEMU") or state_dir / "emulator" / "qemu-system-x86_64")
         values: dict[str, object] = {
             "api_addr": get("API_ADDR") or cls.api_addr,
             "registry_addr": registry_addr,
@@ -187,7 +195,7 @@ class Settings:
             "workers": parse_int(get("WORKERS") or "1", minimum=1),
             "blobs_dir": Path(get("BLOBS_DIR") or state_dir / "blobs"),
             "runtime_dir": Path(get("RUNTIME_DIR") or state_dir / "runtime"),
-            "emulator_qemu": Path(get("EMULATOR_QEMU") or state_dir / "emulator" / "qemu-system-x86_64"),
+            "emulator_qemu": emulator_qemu,
             "admin_email": get("ADMIN_EMAIL") or cls.admin_email,
             "admin_password": get("ADMIN_PASSWORD") or "",
             "insecure_registries": frozenset(parse_list(insecure) if insecure else (registry_addr,)),
@@ -201,8 +209,8 @@ class Settings:
             if raw is not None:
                 values[name] = parse_int(raw, minimum=1)
         boot_check = get("BOOT_CHECK")
-        if boot_check is not None:
-            values["boot_check"] = parse_bool(boot_check)
+        values["boot_check"] = (parse_bool(boot_check) if boot_check is not None
+                                else emulator_installed(emulator_qemu))
         mode = get("BOOT_CHECK_MODE")
         if mode is not None:
             values["boot_check_mode"] = parse_boot_check_mode(mode)

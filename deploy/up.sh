@@ -59,7 +59,7 @@ for _ in $(seq 1 150); do
   if curl -fsS "http://$api_addr/healthz" >/dev/null 2>&1; then
     echo "nitroconv is up: API http://$api_addr (docs /v1/docs), Flower http://${NITROCONV_FLOWER_ADDR:-127.0.0.1:5555}"
     echo "admin: ${NITROCONV_ADMIN_EMAIL:-admin@nitroconv.local} (password in $state/admin_password unless set)"
-    echo "boot check of converted EIFs under QEMU: ${NITROCONV_BOOT_CHECK:-off} (NITROCONV_BOOT_CHECK; workers started earlier keep theirs)"
+    echo "boot check of converted EIFs under QEMU: ${NITROCONV_BOOT_CHECK:-on where the emulator is built (make setup)} (NITROCONV_BOOT_CHECK; workers started earlier keep theirs)"
     exit 0
   fi
   sleep 0.2

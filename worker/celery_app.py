@@ -122,7 +122,11 @@ def _warm_memos(instance: object = None, **_: object) -> None:
     if QUEUE in consumed:
         from worker.pipeline.warm import warm
 
-        warm(get_settings().blobs_dir)
+        s = get_settings()
+        warm(s.blobs_dir)
+        # Its default depends on the host (the emulator installed or not): say which it is.
+        logging.getLogger(__name__).info("boot check of each EIF: %s (mode %s, emulator %s)",
+                                         "on" if s.boot_check else "off", s.boot_check_mode, s.emulator_qemu)
     # The last thing before the fork: what the main process holds now stays shared with its children.
     heap.freeze_before_fork()
 
