@@ -100,20 +100,22 @@ class KnownRange:
     key: Hashable
 
 
+# A block deflated: its pieces in order (not joined: a joined copy of each block would be held at the peak
+# while the threads work) and the block's CRC-32.
+Deflated = tuple[tuple[bytes, ...], int]
 # Deflated blocks of known ranges, by (key, block offset in the range, lengths): the kernel's ~12 MiB, once.
-DEFLATED: ProcessMemo[tuple[bytes, int]] = ProcessMemo(capacity=256, max_weight=48 << 20,
-                                                       weigh=lambda entry: len(entry[0]))
+DEFLATED: ProcessMemo[Deflated] = ProcessMemo(capacity=256, max_weight=48 << 20,
+                                              weigh=lambda entry: sum(map(len, entry[0])))
 
 
-def _deflate_block(block: bytes, dictionary: bytes) -> tuple[bytes, int]:
+def _deflate_block(block: bytes, dictionary: bytes) -> Deflated:
     """One block as raw deflate ending in a sync flush, and the block's CRC-32 (ISA-L releases the GIL)."""
     compressor = (isal_zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15, zdict=dictionary) if dictionary
                   else isal_zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15))
-    data = compressor.compress(block) + compressor.flush(zlib.Z_SYNC_FLUSH)
-    return data, isal_zlib.crc32(block)
+    return (compressor.compress(block), compressor.flush(zlib.Z_SYNC_FLUSH)), isal_zlib.crc32(block)
 
 
-def _deflate_known(key: Hashable, block: bytes, dictionary: bytes) -> tuple[bytes, int]:
+def _deflate_known(key: Hashable, block: bytes, dictionary: bytes) -> Deflated:
     """`_deflate_block` for a block of a known range: reused when the memo holds it with this very CRC-32 (a
     range whose content changed behind its key is deflated again, and the layer's own checks see the rest)."""
     crc = isal_zlib.crc32(block)
@@ -128,7 +130,8 @@ def _deflate_known(key: Hashable, block: bytes, dictionary: bytes) -> tuple[byte
 class GzipBlocks:
     """A gzip member written in GZIP_BLOCK blocks deflated by `threads` threads, in order.
 
-    At most 2 x threads blocks are in flight, so memory stays a few MiB whatever the stream's length.
+    At most threads + 1 blocks are in flight (one ready while the threads work: more only adds to the worker's
+    peak memory), so memory stays a few MiB whatever the stream's length.
     A block that lies, with its dictionary, inside one of `known` is taken from the memo of earlier streams
     when there (`_deflate_known`): the same bytes, deflated once per process.
     """
@@ -137,8 +140,8 @@ class GzipBlocks:
         self._sink = _Sink(out)
         self._sink.write(_GZIP_HEADER)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="nitroconv-gzip")
-        self._limit = 2 * max(1, threads)
-        self._pending: collections.deque[tuple[Future[tuple[bytes, int]], int]] = collections.deque()
+        self._limit = max(1, threads) + 1
+        self._pending: collections.deque[tuple[Future[Deflated], int]] = collections.deque()
         self._parts: list[memoryview] = []  # held pieces of the next block
         self._held = 0
         self._previous = b""
@@ -185,10 +188,11 @@ class GzipBlocks:
 
     def _drain_one(self) -> None:
         future, length = self._pending.popleft()
-        data, crc = future.result()
+        pieces, crc = future.result()
         self._crc = isal_zlib.crc32_combine(self._crc, crc, length)
         self._length += length
-        self._sink.write(data)
+        for piece in pieces:
+            self._sink.write(piece)
 
     def close(self) -> Compressed:
         try:

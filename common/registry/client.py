@@ -16,7 +16,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +111,22 @@ class _Readable(Protocol):
     def close(self) -> None: ...
 
 
-Body = bytes | Callable[[], _Readable] | None
+class Pieces:
+    """A chunk's bytes as the pieces they came in, sent in order without being joined into one copy first:
+    requests sends an iterable that has a length as it is (Content-Length, no chunked encoding)."""
+
+    def __init__(self, parts: Iterable[bytes]) -> None:
+        self._parts = tuple(parts)
+        self._size = sum(map(len, self._parts))
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._parts)
+
+
+Body = bytes | Pieces | Callable[[], _Readable] | None
 
 
 @dataclass(frozen=True)
@@ -541,7 +556,7 @@ class RegistryClient:
             stream.close()
         return location
 
-    def _patch_chunk(self, location: str, scopes: tuple[str, ...], offset: int, data: bytes, what: str
+    def _patch_chunk(self, location: str, scopes: tuple[str, ...], offset: int, data: bytes | Pieces, what: str
                      ) -> str | None:
         """PATCH one chunk at `offset`: the Location to continue at, or None when the registry answered 416."""
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data)),
@@ -709,7 +724,7 @@ class RegistryClient:
                     timeout=(self._deadline.cap(self._timeouts.connect), self._deadline.cap(self._timeouts.read)),
                 )
             finally:
-                if data is not None and not isinstance(data, bytes):
+                if data is not None and not isinstance(data, (bytes, Pieces)):
                     data.close()
             if resp.status_code not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
@@ -828,7 +843,7 @@ class BlobUpload:
         self.min_chunk = min_chunk
         self.offset = 0
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | Pieces) -> None:
         moved = self._client._patch_chunk(self.location, self._scopes, self.offset, data,
                                           f"chunk upload in {self.repository}")
         if moved is None:

@@ -64,6 +64,8 @@ def test_stream_lands_the_blob_in_coalesced_chunks(registry, hostile_front, repo
     patches = [s for s in front.seen if s.method == "PATCH"]
     # 10 pieces of 100 kB coalesced into chunks of at least 256 KiB: 3 full ones and the rest.
     assert [int(p.header("Content-Length") or 0) for p in patches] == [300_000, 300_000, 300_000, 100_000]
+    # Each chunk goes out as its pieces (never joined into one copy), still with a length: not chunked.
+    assert [p.header("Transfer-Encoding") for p in patches] == [None] * 4
     assert [p.header("Content-Range") for p in patches][1] == "300000-599999"
     assert len({p.path for p in patches}) == len(patches)  # each PATCH went to the Location of the one before
     with client_for(registry) as client:

@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from common.registry.client import BlobUpload, Credentials, RegistryClient
+from common.registry.client import BlobUpload, Credentials, Pieces, RegistryClient
 from common.registry.digest import Digest
 from common.registry.hostpolicy import HostPolicy
 from common.registry.reference import Reference
@@ -142,7 +142,7 @@ class LayerStream:
                      self._repository, why)
 
     def _run(self) -> None:
-        pieces: list[bytes] = []  # joined once per chunk: one copy of each byte on its way out
+        pieces: list[bytes] = []  # sent as they are, one chunk's worth per PATCH
         held = 0
         try:
             self._upload = upload = self._client.open_upload(self._repository)
@@ -159,7 +159,7 @@ class LayerStream:
                     self._stop("cancelled")
                     break
                 if held >= target or (piece is None and held):
-                    upload.append(b"".join(pieces))
+                    upload.append(Pieces(pieces))
                     pieces.clear()
                     held = 0
                 if piece is None:  # the end of the blob
