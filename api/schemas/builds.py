@@ -73,7 +73,8 @@ NETWORK_DESCRIPTION = (
     "omitted: the image's EXPOSEd TCP ports. `egress.mode`: none, proxy (HTTP CONNECT proxy, HTTP(S)_PROXY set) "
     "or transparent; `egress.allow`/`egress.deny`: rules {host: name or *.name} or {cidr}, with optional `ports` "
     "(443 or \"8000-8100\"); deny wins, no allow match is refused; omitted egress: transparent, allow everything "
-    "(CCM's behaviour); omitted allow: everything. `hostname`: one RFC 1123 label; omitted: from the image name. "
+    "(CCM's behaviour) but the parent itself; omitted allow: everything; omitted deny: the parent instance's "
+    "loopback and link-local addresses, its metadata service included (`[]` denies nothing). `hostname`: one RFC 1123 label; omitted: from the image name. "
     "Stored with defaults filled in; the policy the EIF got, EXPOSE resolved, is the Build's `conversion.network`.")
 
 

@@ -23,6 +23,12 @@ EGRESS_MODES = ("none", "proxy", "transparent")
 # What the app gets when the request says nothing about egress: CCM's behaviour, the app has network.
 DEFAULT_EGRESS_MODE = "transparent"
 ALLOW_ALL = ({"cidr": "0.0.0.0/0", "ports": ["1-65535"]}, {"cidr": "::/0", "ports": ["1-65535"]})
+# What an omitted `deny` denies: the parent instance itself. Egress leaves from the parent, so without it an app
+# reaches the parent's own services on loopback (0.0.0.0 and :: connect there too) and the instance metadata
+# service (169.254.169.254 and fd00:ec2::254: the parent's IAM role credentials) on link-local. A request that
+# needs them says `deny` itself (`[]` denies nothing).
+PARENT_ONLY = tuple({"cidr": cidr, "ports": ["1-65535"]} for cidr in (
+    "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "::/128", "::1/128", "fe80::/10", "fd00:ec2::254/128"))
 DEFAULT_HOSTNAME = "enclave"
 MAX_INGRESS = 64
 MAX_RULES = 256
@@ -153,7 +159,7 @@ def _egress(value: object) -> dict[str, object]:
     if mode not in EGRESS_MODES:
         raise _bad(f"{field}.mode", f"{mode!r} is not one of {', '.join(EGRESS_MODES)}")
     allow = _rules(egress["allow"], f"{field}.allow") if "allow" in egress else [dict(r) for r in ALLOW_ALL]
-    deny = _rules(egress["deny"], f"{field}.deny") if "deny" in egress else []
+    deny = _rules(egress["deny"], f"{field}.deny") if "deny" in egress else [dict(r) for r in PARENT_ONLY]
     if mode == "none":
         for key in ("allow", "deny"):
             if egress.get(key):

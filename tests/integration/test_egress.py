@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from common.enclave.egress import proxy_env
+from common.enclave.network import parse_request
 from tests.fixtures.devblobs import RUNTIME_SOURCES, make
 from tests.fixtures.require import skip_or_fail
 
@@ -472,6 +473,27 @@ def test_transparent_mode(lab: Lab, enclave: Callable[..., Enclave]) -> None:
     # Loopback stays loopback: the rule leaves 127.0.0.0/8 alone (the program's own ports, the stub, the proxy).
     assert call(proxy_connect, "allowed.test", 8080)[0] == 200
     assert "transparent" in enc.text() and f"{HOST_B} port 8080: refused by policy" in enc.text()
+
+
+def test_default_deny_keeps_the_parent_itself_out_of_reach(lab: Lab, enclave: Callable[..., Enclave]) -> None:
+    # A service on the parent's own loopback, which egress (leaving from the parent) would otherwise reach.
+    server = lab.parent_ns.call(ThreadedServer, ("127.0.0.1", 0), EchoHttp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        enc = enclave(parse_request({"egress": {"mode": "proxy"}})["egress"])  # what a request saying nothing gets
+        call = enc.ns.call
+        assert call(proxy_connect, HOST_A, 8080)[0] == 200  # everything else stays allowed
+        assert call(proxy_connect, "127.0.0.1", port)[0] == 403
+        assert call(proxy_connect, "localhost", port)[0] == 403  # a name the parent maps there, too
+        assert call(proxy_connect, "169.254.169.254", 80)[0] == 403  # the instance metadata service
+        assert f"connect 127.0.0.1 port {port}" not in lab.parent_log.read_text()  # refused before the parent
+        # A request that says `deny` itself replaces the default: then the parent's loopback answers.
+        opened = enclave(parse_request({"egress": {"mode": "proxy", "deny": []}})["egress"])
+        assert opened.ns.call(proxy_connect, "127.0.0.1", port) == (200, f"127.0.0.1:{port} GET / HTTP/1.1")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_storm_and_slow_peers(lab: Lab, enclave: Callable[..., Enclave]) -> None:

@@ -77,7 +77,8 @@ def test_conversion_request_network_is_loaded_normalized():
     loaded = ConversionRequestSchema().load(flat(converter_options={"network": {"ingress": [8080]}}))
     assert loaded["converter_options"]["network"] == {
         "ingress": [{"port": 8080, "proxy_protocol": False}], "hostname": None,
-        "egress": {"mode": "transparent", "deny": [],
+        "egress": {"mode": "transparent", "deny": [{"cidr": cidr, "ports": ["1-65535"]} for cidr in (
+            "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "::/128", "::1/128", "fe80::/10", "fd00:ec2::254/128")],
                    "allow": [{"cidr": "0.0.0.0/0", "ports": ["1-65535"]}, {"cidr": "::/0", "ports": ["1-65535"]}]}}
     # A request that says nothing keeps saying nothing; the Build's conversion.network shows what was built.
     assert "network" not in ConversionRequestSchema().load(flat(converter_options={}))["converter_options"]

@@ -17,12 +17,24 @@ from common.enclave.network import (
 from common.errors import InvalidOptions
 
 EVERYTHING = [{"cidr": "0.0.0.0/0", "ports": ["1-65535"]}, {"cidr": "::/0", "ports": ["1-65535"]}]
+PARENT = [{"cidr": cidr, "ports": ["1-65535"]} for cidr in
+          ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "::/128", "::1/128", "fe80::/10", "fd00:ec2::254/128")]
 
 
 def test_network_absent_is_ccm_default_with_image_parts_left_open() -> None:
     assert parse_request(None) == {"ingress": None, "hostname": None,
-                                   "egress": {"mode": "transparent", "allow": EVERYTHING, "deny": []}}
+                                   "egress": {"mode": "transparent", "allow": EVERYTHING, "deny": PARENT}}
     assert [dict(r) for r in ALLOW_ALL] == EVERYTHING
+
+
+def test_network_omitted_deny_denies_the_parent_itself_and_a_given_one_replaces_it() -> None:
+    # Loopback and the instance metadata service (v4 and v6) of the parent, whatever the allow rules say.
+    assert parse_request({"egress": {"allow": [{"host": "api.example.com"}]}})["egress"]["deny"] == PARENT
+    assert parse_request({"egress": {"mode": "proxy"}})["egress"]["deny"] == PARENT
+    assert parse_request({"egress": {"deny": []}})["egress"]["deny"] == []
+    assert parse_request({"egress": {"deny": [{"cidr": "10.0.0.0/8"}]}})["egress"]["deny"] == [
+        {"cidr": "10.0.0.0/8", "ports": ["1-65535"]}]
+    assert parse_request({"egress": {"mode": "none"}})["egress"]["deny"] == []
 
 
 def test_network_resolve_takes_exposed_tcp_ports_and_the_image_name() -> None:
@@ -30,7 +42,7 @@ def test_network_resolve_takes_exposed_tcp_ports_and_the_image_name() -> None:
                      image_name="127.0.0.1:5000/team/My_App")
     assert policy["ingress"] == [{"port": 443, "proxy_protocol": False}, {"port": 8080, "proxy_protocol": False}]
     assert policy["hostname"] == "my-app"
-    assert policy["egress"] == {"mode": "transparent", "allow": EVERYTHING, "deny": []}
+    assert policy["egress"] == {"mode": "transparent", "allow": EVERYTHING, "deny": PARENT}
 
 
 def test_network_resolve_keeps_what_the_request_said() -> None:
