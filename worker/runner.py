@@ -148,17 +148,24 @@ _EXHAUSTION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _host_exhausted(exc: BaseException) -> ResourceLimit | None:
-    """The host ran out of disk or memory somewhere under `exc` (a library may have wrapped the OSError)."""
+    """The host ran out of disk or memory somewhere under `exc` (a library may have wrapped the OSError).
+
+    Both links of every exception are followed: an error re-raised from another (`raise e from other`) keeps
+    what it was raised from in `__context__` or deeper, and a disk-full missed there becomes a retry storm.
+    """
     seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop()
+        if id(cur) in seen:
+            continue
         seen.add(id(cur))
         if isinstance(cur, OSError) and cur.errno in _EXHAUSTION_ERRNOS:
             return ResourceLimit("the worker ran out of disk space during the conversion",
                                  details={"errno": errno.errorcode.get(cur.errno or 0, "")})
         if isinstance(cur, MemoryError):
             return ResourceLimit("the worker ran out of memory during the conversion")
-        cur = cur.__cause__ or cur.__context__
+        todo.extend(link for link in (cur.__context__, cur.__cause__) if link is not None)
     return None
 
 
@@ -251,6 +258,8 @@ def _attempt(build_id: uuid.UUID, s: Settings, engine: Engine, claim: buildstore
             exc = _host_exhausted(exc) or exc
             if exc.retryable and claim.attempt < s.max_attempts:
                 backoff = min(300.0, 5.0 * 2 ** claim.attempt)
+                log.warning("attempt %d of build_id=%s failed, retry in %.0f s: %s: %s", claim.attempt, build_id,
+                            backoff, exc.code, exc.message)
                 with session_scope(s.database_url) as session:
                     buildstore.requeue(session, build_id, attempt.state, fence=claim.fence,
                                        actor=buildstore.worker_actor(claim.fence), reason=f"{exc.code}: {exc.message}",

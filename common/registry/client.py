@@ -628,6 +628,8 @@ class RegistryClient:
         try:
             yield resp
         except _TRANSPORT_ERRORS as exc:
+            if isinstance(exc, OSError) and exc.errno in _LOCAL_DISK_ERRNOS:
+                raise  # the caller's disk, not the registry: not a transient fault to retry
             if self._deadline.expired:
                 raise RegistryTimeout(f"{method} {_path(url)} was cut off at the deadline") from exc
             raise RegistryUnavailable(f"{method} {_path(url)} on {_host(url)} broke off: {exc}") from exc

@@ -1,8 +1,11 @@
 """The pull step downloads layers ahead in background threads while applying them strictly in order."""
 from __future__ import annotations
 
+import errno
+import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from common.errors import BlobUnknown, DigestMismatch
 from common.image.filetree import Tree
 from common.registry.blobcache import BlobStore
+from tests.fixtures.disks import tmpfs_over
+from tests.fixtures.hostile import Reply
 from tests.fixtures.images import PushedImage, PushSession, make_layer, push_test_image, sha256
 from tests.fixtures.registries import RunningRegistry
 from tests.layertar import LayerTar
@@ -129,20 +134,9 @@ def _spooled(work: Path) -> bool:
     return any(p.stat().st_size for p in (work / "spool").glob("layer-0000-*.spool"))
 
 
-def test_pull_applies_a_layer_while_it_downloads(registry: RunningRegistry, hostile_front, repo_name: str,
-                                                 tmp_path: Path) -> None:
-    """The registry holds back the second half of the only layer until some of its first file is spooled: a pull
-    that waited for the whole blob before applying it would never spool anything while the body is held. (The
-    download hands on its bytes a MiB at a time: the layer is incompressible and several MiB.)"""
-    import random
-
-    from tests.fixtures.hostile import Reply
-
-    first, second = random.Random(4).randbytes(8 << 20), b"2" * 100_000
-    pushed = push_test_image(registry, repo_name, "v1",
-                             [make_layer(LayerTar().file("a", first).file("b", second).bytes())])
-    front = hostile_front(registry.host)
-    seen_while_held: list[bool] = []
+def _second_half_held(work: Path, seen_while_held: list[bool]) -> Callable[..., Reply]:
+    """A blob reply whose second half waits until the pull into `work` spooled some of the layer's first file,
+    so the apply is certainly following the download when the rest arrives; `seen_while_held` records it."""
 
     def held(seen, forward) -> Reply:  # type: ignore[no-untyped-def]
         reply = forward()
@@ -152,14 +146,28 @@ def test_pull_applies_a_layer_while_it_downloads(registry: RunningRegistry, host
         def halves():  # type: ignore[no-untyped-def]
             yield body[:len(body) // 2]
             deadline = time.monotonic() + 10
-            while not _spooled(tmp_path) and time.monotonic() < deadline:
+            while not _spooled(work) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            seen_while_held.append(_spooled(tmp_path))
+            seen_while_held.append(_spooled(work))
             yield body[len(body) // 2:]
 
         reply.body, reply.length = halves(), len(body)
         return reply
 
+    return held
+
+
+def test_pull_applies_a_layer_while_it_downloads(registry: RunningRegistry, hostile_front, repo_name: str,
+                                                 tmp_path: Path) -> None:
+    """The registry holds back the second half of the only layer until some of its first file is spooled: a pull
+    that waited for the whole blob before applying it would never spool anything while the body is held. (The
+    download hands on its bytes a MiB at a time: the layer is incompressible and several MiB.)"""
+    first, second = random.Random(4).randbytes(8 << 20), b"2" * 100_000
+    pushed = push_test_image(registry, repo_name, "v1",
+                             [make_layer(LayerTar().file("a", first).file("b", second).bytes())])
+    front = hostile_front(registry.host)
+    seen_while_held: list[bool] = []
+    held = _second_half_held(tmp_path, seen_while_held)
     front.on("GET", f"/blobs/{pushed.layers[0].digest}", held)
     tree = Tree()
     pull(f"{front.host}/{repo_name}:v1", tree, credentials=None, insecure_registries=frozenset({front.host}),
@@ -191,4 +199,24 @@ def test_pull_following_a_download_with_wrong_bytes_is_digest_mismatch(registry:
              cache=BlobStore(tmp_path / "cache"), spool_dir=tmp_path / "spool", limits=DEFAULT_LIMITS,
              progress=lambda done: None)
     assert not BlobStore(tmp_path / "cache").path(pushed.layers[0].digest).exists()
+    assert prefetch_threads(within=ABORT_GRACE_SECONDS) == []
+
+
+def test_pull_disk_full_while_following_a_download_is_the_disk_error(registry: RunningRegistry, hostile_front,
+                                                                     repo_name: str, tmp_path: Path) -> None:
+    """The blob cache fills up while the apply follows the download: the pull raises the disk's own ENOSPC (so
+    the worker fails the build `resource_limit` and does not retry it), not a registry fault or a broken read."""
+    (tmp_path / "cache").mkdir()
+    pushed = push_test_image(registry, repo_name, "v1",
+                             [make_layer(LayerTar().file("a", random.Random(5).randbytes(8 << 20)).bytes())])
+    front = hostile_front(registry.host)
+    seen_while_held: list[bool] = []
+    front.on("GET", f"/blobs/{pushed.layers[0].digest}", _second_half_held(tmp_path, seen_while_held))
+    with tmpfs_over(tmp_path / "cache", 6) as cache, pytest.raises(OSError) as raised:
+        pull(f"{front.host}/{repo_name}:v1", Tree(), credentials=None, insecure_registries=frozenset({front.host}),
+             cache=BlobStore(cache), spool_dir=tmp_path / "spool", limits=DEFAULT_LIMITS,
+             progress=lambda done: None)
+    assert seen_while_held == [True]
+    assert raised.value.errno == errno.ENOSPC, raised.value
+    assert front.count("GET", f"/blobs/{pushed.layers[0].digest}") == 1  # a full disk is not resumed
     assert prefetch_threads(within=ABORT_GRACE_SECONDS) == []

@@ -265,7 +265,9 @@ class _Prefetch:
         future = self._futures[index]
         wait_futures([future], timeout=None if isinstance(cause, DownloadFailed) else ABORT_GRACE_SECONDS)
         if future.done() and future.exception() is not None:
-            raise cast(BaseException, future.exception()) from cause
+            # Its own chain stays (`from cause` would replace it: a disk-full under a registry error would be
+            # lost); Python links `cause` as the context.
+            raise cast(BaseException, future.exception())
 
     def source(self, index: int) -> Path | BinaryIO:
         """Layer `index`'s verified file when its download is over, else a reader following the download

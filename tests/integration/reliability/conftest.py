@@ -4,14 +4,12 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -280,18 +278,3 @@ def with_short_visibility(s: Settings) -> Settings:
     """A broker visibility timeout of seconds (time limits below it), so the unacked message of a lost worker
     comes back within the test."""
     return replace(s, soft_time_limit=12, time_limit=15, visibility_timeout=20)
-
-
-@contextmanager
-def tmpfs_over(path: Path, mib: int) -> Iterator[Path]:
-    """A `mib` MiB tmpfs mounted over `path` (the test box runs tests as root), so a worker's disk can fill."""
-    if shutil.which("mount") is None:
-        skip_or_fail("no mount(8)")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs", str(path)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        skip_or_fail(f"cannot mount a tmpfs (need root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)

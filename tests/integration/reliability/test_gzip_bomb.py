@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from common.settings import Settings
+from tests.fixtures.disks import tmpfs_over
 from tests.fixtures.images import LAYER_TYPES, LayerBlob, push_test_image
 
-from .conftest import Proc, api_for, events, row, scratch_dirs, tmpfs_over, wait_terminal, with_hosts
+from .conftest import Proc, api_for, events, row, scratch_dirs, wait_terminal, with_hosts
 
 pytestmark = pytest.mark.integration
 MiB = 1 << 20

@@ -53,3 +53,12 @@ def test_runner_exhaustion_survives_a_cyclic_chain():
     a, b = ValueError("a"), ValueError("b")
     a.__context__, b.__context__ = b, a
     assert _host_exhausted(a) is None
+
+
+def test_runner_exhaustion_seen_under_a_cause_that_is_another_error():
+    """`raise err from other` sets `err.__cause__` to `other`: the disk-full err was raised during stays
+    reachable through its context, and must still be found."""
+    disk_full = _raised(OSError(errno.ENOSPC, "No space left on device"))
+    err = InvalidLayer("the layer's download failed")
+    err.__context__, err.__cause__ = disk_full, ValueError("the reader gave up")
+    assert isinstance(_host_exhausted(err), ResourceLimit)
