@@ -150,8 +150,8 @@ _EXHAUSTION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 def _host_exhausted(exc: BaseException) -> ResourceLimit | None:
     """The host ran out of disk or memory somewhere under `exc` (a library may have wrapped the OSError).
 
-    Both links of every exception are followed: an error re-raised from another (`raise e from other`) keeps
-    what it was raised from in `__context__` or deeper, and a disk-full missed there becomes a retry storm.
+    Both links of every exception are followed (`__cause__`: what it was raised from; `__context__`: what was
+    being handled when it was raised): the OSError may sit behind either, and one missed becomes a retry storm.
     """
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
