@@ -167,8 +167,7 @@ def test_pull_applies_a_layer_while_it_downloads(registry: RunningRegistry, host
                              [make_layer(LayerTar().file("a", first).file("b", second).bytes())])
     front = hostile_front(registry.host)
     seen_while_held: list[bool] = []
-    held = _second_half_held(tmp_path, seen_while_held)
-    front.on("GET", f"/blobs/{pushed.layers[0].digest}", held)
+    front.on("GET", f"/blobs/{pushed.layers[0].digest}", _second_half_held(tmp_path, seen_while_held))
     tree = Tree()
     pull(f"{front.host}/{repo_name}:v1", tree, credentials=None, insecure_registries=frozenset({front.host}),
          cache=BlobStore(tmp_path / "cache"), spool_dir=tmp_path / "spool", limits=DEFAULT_LIMITS,

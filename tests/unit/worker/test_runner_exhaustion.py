@@ -56,8 +56,8 @@ def test_runner_exhaustion_survives_a_cyclic_chain():
 
 
 def test_runner_exhaustion_seen_under_a_cause_that_is_another_error():
-    """`raise err from other` sets `err.__cause__` to `other`: the disk-full err was raised during stays
-    reachable through its context, and must still be found."""
+    """An error whose `__cause__` is something else and whose `__context__` is the disk-full it was raised
+    while handling: the disk-full is still found."""
     disk_full = _raised(OSError(errno.ENOSPC, "No space left on device"))
     err = InvalidLayer("the layer's download failed")
     err.__context__, err.__cause__ = disk_full, ValueError("the reader gave up")
