@@ -111,22 +111,30 @@ class _Readable(Protocol):
     def close(self) -> None: ...
 
 
-class Pieces:
-    """A chunk's bytes as the pieces they came in, sent in order without being joined into one copy first:
-    requests sends an iterable that has a length as it is (Content-Length, no chunked encoding)."""
+class Streamed:
+    """A body of unknown length, sent as `parts` yields it (chunked transfer encoding), and only once: a request
+    that would send it again (after a redirect or an auth round) fails instead of sending what is left of it.
+    Raising from `parts` aborts the request, and its connection is closed."""
 
     def __init__(self, parts: Iterable[bytes]) -> None:
-        self._parts = tuple(parts)
-        self._size = sum(map(len, self._parts))
-
-    def __len__(self) -> int:
-        return self._size
+        self._parts = parts
+        self._started = False
+        self.sent = 0
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._parts)
+        if self._started:
+            raise RegistryError("a streamed body cannot be sent twice")
+        self._started = True
+        for part in self._parts:
+            if part:
+                self.sent += len(part)
+                yield part
+
+    def close(self) -> None:
+        pass
 
 
-Body = bytes | Pieces | Callable[[], _Readable] | None
+Body = bytes | Streamed | Callable[[], _Readable] | None
 
 
 @dataclass(frozen=True)
@@ -556,7 +564,7 @@ class RegistryClient:
             stream.close()
         return location
 
-    def _patch_chunk(self, location: str, scopes: tuple[str, ...], offset: int, data: bytes | Pieces, what: str
+    def _patch_chunk(self, location: str, scopes: tuple[str, ...], offset: int, data: bytes, what: str
                      ) -> str | None:
         """PATCH one chunk at `offset`: the Location to continue at, or None when the registry answered 416."""
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(data)),
@@ -567,6 +575,18 @@ class RegistryClient:
             if resp.status_code != 202:
                 raise self._error(resp, what)
             return urljoin(resp.url, resp.headers.get("Location", location))
+
+    def _patch_stream(self, location: str, scopes: tuple[str, ...], body: Streamed, what: str) -> tuple[str, int]:
+        """PATCH a streamed body: the Location to continue at, and the bytes the registry holds by its `Range`."""
+        with self._call("PATCH", location, scopes=scopes, body=body, retry=False,
+                        headers={"Content-Type": "application/octet-stream"}) as resp:
+            if resp.status_code != 202:
+                raise self._error(resp, what)
+            # "0-0" means 0 or 1 byte (as in `_upload_status`): not checked, like a missing Range; the digest
+            # named at the closing PUT is what the registry verifies in the end.
+            end = resp.headers.get("Range", "").rpartition("-")[2]
+            held = int(end) + 1 if end.isdigit() and int(end) > 0 else -1
+            return urljoin(resp.url, resp.headers.get("Location", location)), held
 
     def open_upload(self, repository: str) -> BlobUpload:
         """Open an upload session for a blob whose digest is not known yet (it is being produced): the
@@ -625,8 +645,10 @@ class RegistryClient:
     ) -> Iterator[requests.Response]:
         """One registry request with auth challenges, redirects, retries; the response is closed after use."""
         resp = self._send(method, url, scopes=scopes, headers=headers or {}, body=body, retry=retry)
+        used = False
         try:
             yield resp
+            used = True
         except _TRANSPORT_ERRORS as exc:
             if isinstance(exc, OSError) and exc.errno in _LOCAL_DISK_ERRNOS:
                 raise  # the caller's disk, not the registry: not a transient fault to retry
@@ -634,7 +656,11 @@ class RegistryClient:
                 raise RegistryTimeout(f"{method} {_path(url)} was cut off at the deadline") from exc
             raise RegistryUnavailable(f"{method} {_path(url)} on {_host(url)} broke off: {exc}") from exc
         finally:
-            resp.close()
+            # After a failure the connection is suspect (and may be stalled): it is closed, not reused.
+            if used:
+                _release(resp)
+            else:
+                resp.close()
 
     def _send(
         self, method: str, url: str, *, scopes: tuple[str, ...] | None, headers: dict[str, str], body: Body,
@@ -726,7 +752,7 @@ class RegistryClient:
                     timeout=(self._deadline.cap(self._timeouts.connect), self._deadline.cap(self._timeouts.read)),
                 )
             finally:
-                if data is not None and not isinstance(data, (bytes, Pieces)):
+                if data is not None and not isinstance(data, (bytes, Streamed)):
                     data.close()
             if resp.status_code not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
@@ -845,7 +871,7 @@ class BlobUpload:
         self.min_chunk = min_chunk
         self.offset = 0
 
-    def append(self, data: bytes | Pieces) -> None:
+    def append(self, data: bytes) -> None:
         moved = self._client._patch_chunk(self.location, self._scopes, self.offset, data,
                                           f"chunk upload in {self.repository}")
         if moved is None:
@@ -853,6 +879,21 @@ class BlobUpload:
                                 details={"status": 416, "offset": self.offset})
         self.location = moved
         self.offset += len(data)
+
+    def stream(self, parts: Iterable[bytes]) -> None:
+        """Send the rest of the blob as one PATCH whose body is `parts` as they come (chunked transfer encoding).
+
+        This is how `docker push` sends a layer, so every registry that takes a push takes it, whatever it asks
+        of separate chunks (ECR's parts but the last must be 5 MiB); and it is one request, not one per chunk.
+        Raising from `parts` aborts the request; the session is then in an unknown state (`cancel()` it)."""
+        body = Streamed(parts)
+        moved, held = self._client._patch_stream(self.location, self._scopes, body,
+                                                 f"streamed upload in {self.repository}")
+        self.location = moved
+        self.offset += body.sent
+        if held not in (-1, self.offset):
+            raise RegistryError(f"the registry holds {held} bytes of the {self.offset} sent in {self.repository}",
+                                details={"held": held, "sent": self.offset})
 
     def commit(self, digest: Digest) -> None:
         """Close the session as `digest`; the registry checks that the bytes received hash to it."""
@@ -917,6 +958,22 @@ def _discard(resp: requests.Response) -> None:
     except _TRANSPORT_ERRORS:
         pass
     resp.close()
+
+
+def _release(resp: requests.Response) -> None:
+    """Close a response that served its purpose, keeping its connection for the next request.
+
+    urllib3 pools a connection only once its response has been read to the end and closes it otherwise, so
+    every answer with a body nobody reads (a 202 to each PATCH of an upload, a 201, a HEAD's) used to cost the
+    next request a new TCP and TLS handshake. What is left of a body declared small is read first; a large
+    rest (a blob its reader stopped in) is not worth its bytes, and that connection is closed."""
+    length = resp.headers.get("Content-Length")
+    small = resp.request.method == "HEAD" or (length is not None and length.isdigit()
+                                              and int(length) <= _MAX_ERROR_BODY_BYTES)
+    if small:
+        _discard(resp)
+    else:
+        resp.close()
 
 
 def _registry_errors(resp: requests.Response) -> tuple[list[str], str]:

@@ -274,6 +274,8 @@ def package(spec: ConvertSpec, host: ConversionHost, progress: Progress, plan: P
             layer = write_layer(eif.path, files, plan.work.scratch / "layer.blob",
                                 compression=host.output_compression, written=eif.written,
                                 sink=stream.write if stream is not None else None)
+        if stream is not None:
+            stream.end()
         boot = None
         if host.boot_check is not None:
             assert eif.path is not None  # build writes the file for the boot check

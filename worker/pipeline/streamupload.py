@@ -1,22 +1,23 @@
 """The output layer sent to the registry while it is being compressed, so that little of it is left to push.
 
 The producer (`write_layer`'s compressor) hands each piece of compressed bytes to `LayerStream.write`; a
-thread of its own coalesces them into chunks and PATCHes them in order into an upload session opened
-before the digest is known. The session is closed (PUT ?digest=) only by `commit`, which the push step
-calls once every check of the conversion passed; until then nothing is tagged or even complete.
+thread of its own sends them, in order, as the body of one PATCH (chunked transfer encoding, as `docker push`
+sends a layer) into an upload session opened before the digest is known. `end` finishes that request once the
+layer is complete; the session is closed (PUT ?digest=) only by `commit`, which the push step calls once every
+check of the conversion passed; until then nothing is tagged or even complete.
 
-Streaming is an optimisation and never a reason to fail: any failure (an HTTP error, a registry without
-chunked uploads, an auth round it cannot pass, a cancel) stops it, deletes its session, and leaves the
-whole-file upload of the push step to do the work as it would have anyway.
+Streaming is an optimisation and never a reason to fail: any failure (an HTTP error, a registry that refuses
+the stream, an auth round it cannot pass, a cancel) stops it, deletes its session, and leaves the whole-file
+upload of the push step to do the work as it would have anyway.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from common.registry.client import BlobUpload, Credentials, Pieces, RegistryClient
+from common.registry.client import BlobUpload, Credentials, RegistryClient
 from common.registry.digest import Digest
 from common.registry.hostpolicy import HostPolicy
 from common.registry.reference import Reference
@@ -24,14 +25,19 @@ from common.registry.reference import Reference
 log = logging.getLogger(__name__)
 
 THREAD_NAME = "nitroconv-layerupload"
-# Chunks of this size keep the request count moderate (~95 for a 190 MB layer) while the memory held stays
-# about 6 MiB: the queue (pieces of at most a compressor block each), one chunk being built and its joined
-# copy on the wire. The queue only has to cover one chunk's PATCH, not to run ahead of it: every MiB held
-# here is held at the worker's peak (bench/README.md, figure 3).
-CHUNK_BYTES = 2 << 20
+# Pieces smaller than this are gathered into one chunk of the request body, so that a compressor that hands
+# over small pieces does not cost a system call (and a chunk header) each; a gzip block is larger already.
+CHUNK_BYTES = 256 << 10
+# The queue only has to cover the send of one chunk, not to run ahead of it: every MiB held here is held at
+# the worker's peak (bench/README.md, figure 3).
 QUEUE_PIECES = 2
-# How often a producer blocked on a full queue looks whether the stream has stopped meanwhile.
+# How often a producer blocked on a full queue, or the sender waiting for a piece, looks whether the stream
+# has stopped meanwhile.
 _POLL_SECONDS = 0.1
+
+
+class _Stopped(Exception):
+    """Raised from the request body to abort the PATCH in flight (its connection is closed)."""
 
 
 class LayerStream:
@@ -70,6 +76,11 @@ class LayerStream:
                 return
             except queue.Full:
                 continue
+
+    def end(self) -> None:
+        """The blob is complete: the PATCH that carries it finishes now (it is not held open until `commit`,
+        which may come much later, after the base image's layers are copied, say)."""
+        self._end()
 
     def commit(self, digest: str, size: int) -> bool:
         """Send what is left and close the session as `digest`. True when the registry now holds the blob
@@ -142,34 +153,39 @@ class LayerStream:
                      self._repository, why)
 
     def _run(self) -> None:
-        pieces: list[bytes] = []  # sent as they are, one chunk's worth per PATCH
-        held = 0
         try:
             self._upload = upload = self._client.open_upload(self._repository)
-            target = max(self._chunk_bytes, upload.min_chunk)
-            while not self._stopped.is_set():
-                try:
-                    piece = self._queue.get(timeout=_POLL_SECONDS)
-                except queue.Empty:
-                    continue
-                if piece is not None:
-                    pieces.append(piece)
-                    held += len(piece)
-                if self._should_cancel():
-                    self._stop("cancelled")
-                    break
-                if held >= target or (piece is None and held):
-                    upload.append(Pieces(pieces))
-                    pieces.clear()
-                    held = 0
-                if piece is None:  # the end of the blob
-                    return
+            upload.stream(self._body())
         except Exception as exc:  # noqa: BLE001 - any failure falls back to the whole-file upload
             self._stop(str(exc) or type(exc).__name__)
         finally:
             # A producer blocked on a full queue must see the stop, not wait on a reader that is gone.
             if self._stopped.is_set():
                 self._drain()
+
+    def _body(self) -> Iterator[bytes]:
+        """The PATCH's body: the queued pieces in order until the end of the blob; a stop aborts it."""
+        held: list[bytes] = []
+        size = 0
+        while True:
+            if self._stopped.is_set():
+                raise _Stopped(self.failure or "stopped")
+            try:
+                piece = self._queue.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                continue
+            if piece is not None:
+                if self._should_cancel():
+                    self._stop("cancelled")
+                    raise _Stopped("cancelled")
+                held.append(piece)
+                size += len(piece)
+            if held and (size >= self._chunk_bytes or piece is None):
+                yield held[0] if len(held) == 1 else b"".join(held)
+                held.clear()
+                size = 0
+            if piece is None:  # the end of the blob
+                return
 
 
 def open_layer_stream(ref: Reference, *, credentials: Credentials | None, insecure_registries: frozenset[str],
