@@ -483,7 +483,7 @@ def _optional_bstr(fields: Mapping[object, object], name: str, low: int, high: i
 def _certificate(der: bytes, where: str) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError: a version field of 87, say
         raise InvalidCertificate(f"{where} is not a DER X.509 certificate", details={"certificate": where}) from None
 
 

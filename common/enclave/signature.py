@@ -27,7 +27,7 @@ def _load_certificate(pem: bytes) -> x509.Certificate:
 
     try:
         return x509.load_pem_x509_certificate(pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise InvalidEif(f"signature section certificate is not a PEM X.509 certificate: {exc}",
                          details={"reason": "invalid_signature"}) from exc
 

@@ -29,7 +29,7 @@ def load_ca_bundle(path: Path | None) -> bytes:
 
     try:
         certificates = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise InvalidCaBundle(f"the CA bundle {str(path)!r} is not PEM certificates: {exc}") from exc
     if not certificates:
         raise InvalidCaBundle(f"the CA bundle {str(path)!r} holds no certificate")

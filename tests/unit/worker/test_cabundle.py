@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 from common.errors import CaBundleNotConfigured, InvalidCaBundle, InvalidOptions
 from common.image.filetree import BytesContent, NodeKind, SpoolContent, Tree
 from common.options import JAVA_MODES, check_java_mode
+from tests.fixtures.signing import pem_of, with_unknown_version
 from worker.pipeline.cabundle import append_ca_bundle, load_ca_bundle
 from worker.pipeline.spec import ConverterOptions
 from worker.pipeline.stages import DEBUG_WARNING, option_warnings
@@ -93,6 +94,11 @@ def test_load_ca_bundle_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidCaBundle) as bad:
         load_ca_bundle(empty)
     assert bad.value.code == "invalid_ca_bundle"
+    odd = tmp_path / "odd.pem"
+    odd.write_bytes(_ca_pem() + pem_of(with_unknown_version(x509.load_pem_x509_certificate(_ca_pem()).public_bytes(
+        serialization.Encoding.DER))))
+    with pytest.raises(InvalidCaBundle):
+        load_ca_bundle(odd)
     good = tmp_path / "good.pem"
     good.write_bytes(_ca_pem() + _ca_pem())
     assert load_ca_bundle(good) == good.read_bytes()

@@ -35,6 +35,7 @@ from tests.fixtures.attestation import (
     emulator_document,
     make_pki,
 )
+from tests.fixtures.signing import with_unknown_version
 
 EXPECT = Expectations(pcrs={0: PCR0, 1: PCR1, 2: PCR2}, nonce=NONCE, max_age=dt.timedelta(minutes=5))
 REAL = Path(__file__).parents[3] / "data" / "attestation" / "aws_2026-02-06_ap-southeast-2.b64"
@@ -287,6 +288,13 @@ def test_a_payload_that_is_not_a_map_is_malformed(pki):
 
 def test_a_certificate_that_is_not_der_is_invalid(pki):
     assert _code(Doc(pki, overrides={"certificate": b"\x30\x03junk"}).encode(), pki.root.cert) == "invalid_certificate"
+
+
+def test_a_certificate_of_an_unknown_version_is_invalid(pki):
+    bundle = [pki.root.der, pki.intermediates[0].der, with_unknown_version(pki.intermediates[1].der)]
+    assert _code(Doc(pki, overrides={"cabundle": bundle}).encode(), pki.root.cert) == "invalid_certificate"
+    leaf = with_unknown_version(pki.leaf.der)
+    assert _code(Doc(pki, overrides={"certificate": leaf}).encode(), pki.root.cert) == "invalid_certificate"
 
 
 def _leaf_variant(**options) -> str | None:

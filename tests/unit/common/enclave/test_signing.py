@@ -31,7 +31,7 @@ from common.errors import (
     SigningKeyUnsupported,
 )
 from tests.fixtures.eif_vector import TV1_METADATA, TV1_PCRS, TV1_SHA256
-from tests.fixtures.signing import make_certificate, make_signer, write_key_pair
+from tests.fixtures.signing import make_certificate, make_signer, pem_of, with_unknown_version, write_key_pair
 
 # TV1 of EIF.md §8 (tests/fixtures/eif_vector.py): the signed vector TV2 is TV1 plus a signature section.
 TV1_PCR0, TV1_PCR1, TV1_PCR2 = TV1_PCRS.pcr0, TV1_PCRS.pcr1, TV1_PCRS.pcr2
@@ -126,6 +126,16 @@ def test_cose_pcr_info_matches_tv2_payload_prefix() -> None:
     assert payload.startswith(TV2_PAYLOAD_PREFIX)
     values, end = _u8_values(payload, len(b"\xa2\x6eregister_index\x00\x6eregister_value\x98\x30"), 48)
     assert values.hex() == TV1_PCR0 and end == len(payload)
+
+
+def test_a_signing_certificate_of_an_unknown_version_is_an_invalid_eif() -> None:
+    from common.enclave.signature import signature_info
+
+    cert = make_certificate(ec.generate_private_key(ec.SECP384R1()))
+    pem = pem_of(with_unknown_version(cert.public_bytes(serialization.Encoding.DER)))
+    with pytest.raises(InvalidEif) as err:
+        signature_info(cose.signature_section(pem, b"\x84"), TV1_PCR0)
+    assert err.value.details["reason"] == "invalid_signature"
 
 
 def test_cose_signature_section_has_tv2_prefix() -> None:
