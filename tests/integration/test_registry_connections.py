@@ -1,8 +1,8 @@
 """Requests one client makes one after another share one connection to the registry.
 
-Each new connection costs a TCP handshake and, with TLS, a TLS one; a streamed upload of a 180 MB layer makes
-~90 requests. Answers whose body nobody reads (the 202 to each chunk, a HEAD's, a 201) used to close their
-connection, so every request after them opened a new one. The hostile front numbers the connections it
+Each new connection costs a TCP handshake and, with TLS, a TLS one; a chunked upload makes a request per chunk
+(the streamed output layer made ~90 before it became one PATCH). Answers whose body nobody reads (the 202 to
+each chunk, a HEAD's, a 201) used to close their connection, so every request after them opened a new one. The hostile front numbers the connections it
 accepts and forwards to the real registry.
 """
 from __future__ import annotations
