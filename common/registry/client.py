@@ -130,9 +130,6 @@ class Streamed:
                 self.sent += len(part)
                 yield part
 
-    def close(self) -> None:
-        pass
-
 
 Body = bytes | Streamed | Callable[[], _Readable] | None
 
@@ -576,17 +573,14 @@ class RegistryClient:
                 raise self._error(resp, what)
             return urljoin(resp.url, resp.headers.get("Location", location))
 
-    def _patch_stream(self, location: str, scopes: tuple[str, ...], body: Streamed, what: str) -> tuple[str, int]:
+    def _patch_stream(self, location: str, scopes: tuple[str, ...], body: Streamed, what: str
+                      ) -> tuple[str, int | None]:
         """PATCH a streamed body: the Location to continue at, and the bytes the registry holds by its `Range`."""
         with self._call("PATCH", location, scopes=scopes, body=body, retry=False,
                         headers={"Content-Type": "application/octet-stream"}) as resp:
             if resp.status_code != 202:
                 raise self._error(resp, what)
-            # "0-0" means 0 or 1 byte (as in `_upload_status`): not checked, like a missing Range; the digest
-            # named at the closing PUT is what the registry verifies in the end.
-            end = resp.headers.get("Range", "").rpartition("-")[2]
-            held = int(end) + 1 if end.isdigit() and int(end) > 0 else -1
-            return urljoin(resp.url, resp.headers.get("Location", location)), held
+            return urljoin(resp.url, resp.headers.get("Location", location)), _held_bytes(resp)
 
     def open_upload(self, repository: str) -> BlobUpload:
         """Open an upload session for a blob whose digest is not known yet (it is being produced): the
@@ -597,19 +591,16 @@ class RegistryClient:
                         headers={"Content-Length": "0"}) as resp:
             if resp.status_code != 202 or "Location" not in resp.headers:
                 raise self._error(resp, f"upload session in {repo}")
-            return BlobUpload(self, repo, scopes, urljoin(resp.url, resp.headers["Location"]),
-                              _int_header(resp, "OCI-Chunk-Min-Length"))
+            return BlobUpload(self, repo, scopes, urljoin(resp.url, resp.headers["Location"]))
 
     def _upload_status(self, location: str, scopes: tuple[str, ...]) -> tuple[str, int]:
         """GET the upload session: where to continue and how many bytes the registry holds."""
         with self._call("GET", location, scopes=scopes) as resp:
             if resp.status_code != 204:
                 raise self._error(resp, "upload status")
-            # distribution says "0-0" for both 0 and 1 byte received; 0 is the safe reading (a
-            # wrong guess costs a 416 and another resync, bounded by the caller).
-            end = resp.headers.get("Range", "0-0").rpartition("-")[2]
-            held = int(end) + 1 if end.isdigit() and int(end) > 0 else 0
-            return urljoin(resp.url, resp.headers.get("Location", location)), held
+            # Unknown is read as 0, the safe reading (a wrong guess costs a 416 and another resync, bounded by
+            # the caller).
+            return urljoin(resp.url, resp.headers.get("Location", location)), _held_bytes(resp) or 0
 
     def put_manifest(self, repository: str, reference: str, media_type: str, body: bytes) -> Digest:
         """PUT a manifest or index under a tag (or its digest); returns the sha256 digest of `body`."""
@@ -857,28 +848,16 @@ class RegistryClient:
 
 
 class BlobUpload:
-    """A chunked upload (POST, PATCH…, PUT ?digest=) driven piece by piece, from one thread at a time.
+    """An upload session (POST, a streamed PATCH, PUT ?digest=) for a blob produced while it is sent.
 
-    Nothing is retried here: a chunk the registry did not take leaves the session in an unknown state,
+    Nothing is retried here: a PATCH the registry did not take leaves the session in an unknown state,
     and its owner is expected to `cancel()` it and upload the whole blob another way.
     """
 
-    def __init__(self, client: RegistryClient, repository: str, scopes: tuple[str, ...], location: str,
-                 min_chunk: int) -> None:
+    def __init__(self, client: RegistryClient, repository: str, scopes: tuple[str, ...], location: str) -> None:
         self._client, self.repository, self._scopes = client, repository, scopes
         self.location = location
-        # OCI-Chunk-Min-Length: every chunk but the last must be at least this long.
-        self.min_chunk = min_chunk
         self.offset = 0
-
-    def append(self, data: bytes) -> None:
-        moved = self._client._patch_chunk(self.location, self._scopes, self.offset, data,
-                                          f"chunk upload in {self.repository}")
-        if moved is None:
-            raise RegistryError(f"chunk at {self.offset} refused with 416 in {self.repository}",
-                                details={"status": 416, "offset": self.offset})
-        self.location = moved
-        self.offset += len(data)
 
     def stream(self, parts: Iterable[bytes]) -> None:
         """Send the rest of the blob as one PATCH whose body is `parts` as they come (chunked transfer encoding).
@@ -891,7 +870,8 @@ class BlobUpload:
                                                  f"streamed upload in {self.repository}")
         self.location = moved
         self.offset += body.sent
-        if held not in (-1, self.offset):
+        # Unknown is not checked: the digest named at the closing PUT is what the registry verifies in the end.
+        if held is not None and held != self.offset:
             raise RegistryError(f"the registry holds {held} bytes of the {self.offset} sent in {self.repository}",
                                 details={"held": held, "sent": self.offset})
 
@@ -958,6 +938,13 @@ def _discard(resp: requests.Response) -> None:
     except _TRANSPORT_ERRORS:
         pass
     resp.close()
+
+
+def _held_bytes(resp: requests.Response) -> int | None:
+    """How many bytes an upload session holds by the answer's `Range: 0-<last>`; None when unknown: no header,
+    or distribution's "0-0", which it says for both 0 and 1 byte received."""
+    end = resp.headers.get("Range", "").rpartition("-")[2]
+    return int(end) + 1 if end.isdigit() and int(end) > 0 else None
 
 
 def _release(resp: requests.Response) -> None:
