@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import _machine  # bench/ is this script's directory, so first on sys.path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -70,6 +73,7 @@ def main() -> int:
     unknown = [n for n in args.names if n not in present]
     if unknown:
         parser.error(f"no benchmark {', '.join(unknown)}; present: {', '.join(present)}")
+    print(_machine.measure(Path(os.environ.get("NITROCONV_STATE_DIR") or REPO / ".state")).line() + "\n", flush=True)
     failed: list[str] = []
     for name in args.names or present:
         print(f"== bench/{name}.py", flush=True)

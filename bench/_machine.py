@@ -1,0 +1,76 @@
+"""What this machine is like today, printed before `make bench`'s figures: the rates a conversion's time rests on.
+
+Figures taken on different VMs of the same kind differed by up to 2x; these lines say which kind of day a run
+had. The hashes are what PCR0/PCR2 (SHA-384) and the digests (sha256) cost. The page-cache writes are the
+other surprise: on a freshly booted VM the first touch of each guest page is slow (seen here: 0.5 GB/s into
+fresh pages, 3 GB/s into pages used before), and every spool, blob and layer file a conversion or `docker
+pull` writes lands in such pages until the VM's memory has been used once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_HASH_BYTES = 64 << 20
+_WRITE_BYTES = 256 << 20
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpus: int
+    model: str
+    sha256_gbs: float
+    sha384_gbs: float
+    write_gbs: float  # a new file's first write, 1 MiB at a time, into the page cache
+    rewrite_gbs: float  # the same again after the first file is deleted: its pages are reused
+
+    def line(self) -> str:
+        return (f"machine: {self.cpus} CPUs ({self.model}); sha256 {self.sha256_gbs:.2f} GB/s, "
+                f"sha384 {self.sha384_gbs:.2f} GB/s; page-cache writes {self.write_gbs:.2f} GB/s "
+                f"(again into freed pages: {self.rewrite_gbs:.2f} GB/s)")
+
+
+def _model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def _hash_rate(name: str, data: bytes) -> float:
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        hashlib.new(name, data).digest()
+        best = min(best, time.perf_counter() - start)
+    return len(data) / best / 1e9
+
+
+def _write_rate(directory: Path) -> float:
+    block = os.urandom(_BLOCK)
+    fd, name = tempfile.mkstemp(prefix="machine-", suffix=".tmp", dir=directory)
+    try:
+        start = time.perf_counter()
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            for _ in range(_WRITE_BYTES // _BLOCK):
+                out.write(block)
+        return _WRITE_BYTES / (time.perf_counter() - start) / 1e9
+    finally:
+        os.unlink(name)
+
+
+def measure(directory: Path) -> Machine:
+    """About 2 s. `directory` is where the benchmarks write (the state dir), so the same filesystem."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(_HASH_BYTES)
+    first = _write_rate(directory)
+    return Machine(cpus=os.cpu_count() or 1, model=_model(), sha256_gbs=_hash_rate("sha256", data),
+                   sha384_gbs=_hash_rate("sha384", data), write_gbs=first, rewrite_gbs=_write_rate(directory))
