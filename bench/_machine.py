@@ -2,9 +2,9 @@
 
 Figures taken on different VMs of the same kind differed by up to 2x; these lines say which kind of day a run
 had. The hashes are what PCR0/PCR2 (SHA-384) and the digests (sha256) cost. The page-cache writes are the
-other surprise: on a freshly booted VM the first touch of each guest page is slow (seen here: 0.5 GB/s into
-fresh pages, 3 GB/s into pages used before), and every spool, blob and layer file a conversion or `docker
-pull` writes lands in such pages until the VM's memory has been used once.
+other surprise: a VM that hands its free pages back to the host pays a host fault for each such page it
+uses again (seen here: 0.27 GB/s into new pages at times, 3-4 GB/s into pages freed a moment before), and
+every spool, blob and layer file a conversion or `docker pull` writes lands in new pages (bench/README.md).
 """
 from __future__ import annotations
 
