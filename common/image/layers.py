@@ -44,6 +44,8 @@ AUFS_META_PREFIX = b".wh..wh."
 _U32 = 1 << 32
 # Pieces (of at most _CHUNK) queued ahead of the spool's writing thread.
 _SPOOL_DEPTH = 4
+# Small files' contents go to the spool's thread gathered into pieces of about this size.
+_SPOOL_GATHER = 256 << 10
 _CHUNK = 1 << 20
 _EMPTY = BytesContent(b"")
 
@@ -552,7 +554,8 @@ class _LayerApplier:
             fd, name = tempfile.mkstemp(prefix=f"layer-{self.index:04d}-", suffix=".spool", dir=self.spool_dir)
             self.spool = os.fdopen(fd, "wb")
             self.spool_path = Path(name)
-            self.spool_pipe = HashPipe(Writes(self.spool), name="nitroconv-spool", depth=_SPOOL_DEPTH)
+            self.spool_pipe = HashPipe(Writes(self.spool), name="nitroconv-spool", depth=_SPOOL_DEPTH,
+                                       gather=_SPOOL_GATHER)
         return self.spool_pipe, self.spool_path
 
     def _close_spool(self) -> None:

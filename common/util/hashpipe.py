@@ -27,9 +27,15 @@ class HashPipe:
     the thread is raised again by the next `update()`, `call()` or `finish()`.
     """
 
-    def __init__(self, hasher: Hasher, *, name: str = "nitroconv-hash", depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(self, hasher: Hasher, *, name: str = "nitroconv-hash", depth: int = DEFAULT_DEPTH,
+                 gather: int = 0) -> None:
         self._hasher = hasher
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        # Pieces smaller than `gather` are joined into one item of about that size: a queue item is a hand-off
+        # between two threads (a wake-up, and the GIL changing hands), too dear to pay per small file.
+        self._gather = gather
+        self._held: list[bytes] = []
+        self._held_bytes = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -57,14 +63,30 @@ class HashPipe:
 
     def update(self, data: bytes) -> None:
         self._check()
-        self._queue.put(data)
+        if len(data) >= self._gather:
+            self._put_held()
+            self._queue.put(data)
+            return
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes >= self._gather:
+            self._put_held()
+
+    def _put_held(self) -> None:
+        if self._held:
+            joined = b"".join(self._held)
+            self._held, self._held_bytes = [], 0
+            self._queue.put(joined)
 
     def call(self, fn: Callable[[Any], None]) -> None:
         self._check()
+        self._put_held()
         self._queue.put(fn)
 
     def finish(self) -> Any:
         """Wait for everything queued to be hashed; returns the hasher."""
+        if self._thread.is_alive():
+            self._put_held()
         self._stop()
         if self._error is not None:
             raise self._error
@@ -84,6 +106,8 @@ class HashPipe:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if exc_type is None and self._thread.is_alive():
+            self._put_held()
         self._stop()
 
 

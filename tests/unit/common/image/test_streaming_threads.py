@@ -85,6 +85,55 @@ def test_hashpipe_hashes_in_order_and_runs_calls_between_updates() -> None:
     assert live("nitroconv-hash") == []
 
 
+class Recorder:
+    """A hasher that keeps what it was given, piece by piece."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+
+    def update(self, data: bytes) -> None:
+        self.pieces.append(bytes(data))
+
+
+def test_hashpipe_gathers_small_pieces_and_keeps_the_order() -> None:
+    rng = random.Random(7)
+    small = [rng.randbytes(rng.randrange(1, 300)) for _ in range(400)]
+    large = rng.randbytes(5000)
+    seen_at_call: list[int] = []
+    recorder = Recorder()
+    pipe = HashPipe(recorder, gather=1000)
+    for piece in small[:200]:
+        pipe.update(piece)
+    pipe.update(large)  # what was gathered goes first, then the large piece as it is
+    pipe.call(lambda r: seen_at_call.append(sum(map(len, r.pieces))))
+    for piece in small[200:]:
+        pipe.update(piece)
+    pipe.finish()  # hands over the rest
+    sent = b"".join(small[:200]) + large + b"".join(small[200:])
+    assert b"".join(recorder.pieces) == sent
+    assert seen_at_call == [len(b"".join(small[:200])) + len(large)]
+    assert large in recorder.pieces
+    # Every piece but the ones cut short by the large piece, the call and the finish holds 1000 bytes or more.
+    assert sum(len(p) < 1000 for p in recorder.pieces) <= 3
+    assert len(recorder.pieces) < 80
+    assert live("nitroconv-hash") == []
+
+
+def test_hashpipe_hands_over_what_it_gathered_when_its_block_ends() -> None:
+    recorder = Recorder()
+    with HashPipe(recorder, gather=1 << 20) as pipe:
+        pipe.update(b"a" * 10)
+        pipe.update(b"b" * 10)
+    assert recorder.pieces == [b"a" * 10 + b"b" * 10]
+
+    recorder = Recorder()
+    with pytest.raises(KeyError), HashPipe(recorder, gather=1 << 20) as pipe:
+        pipe.update(b"dropped")
+        raise KeyError("the producer failed")
+    assert recorder.pieces == []  # a failed producer's partial piece is not passed on
+    assert live("nitroconv-hash") == []
+
+
 def test_hashpipe_error_reaches_the_producer() -> None:
     class Broken:
         def update(self, data: bytes) -> None:
