@@ -54,23 +54,26 @@ def _hash_rate(name: str, data: bytes) -> float:
     return len(data) / best / 1e9
 
 
-def _write_rate(directory: Path) -> float:
+def _write_rate(directory: Path, size: int) -> float:
     block = os.urandom(_BLOCK)
+    blocks = max(size // _BLOCK, 1)
     fd, name = tempfile.mkstemp(prefix="machine-", suffix=".tmp", dir=directory)
     try:
         start = time.perf_counter()
         with os.fdopen(fd, "wb", buffering=0) as out:
-            for _ in range(_WRITE_BYTES // _BLOCK):
+            for _ in range(blocks):
                 out.write(block)
-        return _WRITE_BYTES / (time.perf_counter() - start) / 1e9
+        return blocks * _BLOCK / (time.perf_counter() - start) / 1e9
     finally:
         os.unlink(name)
 
 
-def measure(directory: Path) -> Machine:
-    """About 2 s. `directory` is where the benchmarks write (the state dir), so the same filesystem."""
+def measure(directory: Path, *, hash_bytes: int = _HASH_BYTES, write_bytes: int = _WRITE_BYTES) -> Machine:
+    """About 2 s with the default sizes. `directory` is where the benchmarks write (the state dir), so the same
+    filesystem; nothing is left in it."""
     directory.mkdir(parents=True, exist_ok=True)
-    data = os.urandom(_HASH_BYTES)
-    first = _write_rate(directory)
+    data = os.urandom(hash_bytes)
+    first = _write_rate(directory, write_bytes)
     return Machine(cpus=os.cpu_count() or 1, model=_model(), sha256_gbs=_hash_rate("sha256", data),
-                   sha384_gbs=_hash_rate("sha384", data), write_gbs=first, rewrite_gbs=_write_rate(directory))
+                   sha384_gbs=_hash_rate("sha384", data), write_gbs=first,
+                   rewrite_gbs=_write_rate(directory, write_bytes))

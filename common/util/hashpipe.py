@@ -20,8 +20,9 @@ DEFAULT_DEPTH = 2
 
 
 class HashPipe:
-    """Owns `hasher` until `finish()`: `update()` queues data (bounded), `call()` queues a function run on the
-    hasher between updates (say, a snapshot with `copy()`), both in call order.
+    """Owns `hasher` until `finish()`: `update()` queues data (bounded; with `gather`, pieces smaller than that
+    are joined first and handed over once they add up to it), `call()` queues a function run on the hasher
+    between updates (say, a snapshot with `copy()`), both in call order.
 
     Use as a context manager or call `finish()`/`abort()`: either ends the thread. An exception raised in
     the thread is raised again by the next `update()`, `call()` or `finish()`.
