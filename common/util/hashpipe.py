@@ -8,6 +8,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
+from common.util.gather import Gather
+
 
 class Hasher(Protocol):
     def update(self, data: bytes, /) -> None: ...
@@ -34,9 +36,7 @@ class HashPipe:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         # Pieces smaller than `gather` are joined into one item of about that size: a queue item is a hand-off
         # between two threads (a wake-up, and the GIL changing hands), too dear to pay per small file.
-        self._gather = gather
-        self._held: list[bytes] = []
-        self._held_bytes = 0
+        self._gather = Gather(gather) if gather else None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -64,20 +64,16 @@ class HashPipe:
 
     def update(self, data: bytes) -> None:
         self._check()
-        if len(data) >= self._gather:
-            self._put_held()
+        if self._gather is None:
             self._queue.put(data)
             return
-        self._held.append(data)
-        self._held_bytes += len(data)
-        if self._held_bytes >= self._gather:
-            self._put_held()
+        for piece in self._gather.push(data):
+            self._queue.put(piece)
 
     def _put_held(self) -> None:
-        if self._held:
-            joined = b"".join(self._held)
-            self._held, self._held_bytes = [], 0
-            self._queue.put(joined)
+        if self._gather is not None:
+            for piece in self._gather.rest():
+                self._queue.put(piece)
 
     def call(self, fn: Callable[[Any], None]) -> None:
         self._check()

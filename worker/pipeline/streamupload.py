@@ -21,6 +21,7 @@ from common.registry.client import BlobUpload, Credentials, RegistryClient
 from common.registry.digest import Digest
 from common.registry.hostpolicy import HostPolicy
 from common.registry.reference import Reference
+from common.util.gather import Gather
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,7 @@ class LayerStream:
 
     def _body(self) -> Iterator[bytes]:
         """The PATCH's body: the queued pieces in order until the end of the blob; a stop aborts it."""
-        held: list[bytes] = []
-        size = 0
+        gather = Gather(self._chunk_bytes)
         while True:
             if self._stopped.is_set():
                 raise _Stopped(self.failure or "stopped")
@@ -174,18 +174,13 @@ class LayerStream:
                 piece = self._queue.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 continue
-            if piece is not None:
-                if self._should_cancel():
-                    self._stop("cancelled")
-                    raise _Stopped("cancelled")
-                held.append(piece)
-                size += len(piece)
-            if held and (size >= self._chunk_bytes or piece is None):
-                yield held[0] if len(held) == 1 else b"".join(held)
-                held.clear()
-                size = 0
             if piece is None:  # the end of the blob
+                yield from gather.rest()
                 return
+            if self._should_cancel():
+                self._stop("cancelled")
+                raise _Stopped("cancelled")
+            yield from gather.push(piece)
 
 
 def open_layer_stream(ref: Reference, *, credentials: Credentials | None, insecure_registries: frozenset[str],
